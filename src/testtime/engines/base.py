@@ -1,0 +1,99 @@
+"""The engine protocol: requests in, completions out, as they finish.
+
+A request asks for `len(seeds)` samples from one prefix. The prefix is a chat
+(`messages`, rendered once with the model's own chat template) optionally
+followed by a partial assistant message (`continuation`) that generation
+resumes from without re-templating; or a raw `prompt` string for base models.
+Engines stream completions back in whatever order they finish, so callers can
+store each sample the moment it exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from ..registry import Registry
+from ..spec import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """n samples from one prefix; one seed per sample, so sample i is reproducible alone."""
+
+    key: Any
+    """Caller's handle, returned on every completion of this request."""
+    seeds: tuple[int, ...]
+    params: SamplingParams
+    messages: tuple[dict[str, str], ...] | None = None
+    """Chat messages, rendered with the model's chat template and a generation prompt."""
+    continuation: str = ""
+    """Partial assistant text appended verbatim after the generation prompt."""
+    prompt: str | None = None
+    """Raw text prompt, used as is (no chat template); excludes `messages`."""
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a request needs exactly one of messages or prompt")
+        if not self.seeds:
+            raise ValueError(f"request {self.key!r} asks for no samples (seeds is empty)")
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+            for m in self.messages:
+                if set(m) < {"role", "content"}:
+                    raise ValueError(f"request {self.key!r}: each message needs 'role' and 'content', got {m}")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    key: Any
+    index: int
+    """Position of this sample's seed in the request's seeds."""
+    seed: int
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens this sample did not compute itself (served from a shared KV cache)."""
+    finish_reason: str
+    """'stop' (EOS or a stop string) or 'length' (max_tokens reached)."""
+    logprobs: list[TokenLogprob] | None = None
+    latency_s: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        """Generate every sample of every request; yield each when it finishes.
+        Requests are read lazily, so a long stream keeps the batch full."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What about this engine changes outputs (model fingerprint...), for the run id."""
+        ...
+
+    def close(self) -> None: ...
+
+
+ENGINES: Registry[Callable[..., Engine]] = Registry("engine")
+
+
+def load_engine(name: str, **kwargs: Any) -> Engine:
+    return ENGINES.get(name)(**kwargs)

@@ -1,0 +1,49 @@
+"""A tiny deterministic engine for tests and dry runs: no model, instant, seeded.
+
+Each sample's text is a pure function of the prefix and the seed: a short
+"reasoning" line and "The answer is N." with N drawn from 0..answer_range-1.
+So with answer_range=10, a problem whose answer is below 10 is solved by about
+one sample in ten: enough structure for coverage curves, resume and
+determinism to be tested without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Iterable, Iterator
+
+from .base import ENGINES, Completion, Request
+
+
+@ENGINES.register("toy")
+class ToyEngine:
+    name = "toy"
+
+    def __init__(self, answer_range: int = 10, delay_s: float = 0.0, **_: Any):
+        self.answer_range = answer_range
+        self.delay_s = delay_s
+        """Sleep per sample, so a test can kill a run part way through."""
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": "toy", "answer_range": self.answer_range}
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        for req in requests:
+            prefix = req.prompt if req.prompt is not None else repr(req.messages) + req.continuation
+            for i, seed in enumerate(req.seeds):
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                h = int.from_bytes(hashlib.sha256(f"{prefix}|{seed}".encode()).digest()[:8], "little")
+                text = f"Let me think ({h % 997}).\nThe answer is {h % self.answer_range}."
+                if req.params.stop:
+                    for s in req.params.stop:
+                        if s in text:
+                            text = text[:text.index(s)]
+                words = text.split()[: req.params.max_tokens]
+                yield Completion(key=req.key, index=i, seed=seed, text=" ".join(words),
+                                 token_ids=list(range(len(words))), prompt_tokens=len(prefix.split()),
+                                 cached_tokens=0, finish_reason="stop")
+
+    def close(self) -> None:
+        pass

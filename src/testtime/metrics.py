@@ -1,0 +1,149 @@
+"""Metrics: pure functions over per-problem counts. Nothing here touches a model.
+
+The inputs are arrays with one entry per problem: `n` samples drawn, `c` of them
+correct. Every estimator is vectorised over problems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import curve_fit
+from scipy.special import gammaln
+
+
+def pass_at_k(n, c, k: int) -> np.ndarray:
+    """Unbiased pass@k per problem: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
+
+    Computed in log space with log-gamma, and finished with expm1, so it stays
+    exact to float precision for n in the thousands, where the binomials
+    themselves overflow. Problems with n < k have no unbiased estimate and get NaN.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    c = np.asarray(c, dtype=np.int64)
+    if np.any(c > n) or np.any(c < 0):
+        raise ValueError("each problem needs 0 <= c <= n")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out = np.full(n.shape, np.nan, dtype=np.float64)
+    ok = n >= k
+    sure = ok & (n - c < k)  # every k-subset holds a correct sample
+    out[sure] = 1.0
+    rest = ok & ~sure
+    nr, fr = n[rest].astype(np.float64), (n[rest] - c[rest]).astype(np.float64)
+    # log C(n-c, k) - log C(n, k)
+    log_ratio = (gammaln(fr + 1) - gammaln(fr - k + 1)) - (gammaln(nr + 1) - gammaln(nr - k + 1))
+    out[rest] = -np.expm1(log_ratio)
+    return out
+
+
+def pass_at_k_matrix(n, c, ks) -> np.ndarray:
+    """pass@k for every problem (rows) and every k in `ks` (columns)."""
+    return np.stack([pass_at_k(n, c, int(k)) for k in ks], axis=1)
+
+
+def coverage_curve(n, c, ks=None) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (mean pass@k over problems) for k = 1..min(n), or for the given ks."""
+    n = np.asarray(n)
+    if ks is None:
+        ks = np.arange(1, int(n.min()) + 1)
+    ks = np.asarray(ks, dtype=np.int64)
+    return ks, np.nanmean(pass_at_k_matrix(n, c, ks), axis=0)
+
+
+def log_spaced_ks(kmax: int, per_decade: int = 12) -> np.ndarray:
+    """Integer ks from 1 to kmax, roughly evenly spaced on a log axis (always ends at kmax)."""
+    if kmax < 1:
+        return np.array([], dtype=np.int64)
+    grid = np.unique(np.round(np.logspace(0, np.log10(kmax), per_decade * max(1, int(np.ceil(np.log10(kmax + 1))))))).astype(np.int64)
+    return np.unique(np.concatenate([grid[(grid >= 1) & (grid <= kmax)], [kmax]]))
+
+
+def bootstrap_ci(per_problem: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the mean over problems, for each column.
+
+    `per_problem` is (problems, metrics). Problems are resampled with replacement,
+    which is the variance that matters when a benchmark is a sample of problems.
+    """
+    x = np.asarray(per_problem, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+    means = np.nanmean(x[idx], axis=1)  # (n_boot, metrics)
+    lo, hi = np.nanpercentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """coverage(k) = exp(a * k**b), fitted on k <= k_max_fit.
+
+    With a < 0 and b < 0, log coverage rises towards 0 as a power of k: the
+    exponentiated power law of Brown et al. (2024), "Large Language Monkeys".
+    """
+
+    a: float
+    b: float
+    a_se: float
+    b_se: float
+    k_max_fit: int
+    rmse: float
+    """Root mean squared error of the fit on the ks it was fitted to (coverage units)."""
+
+    def predict(self, k) -> np.ndarray:
+        return np.exp(self.a * np.power(np.asarray(k, dtype=np.float64), self.b))
+
+    def interval(self, k, level: float = 0.95, draws: int = 2000, seed: int = 0):
+        """Interval of the prediction at `level`, from draws of (a, b) under the
+        fit's parameter standard errors."""
+        rng = np.random.default_rng(seed)
+        a = rng.normal(self.a, self.a_se, draws)
+        b = rng.normal(self.b, self.b_se, draws)
+        k = np.asarray(k, dtype=np.float64)
+        pred = np.exp(np.minimum(a[:, None] * np.power(k[None, :], b[:, None]), 0.0))
+        tail = 100 * (1 - level) / 2
+        lo, hi = np.percentile(pred, [tail, 100 - tail], axis=0)
+        return lo, hi
+
+
+def fit_power_law(ks, coverage, k_max_fit: int | None = None) -> PowerLawFit:
+    """Fit coverage(k) = exp(a k^b) on the points with k <= k_max_fit.
+
+    Starts from the linear fit log(-log c) = log(-a) + b log k, then refines by
+    least squares on coverage itself. Points with coverage 0 or 1 carry no
+    information about the law's shape on the log-log scale and are dropped
+    from the starting fit only.
+    """
+    ks = np.asarray(ks, dtype=np.float64)
+    cov = np.asarray(coverage, dtype=np.float64)
+    if k_max_fit is not None:
+        keep = ks <= k_max_fit
+        ks, cov = ks[keep], cov[keep]
+    if len(ks) < 3:
+        raise ValueError(f"need at least 3 values of k to fit a power law, got {len(ks)}")
+    inner = (cov > 0) & (cov < 1)
+    if inner.sum() >= 2:
+        slope, icpt = np.polyfit(np.log(ks[inner]), np.log(-np.log(cov[inner])), 1)
+        p0 = (-np.exp(icpt), min(slope, -1e-3))
+    else:
+        p0 = (-1.0, -0.5)
+
+    def model(k, a, b):
+        return np.exp(np.minimum(a * np.power(k, b), 0.0))
+
+    try:
+        (a, b), pcov = curve_fit(model, ks, cov, p0=p0, bounds=([-np.inf, -10.0], [0.0, 0.0]), maxfev=20000)
+        se = np.sqrt(np.clip(np.diag(pcov), 0, np.inf))
+    except (RuntimeError, ValueError):
+        (a, b), se = p0, np.array([np.inf, np.inf])
+    rmse = float(np.sqrt(np.mean((model(ks, a, b) - cov) ** 2)))
+    return PowerLawFit(float(a), float(b), float(se[0]), float(se[1]), int(ks.max()), rmse)
+
+
+def by_group(values: np.ndarray, groups) -> dict:
+    """Mean of `values` (problems, ...) within each group label, keys sorted."""
+    groups = np.asarray(groups)
+    return {g: np.nanmean(values[groups == g], axis=0) for g in sorted(set(groups.tolist()))}

@@ -1,0 +1,70 @@
+"""Prompt templates: named data, not strings assembled deep inside functions.
+
+A template turns a question into chat messages (optionally after a few worked
+examples given as earlier turns). The chat template of the model then turns the
+messages into tokens; that step belongs to the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .registry import Registry
+from .spec import stable_hash
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    user: str
+    """The user turn; `{question}` is replaced by the problem's text."""
+    system: str | None = None
+    shots: tuple[tuple[str, str], ...] = ()
+    """Worked examples, (question, answer) pairs, given as earlier chat turns."""
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in self.shots:
+            msgs += [{"role": "user", "content": self.user.format(question=q)},
+                     {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": self.user.format(question=question)})
+        return msgs
+
+    def identity(self) -> dict[str, str]:
+        return {"name": self.name, "sha": stable_hash([self.user, self.system, self.shots])}
+
+
+TEMPLATES: Registry[PromptTemplate] = Registry("prompt template")
+
+
+def register(t: PromptTemplate) -> PromptTemplate:
+    return TEMPLATES.register(t.name)(t)
+
+
+def get_template(name: str) -> PromptTemplate:
+    return TEMPLATES.get(name)
+
+
+MATH_COT = register(PromptTemplate(
+    name="math_cot",
+    system="You are a careful math tutor. Reason step by step, then state the final answer.",
+    user="{question}\n\nSolve this step by step. End with the line \"The answer is N.\" where N is the final number.",
+))
+
+# Two worked examples in the exact answer format the verifier reads first.
+# Small models copy the format of the examples far more reliably than they
+# follow an instruction, and the format is what makes the answer extractable.
+ARITHMETIC_FEWSHOT = register(PromptTemplate(
+    name="arithmetic_fewshot",
+    user="{question}",
+    shots=(
+        ("Mia has 4 pens. Mia buys 3 more pens. How many pens does Mia have now?",
+         "Mia starts with 4 pens. She buys 3 more, so 4 + 3 = 7.\nThe answer is 7."),
+        ("Leo has 12 cups. Leo gives away 5 cups. Leo then shares the cups equally among 7 people, "
+         "keeping one share. How many cups does Leo have now?",
+         "Leo starts with 12 cups. He gives away 5, so 12 - 5 = 7. "
+         "He splits 7 cups among 7 people, so 7 / 7 = 1.\nThe answer is 1."),
+    ),
+))
+
+PLAIN = register(PromptTemplate(name="plain", user="{question}"))

@@ -1,0 +1,54 @@
+"""Name -> implementation registries for every extension point.
+
+A registry is a plain dict behind a decorator. Looking up an unknown name
+fails with the known names listed and the closest one suggested, so a typo in
+a config or on the command line is caught at once, before a model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that no implementation registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want prose
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A named collection of factories for one extension point (engines, tasks...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = sorted(self._items)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known) or '(none)'}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items

@@ -1,0 +1,360 @@
+"""The sample store: one SQLite file per workspace, in WAL mode.
+
+One row per sample keyed by (run_id, problem_id, sample_index); verdicts in
+their own table keyed by verifier, so re-grading never re-generates. Rows are
+committed in small transactions as they arrive: SQLite's journal makes each
+commit atomic, so a `kill -9` at any moment loses at most the samples not yet
+committed and never leaves a torn row. Inserts are idempotent (a sample that
+exists is never overwritten), so a resumed run can only add what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .spec import RunSpec
+
+DB_NAME = "testtime.db"
+ENV_WORKSPACE = "TESTTIME_WORKSPACE"
+DEFAULT_WORKSPACE = "testtime-runs"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    spec        TEXT NOT NULL,
+    created     REAL NOT NULL,
+    n_target    INTEGER NOT NULL DEFAULT 0,
+    label       TEXT
+);
+CREATE TABLE IF NOT EXISTS problems (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    problem_id  TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    question    TEXT NOT NULL,
+    answer      TEXT,
+    difficulty  INTEGER,
+    meta        TEXT,
+    PRIMARY KEY (run_id, problem_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS samples (
+    run_id          TEXT NOT NULL,
+    problem_id      TEXT NOT NULL,
+    sample_index    INTEGER NOT NULL,
+    seed            INTEGER NOT NULL,
+    text            TEXT NOT NULL,
+    prompt_tokens   INTEGER NOT NULL,
+    cached_tokens   INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    finish_reason   TEXT NOT NULL,
+    latency_s       REAL,
+    created         REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    verifier     TEXT NOT NULL,
+    verdict      TEXT NOT NULL,
+    reason       TEXT,
+    extracted    TEXT,
+    created      REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index, verifier)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One generated sample, as stored."""
+
+    run_id: str
+    problem_id: str
+    sample_index: int
+    seed: int
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens served from a shared KV cache instead of being computed."""
+    completion_tokens: int
+    finish_reason: str
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    run_id: str
+    problem_id: str
+    sample_index: int
+    verifier: str
+    verdict: str
+    reason: str = ""
+    extracted: str | None = None
+
+
+@dataclass(frozen=True)
+class ProblemCounts:
+    """Per-problem tallies for one run and verifier, aligned arrays in problem order."""
+
+    problem_ids: list[str]
+    n: np.ndarray
+    c: np.ndarray
+    difficulty: np.ndarray
+    infra_errors: int
+
+
+def resolve_workspace(workspace: str | os.PathLike | None = None) -> Path:
+    """The workspace folder: the argument, else $TESTTIME_WORKSPACE, else ./testtime-runs."""
+    return Path(workspace or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE)
+
+
+class Store:
+    """Access to one workspace's database. Cheap to open; one per process or thread."""
+
+    def __init__(self, workspace: str | os.PathLike | None = None):
+        self.workspace = resolve_workspace(workspace)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.path = self.workspace / DB_NAME
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed transaction survives a killed process
+        # (the WAL is in the OS page cache); only a power cut can lose the last ones.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _tx(self, sql: str, rows: Iterable[tuple]) -> int:
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany(sql, rows)
+            count = cur.rowcount
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return count
+
+    # -- runs and problems -------------------------------------------------
+
+    def register_run(self, spec: RunSpec, n: int, problems: list, label: str | None = None) -> str:
+        """Record a run (or extend one) and the problems it covers. Returns the run id."""
+        run_id = spec.run_id
+        spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(
+                "INSERT INTO runs(run_id, spec, created, n_target, label) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(run_id) DO UPDATE SET n_target = max(n_target, excluded.n_target), "
+                "label = coalesce(excluded.label, label)",
+                (run_id, spec_json, time.time(), n, label),
+            )
+            cur.executemany(
+                "INSERT OR IGNORE INTO problems(run_id, problem_id, position, question, answer, difficulty, meta) "
+                "VALUES (?,?,?,?,?,?,?)",
+                [(run_id, p.id, i, p.question, p.answer, p.difficulty, json.dumps(p.meta or {}))
+                 for i, p in enumerate(problems)],
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return run_id
+
+    def run_spec(self, run_id: str) -> RunSpec:
+        row = self.db.execute("SELECT spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no run {run_id!r} in {self.path}")
+        return RunSpec.from_dict(json.loads(row["spec"]))
+
+    def resolve_run(self, prefix: str) -> str:
+        """A run id from a unique prefix of it, or a label."""
+        rows = self.db.execute(
+            "SELECT run_id FROM runs WHERE run_id LIKE ? OR label = ?", (prefix + "%", prefix)
+        ).fetchall()
+        ids = sorted({r["run_id"] for r in rows})
+        if not ids:
+            known = [r["run_id"] for r in self.db.execute("SELECT run_id FROM runs ORDER BY created")]
+            raise KeyError(f"no run matches {prefix!r} in {self.path}; runs: {', '.join(known) or '(none)'}")
+        if len(ids) > 1:
+            raise KeyError(f"{prefix!r} matches several runs: {', '.join(ids)}")
+        return ids[0]
+
+    def latest_run(self) -> str | None:
+        row = self.db.execute("SELECT run_id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+        return row["run_id"] if row else None
+
+    def problems(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM problems WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
+        return [dict(r) | {"meta": json.loads(r["meta"] or "{}")} for r in rows]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """One summary per run: spec, problems, samples, target n, verdict counts."""
+        out = []
+        for r in self.db.execute("SELECT * FROM runs ORDER BY created"):
+            run_id = r["run_id"]
+            n_problems = self.db.execute(
+                "SELECT count(*) FROM problems WHERE run_id = ?", (run_id,)).fetchone()[0]
+            n_samples, tokens = self.db.execute(
+                "SELECT count(*), coalesce(sum(completion_tokens), 0) FROM samples WHERE run_id = ?",
+                (run_id,)).fetchone()
+            min_per_problem = self.db.execute(
+                "SELECT min(cnt) FROM (SELECT p.problem_id, count(s.sample_index) AS cnt FROM problems p "
+                "LEFT JOIN samples s ON s.run_id = p.run_id AND s.problem_id = p.problem_id "
+                "WHERE p.run_id = ? GROUP BY p.problem_id)", (run_id,)).fetchone()[0] or 0
+            out.append({
+                "run_id": run_id, "label": r["label"], "created": r["created"],
+                "spec": json.loads(r["spec"]), "n_target": r["n_target"],
+                "problems": n_problems, "samples": n_samples, "completion_tokens": tokens,
+                "complete": n_problems > 0 and min_per_problem >= r["n_target"],
+            })
+        return out
+
+    # -- samples -----------------------------------------------------------
+
+    def missing(self, run_id: str, problem_ids: list[str], n: int) -> dict[str, list[int]]:
+        """For each problem, the sample indices below n that are not stored yet."""
+        have: dict[str, set[int]] = {p: set() for p in problem_ids}
+        for r in self.db.execute(
+                "SELECT problem_id, sample_index FROM samples WHERE run_id = ? AND sample_index < ?",
+                (run_id, n)):
+            if r[0] in have:
+                have[r[0]].add(r[1])
+        return {p: [i for i in range(n) if i not in s] for p, s in have.items()}
+
+    def add_samples(self, rows: list[SampleRow]) -> int:
+        """Insert samples in one transaction; rows that exist already are left untouched."""
+        now = time.time()
+        return self._tx(
+            "INSERT OR IGNORE INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
+            "cached_tokens, completion_tokens, finish_reason, latency_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
+              r.completion_tokens, r.finish_reason, r.latency_s, now) for r in rows],
+        )
+
+    def samples(self, run_id: str, n: int | None = None) -> list[SampleRow]:
+        sql = "SELECT * FROM samples WHERE run_id = ?"
+        args: tuple = (run_id,)
+        if n is not None:
+            sql += " AND sample_index < ?"
+            args = (run_id, n)
+        rows = self.db.execute(sql + " ORDER BY problem_id, sample_index", args).fetchall()
+        return [SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"],
+                          r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"],
+                          r["finish_reason"], r["latency_s"]) for r in rows]
+
+    # -- verdicts ----------------------------------------------------------
+
+    def unverified(self, run_id: str, verifier: str) -> list[SampleRow]:
+        rows = self.db.execute(
+            "SELECT s.* FROM samples s LEFT JOIN verdicts v ON v.run_id = s.run_id AND "
+            "v.problem_id = s.problem_id AND v.sample_index = s.sample_index AND v.verifier = ? "
+            "WHERE s.run_id = ? AND v.verdict IS NULL ORDER BY s.problem_id, s.sample_index",
+            (verifier, run_id)).fetchall()
+        return [SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"],
+                          r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"],
+                          r["finish_reason"], r["latency_s"]) for r in rows]
+
+    def add_verdicts(self, rows: list[VerdictRow]) -> int:
+        now = time.time()
+        return self._tx(
+            "INSERT OR REPLACE INTO verdicts(run_id, problem_id, sample_index, verifier, verdict, reason, "
+            "extracted, created) VALUES (?,?,?,?,?,?,?,?)",
+            [(r.run_id, r.problem_id, r.sample_index, r.verifier, r.verdict, r.reason, r.extracted, now)
+             for r in rows],
+        )
+
+    def verifiers(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT verifier FROM verdicts WHERE run_id = ? ORDER BY verifier", (run_id,))]
+
+    def counts(self, run_id: str, verifier: str, n: int | None = None) -> ProblemCounts:
+        """Per-problem sample and pass counts, over the first n sample indices if given.
+
+        Samples whose verdict is `infra_error` (a broken harness, not a wrong
+        answer) are left out of both n and c, and counted apart.
+        """
+        limit = "AND s.sample_index < ?" if n is not None else ""
+        rows = self.db.execute(
+            "SELECT p.problem_id, p.difficulty, "
+            "  count(s.sample_index) - sum(coalesce(v.verdict = 'infra_error', 0)) AS n, "
+            "  sum(coalesce(v.verdict = 'pass', 0)) AS c, "
+            "  sum(coalesce(v.verdict = 'infra_error', 0)) AS infra "
+            "FROM problems p "
+            "LEFT JOIN samples s ON s.run_id = p.run_id AND s.problem_id = p.problem_id " + limit + " "
+            "LEFT JOIN verdicts v ON v.run_id = s.run_id AND v.problem_id = s.problem_id "
+            "  AND v.sample_index = s.sample_index AND v.verifier = ? "
+            "WHERE p.run_id = ? GROUP BY p.problem_id ORDER BY p.position",
+            # the limit's placeholder comes before the verifier's in the SQL text
+            ((n,) if n is not None else ()) + (verifier, run_id),
+        ).fetchall()
+        return ProblemCounts(
+            problem_ids=[r["problem_id"] for r in rows],
+            n=np.array([r["n"] for r in rows], dtype=np.int64),
+            c=np.array([r["c"] or 0 for r in rows], dtype=np.int64),
+            difficulty=np.array([r["difficulty"] if r["difficulty"] is not None else -1 for r in rows]),
+            infra_errors=int(sum(r["infra"] or 0 for r in rows)),
+        )
+
+    # -- export ------------------------------------------------------------
+
+    def iter_export(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """Samples joined with their problem and every verdict, one dict per sample."""
+        verdicts: dict[tuple[str, int], dict[str, Any]] = {}
+        for v in self.db.execute("SELECT * FROM verdicts WHERE run_id = ?", (run_id,)):
+            verdicts.setdefault((v["problem_id"], v["sample_index"]), {})[v["verifier"]] = {
+                "verdict": v["verdict"], "reason": v["reason"], "extracted": v["extracted"]}
+        problems = {p["problem_id"]: p for p in self.problems(run_id)}
+        for s in self.samples(run_id):
+            p = problems.get(s.problem_id, {})
+            yield {
+                "run_id": run_id, "problem_id": s.problem_id, "sample_index": s.sample_index,
+                "seed": s.seed, "question": p.get("question"), "reference": p.get("answer"),
+                "difficulty": p.get("difficulty"), "text": s.text, "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_tokens, "completion_tokens": s.completion_tokens,
+                "finish_reason": s.finish_reason, "latency_s": s.latency_s,
+                "verdicts": verdicts.get((s.problem_id, s.sample_index), {}),
+            }
+
+    def export(self, run_id: str, path: str | os.PathLike, fmt: str | None = None) -> Path:
+        """Write a run's samples to JSONL or Parquet (chosen by `fmt` or the file suffix).
+
+        The file is written to a temporary name and renamed, so an interrupted
+        export never leaves a half-written file under the requested name.
+        """
+        path = Path(path)
+        fmt = fmt or path.suffix.lstrip(".")
+        tmp = path.with_name(path.name + ".tmp")
+        rows = self.iter_export(run_id)
+        if fmt == "jsonl":
+            with open(tmp, "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            flat = [dict(r, verdicts=json.dumps(r["verdicts"])) for r in rows]
+            pq.write_table(pa.Table.from_pylist(flat), tmp)
+        else:
+            raise ValueError(f"export format must be 'jsonl' or 'parquet', got {fmt!r}")
+        os.replace(tmp, path)
+        return path

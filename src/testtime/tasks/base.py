@@ -1,0 +1,65 @@
+"""Tasks: a list of problems, the prompt template they use by default, and their verifier."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: what the model is asked, the reference answer, a difficulty level."""
+
+    id: str
+    question: str
+    answer: str | None
+    difficulty: int | None = None
+    """An integer level (1 = easiest) where the task has one, else None."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """A loaded task. `identity` is what goes into the run id: the task's name and the
+    arguments that decide which problems exist (a file's content hash, a generator's
+    seed), never how many of them a run takes."""
+
+    name: str
+    identity: dict[str, Any]
+    load: Callable[[int | None], list[Problem]]
+    """Returns the first `limit` problems (all when None), in a stable order, so a
+    larger limit extends a smaller one."""
+    template: str
+    """Name of the default prompt template."""
+    verifier: str
+    """Name of the default verifier."""
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        return self.load(limit)
+
+
+TASKS: Registry[Callable[..., Task]] = Registry("task")
+
+
+def load_task(name: str, **kwargs: Any) -> Task:
+    """Build a registered task by name with its keyword arguments."""
+    return TASKS.get(name)(**kwargs)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """Content hash of a data file, so an edited file makes a new run id."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}")
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
