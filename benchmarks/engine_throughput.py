@@ -2,13 +2,20 @@
 
 Raw: B sequences share one prefilled prompt; each step decodes one token for all
 B of them in a single llama_decode. Tokens are fed from a fixed list and no
-logits are read, so there is no sampling or bookkeeping at all: the ceiling for
-this model, thread count and batch size. Measured in both KV layouts llama.cpp
-offers (unified buffer, and one stream per sequence); the faster is the baseline.
+logits are read: no sampling or bookkeeping at all, the ceiling for this model,
+thread count and batch size. It runs on its own copy of the model in the
+faster of llama.cpp's two KV layouts here (one stream per sequence; the
+unified buffer is measured too and printed).
 
 Engine: `LlamaCppEngine.generate` drawing B samples per prompt for several
-prompts (real sampling, stop conditions, slot refills), timed end to end
-including prefill.
+prompts (real sampling, stop conditions, slot refills, prefill, the tail where
+the batch drains), timed end to end.
+
+The two are interleaved step by step: whenever the engine hands back a
+completion, raw steps are run until they match the engine's decode steps so
+far. This machine's speed drifts by a third over minutes; interleaving makes
+both sides see the same drift, so the ratio is stable even when absolute
+figures are not.
 
 Prompts are few-shot arithmetic problems of all five levels; "unique prompt
 tokens" is the summed length of the distinct prompts, so sharing the few-shot
@@ -17,7 +24,7 @@ examples across problems shows as a prefill_ratio below 1.
 Last line: ratio=<engine tok/s / raw tok/s> prefill_ratio=<prompt tokens
 computed / unique prompt tokens>.
 
-    python benchmarks/engine_throughput.py [--batch 16] [--prompts 12] [--rounds 2] [--max-tokens 128]
+    python benchmarks/engine_throughput.py [--batch 16] [--prompts 12] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -35,32 +42,44 @@ from testtime.spec import SamplingParams
 from testtime.tasks import load_task
 
 
-def raw_decode(path, batch: int, prompt: list[int], steps: int, unified: bool,
-               threads: int | None) -> tuple[int, float]:
-    """(tokens, seconds) of bare llama_decode calls at the given batch size."""
-    llm = LlamaModel(path, n_ctx=1024 * batch, n_seq=batch, n_threads=threads, kv_unified=unified)
-    n = len(prompt)
-    llm.decode(np.array(prompt, np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32),
-               np.zeros(n, np.int8))
-    for s in range(1, batch):
-        llm.seq_cp(0, s)
-    feed = np.random.default_rng(0).integers(1000, 20000, size=(steps, batch)).astype(np.int32)
-    seqs = np.arange(batch, dtype=np.int32)
-    ones = np.ones(batch, np.int8)
-    llm.decode(feed[0], np.full(batch, n, np.int32), seqs, ones)  # applies the copies; not timed
-    t = time.perf_counter()
-    for i in range(1, steps):
-        llm.decode(feed[i], np.full(batch, n + i, np.int32), seqs, ones)
-    dt = time.perf_counter() - t
-    llm.close()
-    return batch * (steps - 1), dt
+class RawDecoder:
+    """B sequences stepping through a fixed token list; wraps back to the prompt
+    after `span` tokens so its contexts stay as long as the engine's."""
+
+    def __init__(self, path, batch: int, prompt: list[int], span: int, unified: bool, threads: int | None):
+        self.llm = LlamaModel(path, n_ctx=1024 * batch, n_seq=batch, n_threads=threads, kv_unified=unified)
+        self.batch, self.n, self.span = batch, len(prompt), span
+        self.llm.decode(np.array(prompt, np.int32), np.arange(self.n, dtype=np.int32),
+                        np.zeros(self.n, np.int32), np.zeros(self.n, np.int8))
+        for s in range(1, batch):
+            self.llm.seq_cp(0, s)
+        self.feed = np.random.default_rng(0).integers(1000, 20000, size=(span, batch)).astype(np.int32)
+        self.seqs = np.arange(batch, dtype=np.int32)
+        self.ones = np.ones(batch, np.int8)
+        self.i, self.steps, self.seconds = 0, 0, 0.0
+        self.step()  # applies the copies; not counted
+        self.steps, self.seconds = 0, 0.0
+
+    def step(self) -> None:
+        if self.i == self.span:  # start the generations over from the prompt
+            for s in range(self.batch):
+                self.llm.seq_rm(s, self.n, -1)
+            self.i = 0
+        t = time.perf_counter()
+        self.llm.decode(self.feed[self.i], np.full(self.batch, self.n + self.i, np.int32), self.seqs, self.ones)
+        self.seconds += time.perf_counter() - t
+        self.steps += 1
+        self.i += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.steps / self.seconds
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompts", type=int, default=12, help="prompts per round")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -71,46 +90,48 @@ def main() -> None:
     task = load_task("arithmetic", levels=(1, 2, 3, 4, 5))
     tmpl = get_template(task.template)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-    problems = task.problems(args.prompts * args.rounds + 1)
+    problems = task.problems(args.prompts + 1)
     reqs = [Request(key=p.id, messages=tuple(tmpl.messages(p.question)), params=params,
                     seeds=tuple(range(i * 1000, i * 1000 + args.batch))) for i, p in enumerate(problems)]
 
     engine = LlamaCppEngine(slots=args.batch, n_threads=args.threads)
     list(engine.generate(reqs[-1:]))  # warm-up: page in the weights, build the graphs once
     engine.drop_cache()
+    engine.reset_stats()
+    reqs = reqs[:-1]
     prompt = engine.prefix_tokens(reqs[0])
+    unique = sum(len(p) for p in {tuple(engine.prefix_tokens(r)) for r in reqs})
+    split = RawDecoder(path, args.batch, prompt, args.max_tokens, unified=False, threads=args.threads)
+    unified = RawDecoder(path, args.batch, prompt, args.max_tokens, unified=True, threads=args.threads)
 
-    # Interleave the three measurements round by round, so that a slow spell of
-    # a shared machine hits all of them alike; totals are summed over rounds.
-    totals = {"unified": [0, 0.0], "split": [0, 0.0], "engine": [0, 0.0]}
-    unique = computed = requested = 0
-    for r in range(args.rounds):
-        for name, unified in (("unified", True), ("split", False)):
-            tokens, secs = raw_decode(path, args.batch, prompt, args.max_tokens, unified, args.threads)
-            totals[name][0] += tokens
-            totals[name][1] += secs
-        batch = reqs[r * args.prompts:(r + 1) * args.prompts]
-        unique += sum(len(engine.prefix_tokens(q)) for q in batch)
-        engine.drop_cache()  # each round pays for its own prefill
-        engine.reset_stats()
+    tokens, engine_s = 0, 0.0
+    t = time.perf_counter()
+    for c in engine.generate(reqs):
+        engine_s += time.perf_counter() - t
+        tokens += c.completion_tokens
+        while split.steps < engine.stats["steps"]:
+            split.step()
+        while unified.steps < engine.stats["steps"] // 4:  # a sparser sample: it is only reported
+            unified.step()
         t = time.perf_counter()
-        totals["engine"][0] += sum(c.completion_tokens for c in engine.generate(batch))
-        totals["engine"][1] += time.perf_counter() - t
-        computed += engine.stats["prompt_computed"]
-        requested += engine.stats["prompt_tokens"]
-        print(f"round {r + 1}: " + "  ".join(f"{k} {v[0] / v[1]:.1f} tok/s" for k, v in totals.items()), flush=True)
+    engine_s += time.perf_counter() - t
+    stats = dict(engine.stats)
     engine.close()
 
-    tps = {k: v[0] / v[1] for k, v in totals.items()}
-    raw = max(tps["unified"], tps["split"])
-    print(f"model: {path.name}  batch: {args.batch}  rounds: {args.rounds} x {args.prompts} prompts  "
-          f"max_tokens: {args.max_tokens}  temperature: {args.temperature}  top_p: {args.top_p}")
-    print(f"raw llama_decode, unified KV:      {tps['unified']:8.1f} tok/s")
-    print(f"raw llama_decode, per-sequence KV: {tps['split']:8.1f} tok/s")
-    print(f"engine: {totals['engine'][0]} tokens in {totals['engine'][1]:.1f} s = {tps['engine']:8.1f} tok/s "
-          f"(end to end: prefill, sampling, refills, tail)")
-    print(f"prompt tokens: asked for by samples {requested}, unique {unique}, computed {computed}")
-    print(f"ratio={tps['engine'] / raw:.3f} prefill_ratio={computed / unique:.3f}")
+    engine_tps = tokens / engine_s
+    raw = max(split.tokens_per_s, unified.tokens_per_s)
+    occupancy = stats["slot_steps"] / max(1, stats["steps"]) / args.batch
+    print(f"model: {path.name}  batch: {args.batch}  prompts: {args.prompts}  max_tokens: {args.max_tokens}  "
+          f"temperature: {args.temperature}  top_p: {args.top_p}")
+    print(f"raw llama_decode, per-sequence KV: {split.tokens_per_s:7.1f} tok/s ({split.steps} steps)")
+    print(f"raw llama_decode, unified KV:      {unified.tokens_per_s:7.1f} tok/s ({unified.steps} steps)")
+    print(f"engine: {tokens} tokens in {engine_s:.1f} s = {engine_tps:7.1f} tok/s end to end "
+          f"(decode steps {stats['decode_s']:.1f} s, prefill {stats['prefill_s']:.1f} s, "
+          f"sampling {stats['sample_s']:.1f} s, slot occupancy {occupancy:.3f})")
+    print(f"engine decode steps alone: {stats['slot_steps'] / stats['decode_s']:7.1f} tok/s")
+    print(f"prompt tokens: asked for by samples {stats['prompt_tokens']}, unique {unique}, "
+          f"computed {stats['prompt_computed']}")
+    print(f"ratio={engine_tps / raw:.3f} prefill_ratio={stats['prompt_computed'] / unique:.3f}")
 
 
 if __name__ == "__main__":

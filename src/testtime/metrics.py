@@ -10,15 +10,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import curve_fit
-from scipy.special import gammaln
 
 
 def pass_at_k(n, c, k: int) -> np.ndarray:
     """Unbiased pass@k per problem: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
 
-    Computed in log space with log-gamma, and finished with expm1, so it stays
-    exact to float precision for n in the thousands, where the binomials
-    themselves overflow. Problems with n < k have no unbiased estimate and get NaN.
+    The ratio of binomials is the product over i = n-c+1..n of (1 - k/i), summed
+    in log space with log1p and finished with expm1: exact to float precision
+    for any n, where the binomials themselves overflow and differences of
+    log-gamma values lose digits. Computed once per distinct (n, c) pair, which
+    keeps it fast over thousands of problems. Problems with n < k have no
+    unbiased estimate and get NaN.
     """
     n = np.asarray(n, dtype=np.int64)
     c = np.asarray(c, dtype=np.int64)
@@ -28,13 +30,12 @@ def pass_at_k(n, c, k: int) -> np.ndarray:
         raise ValueError(f"k must be >= 1, got {k}")
     out = np.full(n.shape, np.nan, dtype=np.float64)
     ok = n >= k
-    sure = ok & (n - c < k)  # every k-subset holds a correct sample
-    out[sure] = 1.0
-    rest = ok & ~sure
-    nr, fr = n[rest].astype(np.float64), (n[rest] - c[rest]).astype(np.float64)
-    # log C(n-c, k) - log C(n, k)
-    log_ratio = (gammaln(fr + 1) - gammaln(fr - k + 1)) - (gammaln(nr + 1) - gammaln(nr - k + 1))
-    out[rest] = -np.expm1(log_ratio)
+    out[ok & (n - c < k)] = 1.0  # every k-subset holds a correct sample
+    out[ok & (c == 0)] = 0.0
+    rest = ok & (n - c >= k) & (c > 0)
+    for nn, cc in set(zip(n[rest].tolist(), c[rest].tolist())):
+        log_ratio = np.log1p(-k / np.arange(nn - cc + 1, nn + 1, dtype=np.float64)).sum()
+        out[rest & (n == nn) & (c == cc)] = -np.expm1(log_ratio)
     return out
 
 

@@ -168,8 +168,8 @@ class Store:
                 (run_id, spec_json, time.time(), n, label),
             )
             cur.executemany(
-                "INSERT OR IGNORE INTO problems(run_id, problem_id, position, question, answer, difficulty, meta) "
-                "VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO problems(run_id, problem_id, position, question, answer, difficulty, meta) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(run_id, problem_id) DO NOTHING",
                 [(run_id, p.id, i, p.question, p.answer, p.difficulty, json.dumps(p.meta or {}))
                  for i, p in enumerate(problems)],
             )
@@ -245,8 +245,10 @@ class Store:
         """Insert samples in one transaction; rows that exist already are left untouched."""
         now = time.time()
         return self._tx(
-            "INSERT OR IGNORE INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
-            "cached_tokens, completion_tokens, finish_reason, latency_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            # only an existing key is skipped; a malformed row (NULL text...) still fails loudly
+            "INSERT INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
+            "cached_tokens, completion_tokens, finish_reason, latency_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
             [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
               r.completion_tokens, r.finish_reason, r.latency_s, now) for r in rows],
         )

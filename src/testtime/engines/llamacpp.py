@@ -202,12 +202,18 @@ class LlamaCppEngine:
                     else:
                         jobs.append(self._new_job(req))
                 yield from self._start_samples(jobs, slots)
+                self._retire_jobs(jobs)
                 prefix, chunk = self._next_prefill(jobs, len(slots))
                 if not slots and prefix is None:
-                    if exhausted and not jobs:
+                    waiting = [j for j in jobs if j.todo]
+                    if any(j.prefix is not None and j.prefix.ready for j in waiting):
+                        continue  # just attached to a cached prefix: start its samples
+                    if waiting:
+                        raise RuntimeError("engine stalled: samples are waiting but no prefix sequence is "
+                                           "free (raise max_prefixes)")
+                    if exhausted:
                         return
-                    raise RuntimeError("engine stalled: samples are waiting but no prefix sequence is free "
-                                       "(raise max_prefixes)")
+                    continue  # every queued sample finished at once; fetch more requests
                 if prefix is not None:
                     self._prefill(prefix, chunk)
                 if slots:

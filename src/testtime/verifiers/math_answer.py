@@ -30,8 +30,7 @@ from .base import VERIFIERS, Verdict
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
-_ANSWER_IS_RE = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*[:\s]*(\$?\\?\(?[^\n]*)", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)[:\s]*", re.IGNORECASE)
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _PLAIN_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({_NUMBER}|-?\d+\s*/\s*\d+)\s*(?:\\?%)?\s*\.?\s*$")
 
@@ -71,9 +70,9 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip(), "boxed"
-    hits = _ANSWER_IS_RE.findall(text)
-    if hits:
-        ans = _trim(hits[-1])
+    phrases = list(_ANSWER_IS_RE.finditer(text))
+    if phrases:
+        ans = _trim(text[phrases[-1].end():].split("\n", 1)[0])
         if ans:
             boxed = _last_boxed(ans)
             return (boxed.strip() if boxed is not None else ans), "answer_is"

@@ -1,0 +1,90 @@
+"""From stored rows to the numbers a report shows. Pure: reads the store, computes.
+
+The fit of the exponentiated power law uses k <= fit_k only (a quarter of n by
+default), so the measured points beyond fit_k check the extrapolation: the
+report prints the forecast's error at the largest measured k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .store import ProblemCounts, Store
+
+
+@dataclass
+class CoverageAnalysis:
+    run_id: str
+    verifier: str
+    n: int
+    """Samples per problem used (the smallest count over problems)."""
+    problems: int
+    ks: np.ndarray
+    coverage: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    fit: metrics.PowerLawFit | None
+    fit_error_at_n: float | None
+    """Predicted minus measured coverage at k = n, when the fit used only k <= n/4."""
+    levels: dict[int, np.ndarray] = field(default_factory=dict)
+    """Coverage curve over `ks` for each difficulty level."""
+    level_sizes: dict[int, int] = field(default_factory=dict)
+    table_ks: list[int] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
+    """pass@k with its 95% bootstrap interval, for k = 1, 2, 4, ..., n."""
+    infra_errors: int = 0
+
+
+def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None = None,
+            n_boot: int = 1000) -> CoverageAnalysis:
+    """Coverage curve, bootstrap intervals, power-law fit and per-level curves."""
+    if len(counts.n) == 0:
+        raise ValueError(f"run {run_id} has no problems")
+    n = int(counts.n.min())
+    if n < 1:
+        missing = [p for p, k in zip(counts.problem_ids, counts.n) if k == 0][:5]
+        raise ValueError(f"run {run_id}: some problems have no graded samples yet (e.g. {', '.join(missing)})")
+    ks = metrics.log_spaced_ks(n)
+    per_problem = metrics.pass_at_k_matrix(counts.n, counts.c, ks)  # each problem uses all its samples
+    coverage = per_problem.mean(axis=0)
+    lo, hi = metrics.bootstrap_ci(per_problem, n_boot=n_boot)
+
+    fit, err = None, None
+    fit_k = fit_k or max(4, n // 4)
+    if (ks <= fit_k).sum() >= 3 and 0 < coverage[-1]:
+        fit = metrics.fit_power_law(ks, coverage, k_max_fit=fit_k)
+        if fit_k < n:
+            err = float(fit.predict([n])[0] - coverage[-1])
+
+    levels, sizes = {}, {}
+    for level in sorted(set(int(d) for d in counts.difficulty if d >= 0)):
+        mask = counts.difficulty == level
+        levels[level] = per_problem[mask].mean(axis=0)
+        sizes[level] = int(mask.sum())
+
+    table_ks = [k for k in (2 ** np.arange(0, 20)) if k <= n]
+    if n not in table_ks:
+        table_ks.append(n)
+    tab = metrics.pass_at_k_matrix(counts.n, counts.c, table_ks)
+    tlo, thi = metrics.bootstrap_ci(tab, n_boot=n_boot)
+    table = [{"k": int(k), "pass_at_k": float(tab[:, i].mean()), "ci_low": float(tlo[i]),
+              "ci_high": float(thi[i])} for i, k in enumerate(table_ks)]
+    return CoverageAnalysis(run_id, verifier, n, len(counts.n), ks, coverage, lo, hi, fit, err,
+                            levels, sizes, table_ks, table, counts.infra_errors)
+
+
+def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
+                n: int | None = None) -> CoverageAnalysis:
+    """Analyse a stored run with one of its verifiers (the only one, if it has one)."""
+    known = store.verifiers(run_id)
+    if verifier is None:
+        if not known:
+            raise ValueError(f"run {run_id} has no verdicts yet: grade it first")
+        verifier = known[0]
+    elif verifier not in known:
+        raise ValueError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
+    return analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)

@@ -1,0 +1,210 @@
+"""The `testtime` command line. Every command is a thin layer over `testtime.api`."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from . import api
+from .engines._llama import ModelError
+from .registry import UnknownNameError
+from .spec import SamplingParams, SpecError
+from .tasks import DatasetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Scale test-time compute: sample many solutions, verify them, measure coverage.")
+console = Console(stderr=True)
+out = Console()
+
+USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError)
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TESTTIME_WORKSPACE",
+                            help="Workspace folder [default: ./testtime-runs]")
+
+
+class _RateColumn(ProgressColumn):
+    """samples/s and generated tokens/s since the task started."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("")
+        tokens = task.fields.get("tokens", 0)
+        return Text(f"{task.completed / elapsed:5.2f} samples/s  {tokens / elapsed:6.1f} tok/s", style="cyan")
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[api.ProgressFn]:
+    with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("sampling", total=total, tokens=0)
+        counts = {"tokens": 0}
+
+        def update(samples: int, tokens: int) -> None:
+            counts["tokens"] += tokens
+            bar.update(task, advance=samples, tokens=counts["tokens"])
+
+        yield update
+
+
+def _parse_value(v: str) -> Any:
+    if "," in v:
+        return [_parse_value(x) for x in v.split(",") if x]
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def _task_args(args: list[str], data: Path | None) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for a in args:
+        if "=" not in a:
+            raise typer.BadParameter(f"--arg takes key=value, got {a!r}")
+        k, v = a.split("=", 1)
+        parsed[k.strip()] = _parse_value(v.strip())
+    if data is not None:
+        parsed["path"] = str(data)
+    return parsed
+
+
+def _print_table(run: api.Run, title: str) -> None:
+    a = run.analysis()
+    t = Table(title=title)
+    t.add_column("k", justify="right")
+    t.add_column("pass@k", justify="right")
+    t.add_column("95% CI", justify="right")
+    for row in a.table:
+        t.add_row(str(row["k"]), f"{row['pass_at_k']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    out.print(t)
+    for level, curve in sorted(a.levels.items()):
+        out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
+    if a.infra_errors:
+        out.print(f"[yellow]{a.infra_errors} samples had infrastructure errors and are excluded[/]")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
+            params: SamplingParams, template: Optional[str], seed: int, workspace: Optional[Path],
+            label: Optional[str]) -> api.Run:
+    total = n * (limit or 0)
+    with _progress(total or n) as update:
+        t = time.perf_counter()
+        run = api.sample(task, n=n, limit=limit, task_args=task_args, engine=engine, engine_args=engine_args,
+                         params=params, template=template, seed=seed, workspace=workspace, label=label,
+                         progress=update)
+    console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
+                  f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
+    return run
+
+
+@app.command()
+def run(workspace: Optional[Path] = WorkspaceOpt,
+        problems: int = typer.Option(api.QUICKSTART["limit"], help="Problems (levels 1-3, interleaved)"),
+        n: int = typer.Option(api.QUICKSTART["n"], "-n", help="Samples per problem"),
+        model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]")):
+    """Quickstart: arithmetic word problems on the embedded model, then a coverage report."""
+    try:
+        q = api.QUICKSTART
+        r = _sample(q["task"], n, problems, dict(q["task_args"]), "llamacpp",
+                    {"model": str(model)} if model else {}, q["params"], None, 0, workspace, None)
+        _print_table(r, f"arithmetic levels 1-3, {problems} problems x {n} samples")
+        out.print(f"report: {api.report(r.run_id, workspace=r.workspace)}")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
+def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task name (arithmetic, gsm8k, jsonl)"),
+           data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k / jsonl"),
+           arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable), e.g. levels=1,2"),
+           n: int = typer.Option(16, "-n", help="Samples per problem"),
+           limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems [default: all]"),
+           engine: str = typer.Option("llamacpp", help="Engine name"),
+           model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+           slots: int = typer.Option(16, help="Sequences decoded together"),
+           threads: Optional[int] = typer.Option(None, help="CPU threads [default: all]"),
+           seq_ctx: int = typer.Option(1024, help="KV cells per sequence (prompt + max tokens)"),
+           temperature: float = typer.Option(0.7), top_p: float = typer.Option(1.0),
+           top_k: int = typer.Option(0), min_p: float = typer.Option(0.0),
+           max_tokens: int = typer.Option(256), stop: List[str] = typer.Option([], help="Stop string (repeatable)"),
+           template: Optional[str] = typer.Option(None, help="Prompt template [default: the task's]"),
+           seed: int = typer.Option(0, help="Root seed of the run"),
+           label: Optional[str] = typer.Option(None, help="A name for the run"),
+           workspace: Optional[Path] = WorkspaceOpt):
+    """Draw n samples per problem (only the missing ones), store and grade them."""
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                max_tokens=max_tokens, stop=tuple(stop))
+        eargs: dict[str, Any] = {}
+        if engine == "llamacpp":
+            eargs = {"slots": slots, "n_threads": threads, "seq_ctx": seq_ctx}
+            if model:
+                eargs["model"] = str(model)
+        r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label)
+        _print_table(r, f"{task}: run {r.run_id}")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
+def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
+           verifier: Optional[str] = typer.Option(None), fit_k: Optional[int] = typer.Option(
+               None, help="Fit the power law on k <= this [default: n/4]"),
+           workspace: Optional[Path] = WorkspaceOpt):
+    """Write PNG plots and a self-contained HTML page for a run."""
+    try:
+        out.print(str(api.report(run_id, workspace=workspace, verifier=verifier, fit_k=fit_k)))
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
+def runs(workspace: Optional[Path] = WorkspaceOpt):
+    """List the runs in a workspace."""
+    t = Table()
+    for col in ("run", "label", "task", "model", "problems", "samples", "n", "tokens", "status"):
+        t.add_column(col, overflow="fold")
+    for r in api.runs(workspace):
+        spec = r["spec"]
+        t.add_row(r["run_id"], r["label"] or "", spec["task"]["name"], spec["model"].get("model", spec["model"]["engine"]).removesuffix(".gguf"),
+                  str(r["problems"]), str(r["samples"]), str(r["n_target"]), str(r["completion_tokens"]),
+                  "complete" if r["complete"] else "[yellow]incomplete[/]")
+    out.print(t)
+
+
+@app.command()
+def grade(run_id: str, verifier: str = typer.Option("math_answer"), workspace: Optional[Path] = WorkspaceOpt):
+    """Grade a run's samples that this verifier has not judged yet (never re-generates)."""
+    try:
+        out.print(f"graded {api.regrade(run_id, verifier, workspace)} samples")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
+def export(run_id: str, path: Path, fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet [default: from suffix]"),
+           workspace: Optional[Path] = WorkspaceOpt):
+    """Export a run's samples and verdicts to JSONL or Parquet."""
+    try:
+        out.print(str(api.export(run_id, path, fmt, workspace)))
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    app()

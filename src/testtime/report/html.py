@@ -1,0 +1,62 @@
+"""One self-contained HTML page: figures embedded as base64, tables inline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ..analysis import CoverageAnalysis
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; } img { max-width: 100%; }
+.figs { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; } code, pre { background: #f6f6f6; }
+pre { padding: 8px; overflow-x: auto; font-size: 12px; }
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _rows(rows: list[list[Any]], head: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], out: Path) -> Path:
+    pass_rows = [[t["k"], f"{t['pass_at_k']:.3f}", f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]"] for t in a.table]
+    level_rows = [[lv, a.level_sizes[lv], f"{curve[0]:.3f}", f"{curve[-1]:.3f}"]
+                  for lv, curve in sorted(a.levels.items())]
+    fit = "no fit (too few values of k, or coverage 0)"
+    if a.fit is not None:
+        fit = (f"coverage(k) = exp({a.fit.a:.4f} &middot; k<sup>{a.fit.b:.4f}</sup>), fitted on k &le; {a.fit.k_max_fit}; "
+               f"a = {a.fit.a:.4f} &plusmn; {a.fit.a_se:.4f}, b = {a.fit.b:.4f} &plusmn; {a.fit.b_se:.4f}, "
+               f"RMSE on the fitted range {a.fit.rmse:.4f}")
+        if a.fit_error_at_n is not None:
+            fit += f"; forecast error at k = {a.n}: {a.fit_error_at_n:+.4f}"
+    infra = (f"<p><b>{a.infra_errors} samples had infrastructure errors</b> and are left out of every "
+             "figure (a broken harness is not a wrong answer).</p>") if a.infra_errors else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>testtime report {a.run_id}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Run {html.escape(a.run_id)}</h1>
+<p>{a.problems} problems &times; {a.n} samples, verifier <code>{html.escape(a.verifier)}</code>.
+pass@1 = {a.coverage[0]:.3f}, coverage at k = {a.n}: {a.coverage[-1]:.3f}.</p>{infra}
+<div class="figs">{''.join(_img(f) for f in figures)}</div>
+<h2>pass@k (unbiased estimator, 95% bootstrap interval over problems)</h2>
+{_rows(pass_rows, ["k", "pass@k", "95% CI"])}
+<h2>By difficulty level</h2>
+{_rows(level_rows, ["level", "problems", "pass@1", f"pass@{a.n}"]) if level_rows else "<p>No difficulty levels.</p>"}
+<h2>Power-law fit</h2><p>{fit}</p>
+<h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
+</body></html>"""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out

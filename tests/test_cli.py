@@ -1,0 +1,53 @@
+"""The command line, end to end, on the real embedded model with a small budget."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import requires_model
+from testtime.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@requires_model
+@pytest.mark.model
+def test_sample_runs_report_export_on_the_embedded_model(tmp_path):
+    ws = tmp_path / "ws"
+    out = invoke("sample", "--task", "arithmetic", "--arg", "levels=1,2", "--limit", 4, "-n", 4,
+                 "--max-tokens", 64, "--slots", 8, "-w", ws)
+    assert "pass@k" in out
+    listing = invoke("runs", "-w", ws)
+    assert "arithmetic" in listing and "complete" in listing
+    page = invoke("report", "-w", ws).strip().splitlines()[-1]
+    html = open(page).read()
+    assert "pass@k" in html and html.count("data:image/png;base64") == 3
+    summary = json.loads(open(page.replace("report.html", "summary.json")).read())
+    assert summary["problems"] == 4 and summary["n"] == 4
+    run_id = summary["run_id"]
+    target = tmp_path / "samples.jsonl"
+    invoke("export", run_id, target, "-w", ws)
+    rows = [json.loads(x) for x in target.read_text().splitlines()]
+    assert len(rows) == 16 and all("math_answer" in r["verdicts"] for r in rows)
+    # a second call with a larger n draws only the new samples
+    again = invoke("sample", "--task", "arithmetic", "--arg", "levels=1,2", "--limit", 4, "-n", 6,
+                   "--max-tokens", 64, "--slots", 8, "-w", ws)
+    assert f"run {run_id}: 8 new samples" in again
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    r = runner.invoke(app, ["sample", "--task", "arithmatic", "-w", str(tmp_path)])
+    assert r.exit_code == 2 and "Did you mean 'arithmetic'" in r.output
+    r = runner.invoke(app, ["sample", "--temperature", "-1", "-w", str(tmp_path)])
+    assert r.exit_code == 2 and "temperature must be" in r.output
+    r = runner.invoke(app, ["sample", "--model", str(tmp_path / "missing.gguf"), "-w", str(tmp_path)])
+    assert r.exit_code == 2 and "model file not found" in r.output
+    r = runner.invoke(app, ["report", "nope", "-w", str(tmp_path)])
+    assert r.exit_code == 2 and "no run" in r.output

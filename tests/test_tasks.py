@@ -1,0 +1,97 @@
+import json
+import re
+
+import pytest
+
+from conftest import GSM8K_TRAIN, requires_gsm8k
+from testtime.tasks import DatasetError, load_task
+from testtime.tasks.arithmetic import LEVELS, make_problem
+from testtime.tasks.gsm8k import parse_gsm8k_answer
+
+
+def evaluate(expr: str) -> int:
+    return int(eval(expr.replace("x", "*").replace("/", "//")))  # our own generated expression
+
+
+def test_arithmetic_answers_match_their_expression_at_every_level():
+    for level in LEVELS:
+        for i in range(200):
+            p = make_problem(7, level, i)
+            assert int(p.answer) == evaluate(p.meta["expression"]), p
+            assert int(p.answer) >= 0
+            assert p.difficulty == level
+            n_ops = len(re.findall(r" [-+x/] ", p.meta["expression"]))
+            assert n_ops == LEVELS[level][0]
+
+
+def test_arithmetic_is_seeded_and_extends_with_limit():
+    t = load_task("arithmetic", levels=[1, 2, 3], seed=3)
+    small, large = t.problems(6), t.problems(30)
+    assert small == large[:6]
+    assert [p.difficulty for p in small] == [1, 2, 3, 1, 2, 3]
+    assert load_task("arithmetic", levels=[1, 2, 3], seed=3).problems(6) == small
+    assert load_task("arithmetic", levels=[1, 2, 3], seed=4).problems(6) != small
+    assert len({p.id for p in large}) == 30
+
+
+def test_arithmetic_rejects_unknown_levels():
+    with pytest.raises(ValueError, match="levels"):
+        load_task("arithmetic", levels=[0, 6])
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(KeyError, match="Did you mean 'gsm8k'.*Known: arithmetic, gsm8k, jsonl"):
+        load_task("gsm8")
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_jsonl_task_maps_fields_and_skips_blank_lines(tmp_path):
+    p = write(tmp_path, [json.dumps({"q": "What is 2+2?", "a": 4, "id": "x1", "lvl": "Level 3"}), "",
+                         json.dumps({"q": "3*3?", "a": "9", "id": "x2", "lvl": 1})])
+    t = load_task("jsonl", path=p, question_field="q", answer_field="a", id_field="id", difficulty_field="lvl")
+    probs = t.problems()
+    assert [(x.id, x.question, x.answer, x.difficulty) for x in probs] == [
+        ("x1", "What is 2+2?", "4", 3), ("x2", "3*3?", "9", 1)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q", "answer": ', "data.jsonl:2: not valid JSON"),
+    ('["a list"]', "data.jsonl:2: expected a JSON object"),
+    ('{"question": "q"}', "data.jsonl:2: missing field 'answer'"),
+    ('{"question": {"x": 1}, "answer": "1"}', "data.jsonl:2: field 'question' must be text"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    p = write(tmp_path, ['{"question": "ok", "answer": "1"}', line])
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_task("jsonl", path=p).problems()
+
+
+def test_jsonl_duplicate_ids_and_missing_file(tmp_path):
+    p = write(tmp_path, ['{"question": "a", "answer": "1", "id": "x"}', '{"question": "b", "answer": "2", "id": "x"}'])
+    with pytest.raises(DatasetError, match="duplicate problem id 'x'"):
+        load_task("jsonl", path=p, id_field="id").problems()
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_task("jsonl", path=tmp_path / "nope.jsonl")
+
+
+def test_gsm8k_answer_parsing():
+    final, steps = parse_gsm8k_answer("He has 3+4=<<3+4=7>>7.\nThen 7*1,000 = 7,000\n#### 7,000", "x")
+    assert final == "7000" and steps == 2
+    with pytest.raises(DatasetError, match="no '#### <final answer>'"):
+        parse_gsm8k_answer("no marker", "f:3")
+
+
+@requires_gsm8k
+def test_gsm8k_from_the_shared_training_split():
+    t = load_task("gsm8k", path=GSM8K_TRAIN)
+    probs = t.problems(50)
+    assert len(probs) == 50
+    assert probs[0].id == "row1"
+    assert all(re.fullmatch(r"-?[\d.]+", p.answer) for p in probs)
+    assert {p.difficulty for p in probs} <= {1, 2, 3, 4, 5}
+    assert t.identity["sha256"] and t.template == "math_cot"

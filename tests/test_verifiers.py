@@ -1,0 +1,82 @@
+import time
+
+import pytest
+
+from testtime.tasks import Problem
+from testtime.verifiers import MathAnswerVerifier, extract_answer, load_verifier
+from testtime.verifiers.math_answer import as_number
+
+
+@pytest.mark.parametrize("text, answer, rule", [
+    ("so \\boxed{\\frac{1}{2}} hence. The answer is 3", "\\frac{1}{2}", "boxed"),
+    ("x = \\boxed{{a}+{b}}", "{a}+{b}", "boxed"),
+    ("First 5, then 7.\nThe answer is 12.", "12", "answer_is"),
+    ("The answer is 4.5 apples", "4.5 apples", "answer_is"),
+    ("Final answer: $-3$", "-3", "answer_is"),
+    ("The answer is 4. Wait, the answer is 6.", "6", "answer_is"),
+    ("work...\n#### 1,234", "1,234", "hashes"),
+    ("I get 3 then 8 and finally 21 apples", "21", "last_number"),
+    ("no digits here", None, "none"),
+])
+def test_extraction_order(text, answer, rule):
+    assert extract_answer(text) == (answer, rule)
+
+
+def test_numbers_compare_exactly():
+    assert as_number("1,234") == 1234
+    assert as_number("$12.50") == as_number("12.5")
+    assert as_number("3/4") == as_number("0.75")
+    assert as_number("50%") == 50
+    assert as_number("x+1") is None
+
+
+P = Problem("p", "q", "7", 1)
+
+
+@pytest.mark.parametrize("candidate, verdict", [
+    ("3 + 4 = 7.\nThe answer is 7.", "pass"),
+    ("The answer is 7.0", "pass"),
+    ("The answer is 8.", "fail"),
+    ("Nothing to see.", "fail"),
+    ("\\boxed{7}", "pass"),
+    ("#### 7", "pass"),
+])
+def test_math_answer_verdicts(candidate, verdict):
+    assert MathAnswerVerifier().verify(P, candidate).verdict == verdict
+
+
+def test_symbolic_equivalence_through_math_verify():
+    v = load_verifier("math_answer")
+    half = Problem("h", "q", "\\frac{1}{2}", None)
+    assert v.verify(half, "So \\boxed{0.5}").verdict == "pass"
+    assert v.verify(half, "So \\boxed{\\dfrac{2}{4}}").verdict == "pass"
+    assert v.verify(half, "So \\boxed{\\frac{1}{3}}").verdict == "fail"
+    root = Problem("r", "q", "2\\sqrt{2}", None)
+    assert v.verify(root, "\\boxed{\\sqrt{8}}").verdict == "pass"
+
+
+def test_each_distinct_answer_is_judged_once_per_problem():
+    v = MathAnswerVerifier()
+    calls = []
+    judge = v._judge
+    v._judge = lambda *a: calls.append(a[1]) or judge(*a)
+    for text in ["The answer is 7.", "so the answer is 7.", "The answer is 8."] * 20:
+        v.verify(P, text)
+    assert sorted(calls) == ["7", "8"]
+
+
+def test_missing_reference_is_an_infra_error_not_a_failure():
+    assert MathAnswerVerifier().verify(Problem("x", "q", None), "The answer is 1").verdict == "infra_error"
+
+
+@pytest.mark.parametrize("answer", [
+    "9" * 1_000_000,
+    "{" * 10_000 + "1" + "}" * 10_000,
+    "9^{9^{9^{9}}}",
+])
+def test_hostile_answers_are_graded_in_bounded_time(answer):
+    v = MathAnswerVerifier()
+    t = time.perf_counter()
+    verdict = v.verify(Problem("x", "q", "81"), f"\\boxed{{{answer}}}")
+    assert time.perf_counter() - t < 10
+    assert verdict.verdict in {"fail", "timeout"}
