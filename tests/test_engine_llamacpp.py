@@ -138,3 +138,14 @@ def test_missing_and_corrupt_model_files(tmp_path):
     truncated.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ModelError, match="could not load"):
         load_engine("llamacpp", model=truncated)
+
+
+def test_samples_of_different_problems_share_decode_steps(engine):
+    """Continuous batching: two 4-sample requests fill the 8 slots together."""
+    engine.reset_stats()
+    other = ({"role": "user", "content": "Write a haiku about the sea."},)
+    out = run(engine, req(key="a", seeds=(1, 2, 3, 4), temperature=1.0, max_tokens=12),
+              req(key="b", messages=other, seeds=(1, 2, 3, 4), temperature=1.0, max_tokens=12))
+    assert len(out) == 8
+    assert engine.stats["slot_steps"] / engine.stats["steps"] > 4
+    assert engine.stats["generated"] == sum(c.completion_tokens for c in out)

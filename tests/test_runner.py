@@ -129,3 +129,14 @@ def test_kill_9_during_real_model_sampling_then_resume(tmp_path):
     assert p.wait(timeout=300) == 0
     rows = stored(ws)
     assert len(rows) == 24 and len({(r[0], r[1]) for r in rows}) == 24
+
+
+def test_a_smaller_limit_after_a_larger_one_still_grades_everything(workspace):
+    api.sample("arithmetic", n=2, limit=6, workspace=workspace, **TOY)
+    with Store(workspace) as s:
+        rid = s.latest_run()
+        s.db.execute("DELETE FROM verdicts")
+    run = api.sample("arithmetic", n=3, limit=2, workspace=workspace, **TOY)
+    with Store(workspace) as s:
+        assert not s.unverified(rid, "math_answer")
+    assert run.run_id == rid

@@ -74,7 +74,7 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
         with Store(workspace) as store:
             result = draw_samples(store, the_task, eng, n, params or SamplingParams(), limit=limit,
                                   template=template, seed=seed, label=label, progress=progress)
-            grade(store, result.run_id, the_verifier, the_task.problems(limit))
+            grade(store, result.run_id, the_verifier)
             return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens)
     finally:
         if own_engine:

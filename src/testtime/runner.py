@@ -31,13 +31,6 @@ class SampleResult:
     seconds: float
 
 
-def build_spec(task: Task, engine: Engine, params: SamplingParams, template: str | None,
-               seed: int) -> RunSpec:
-    tmpl = get_template(template or task.template)
-    return RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(),
-                   sampling=params, seed=seed)
-
-
 def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: SamplingParams,
                  limit: int | None = None, template: str | None = None, seed: int = 0,
                  label: str | None = None, progress: ProgressFn | None = None) -> SampleResult:
@@ -50,8 +43,9 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     problems = task.problems(limit)
-    spec = build_spec(task, engine, params, template, seed)
     tmpl = get_template(template or task.template)
+    spec = RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(),
+                   sampling=params, seed=seed)
     run_id = store.register_run(spec, n, problems, label=label)
     missing = store.missing(run_id, [p.id for p in problems], n)
 
@@ -73,15 +67,13 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start)
 
 
-def grade(store: Store, run_id: str, verifier: Verifier | str,
-          problems: list[Problem] | None = None, chunk: int = 256) -> int:
-    """Verify every stored sample of a run that has no verdict from this verifier yet."""
+def grade(store: Store, run_id: str, verifier: Verifier | str, chunk: int = 256) -> int:
+    """Verify every stored sample of a run that has no verdict from this verifier yet.
+    Problems come from the store, so any sample the run holds can be graded."""
     if isinstance(verifier, str):
         verifier = load_verifier(verifier)
-    if problems is None:
-        problems = [Problem(p["problem_id"], p["question"], p["answer"], p["difficulty"], p["meta"])
-                    for p in store.problems(run_id)]
-    by_id = {p.id: p for p in problems}
+    by_id = {p["problem_id"]: Problem(p["problem_id"], p["question"], p["answer"], p["difficulty"], p["meta"])
+             for p in store.problems(run_id)}
     pending = store.unverified(run_id, verifier.name)
     for start in range(0, len(pending), chunk):
         rows = []

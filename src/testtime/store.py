@@ -111,6 +111,11 @@ class ProblemCounts:
     infra_errors: int
 
 
+def _sample_row(r: sqlite3.Row) -> SampleRow:
+    return SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"], r["prompt_tokens"],
+                     r["cached_tokens"], r["completion_tokens"], r["finish_reason"], r["latency_s"])
+
+
 def resolve_workspace(workspace: str | os.PathLike | None = None) -> Path:
     """The workspace folder: the argument, else $TESTTIME_WORKSPACE, else ./testtime-runs."""
     return Path(workspace or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE)
@@ -260,9 +265,7 @@ class Store:
             sql += " AND sample_index < ?"
             args = (run_id, n)
         rows = self.db.execute(sql + " ORDER BY problem_id, sample_index", args).fetchall()
-        return [SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"],
-                          r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"],
-                          r["finish_reason"], r["latency_s"]) for r in rows]
+        return [_sample_row(r) for r in rows]
 
     # -- verdicts ----------------------------------------------------------
 
@@ -272,9 +275,7 @@ class Store:
             "v.problem_id = s.problem_id AND v.sample_index = s.sample_index AND v.verifier = ? "
             "WHERE s.run_id = ? AND v.verdict IS NULL ORDER BY s.problem_id, s.sample_index",
             (verifier, run_id)).fetchall()
-        return [SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"],
-                          r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"],
-                          r["finish_reason"], r["latency_s"]) for r in rows]
+        return [_sample_row(r) for r in rows]
 
     def add_verdicts(self, rows: list[VerdictRow]) -> int:
         now = time.time()
