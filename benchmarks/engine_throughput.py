@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seq-ctx", type=int, default=1024, help="engine KV cells per sequence")
     args = ap.parse_args()
     path = default_model_path()
 
@@ -94,7 +95,7 @@ def main() -> None:
     reqs = [Request(key=p.id, messages=tuple(tmpl.messages(p.question)), params=params,
                     seeds=tuple(range(i * 1000, i * 1000 + args.batch))) for i, p in enumerate(problems)]
 
-    engine = LlamaCppEngine(slots=args.batch, n_threads=args.threads)
+    engine = LlamaCppEngine(slots=args.batch, n_threads=args.threads, seq_ctx=args.seq_ctx)
     list(engine.generate(reqs[-1:]))  # warm-up: page in the weights, build the graphs once
     engine.drop_cache()
     engine.reset_stats()
@@ -122,7 +123,7 @@ def main() -> None:
     raw = max(split.tokens_per_s, unified.tokens_per_s)
     occupancy = stats["slot_steps"] / max(1, stats["steps"]) / args.batch
     print(f"model: {path.name}  batch: {args.batch}  prompts: {args.prompts}  max_tokens: {args.max_tokens}  "
-          f"temperature: {args.temperature}  top_p: {args.top_p}")
+          f"temperature: {args.temperature}  top_p: {args.top_p}  seq_ctx: {args.seq_ctx}")
     print(f"raw llama_decode, per-sequence KV: {split.tokens_per_s:7.1f} tok/s ({split.steps} steps)")
     print(f"raw llama_decode, unified KV:      {unified.tokens_per_s:7.1f} tok/s ({unified.steps} steps)")
     print(f"engine: {tokens} tokens in {engine_s:.1f} s = {engine_tps:7.1f} tok/s end to end "

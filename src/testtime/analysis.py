@@ -60,11 +60,9 @@ def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None
         if fit_k < n:
             err = float(fit.predict([n])[0] - coverage[-1])
 
-    levels, sizes = {}, {}
-    for level in sorted(set(int(d) for d in counts.difficulty if d >= 0)):
-        mask = counts.difficulty == level
-        levels[level] = per_problem[mask].mean(axis=0)
-        sizes[level] = int(mask.sum())
+    graded = counts.difficulty >= 0  # -1 marks problems without a level
+    levels = {int(k): v for k, v in metrics.by_group(per_problem[graded], counts.difficulty[graded]).items()}
+    sizes = {level: int((counts.difficulty == level).sum()) for level in levels}
 
     table_ks = [k for k in (2 ** np.arange(0, 20)) if k <= n]
     if n not in table_ks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
@@ -58,7 +58,7 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
            engine_args: dict[str, Any] | None = None, params: SamplingParams | None = None,
            template: str | None = None, seed: int = 0, verifier: str | None = None,
            workspace: str | Path | None = None, label: str | None = None,
-           progress: ProgressFn | None = None, on_engine: Callable[[Engine], None] | None = None) -> Run:
+           progress: ProgressFn | None = None) -> Run:
     """Draw n samples for each of a task's first `limit` problems, store them and grade them.
 
     Idempotent and resumable: samples already stored are kept, only missing ones
@@ -68,8 +68,6 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     the_verifier = load_verifier(verifier or the_task.verifier)
     own_engine = isinstance(engine, str)
     eng = load_engine(engine, **(engine_args or {})) if own_engine else engine
-    if on_engine:
-        on_engine(eng)
     try:
         with Store(workspace) as store:
             result = draw_samples(store, the_task, eng, n, params or SamplingParams(), limit=limit,
