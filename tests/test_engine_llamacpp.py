@@ -149,3 +149,25 @@ def test_samples_of_different_problems_share_decode_steps(engine):
     assert len(out) == 8
     assert engine.stats["slot_steps"] / engine.stats["steps"] > 4
     assert engine.stats["generated"] == sum(c.completion_tokens for c in out)
+
+
+def test_every_decode_presents_sequences_in_increasing_order(engine):
+    """llama.cpp splits a batch whose sequence ids are out of order into several
+    micro-batches (each reading all the weights); refills must not cause that."""
+    seen = []
+    decode = engine.llm.decode
+
+    def spy(tok, pos, seq, out):
+        seen.append(seq.copy())
+        return decode(tok, pos, seq, out)
+
+    engine.llm.decode = spy
+    try:
+        reqs = [req(key=k, seeds=tuple(range(6)), temperature=1.0, max_tokens=m)
+                for k, m in (("a", 3), ("b", 9), ("c", 5), ("d", 12))]
+        assert len(run(engine, *reqs)) == 24
+    finally:
+        del engine.llm.decode
+    multi = [s for s in seen if len(set(s.tolist())) > 1]
+    assert len(multi) > 5
+    assert all((s[1:] > s[:-1]).all() for s in multi)

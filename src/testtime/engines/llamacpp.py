@@ -347,7 +347,6 @@ class LlamaCppEngine:
                     slots.append(slot)
             if not job.todo:  # every sample has its own copy now: the prefix is only cached
                 job.prefix.users -= 1
-        slots.sort(key=lambda s: s.seq)  # llama.cpp batches consecutive sequence ids together
 
     def _sample(self, slots: list[_Slot], logits: np.ndarray) -> None:
         """Draw the next token of each slot (row i of logits is slot i's), in one
@@ -406,6 +405,10 @@ class LlamaCppEngine:
 
     def _decode_slots(self, slots: list[_Slot]) -> Iterator[Completion]:
         """Decode the last sampled token of every live slot, then sample the next."""
+        # llama.cpp puts sequences into one micro-batch only while their ids come in
+        # increasing consecutive order; out of order, one step becomes several
+        # micro-batches, each reading all the weights again.
+        slots.sort(key=lambda s: s.seq)
         n = len(slots)
         tok = np.fromiter((s.ids[-1] for s in slots), np.int32, n)
         pos = np.fromiter((s.pos for s in slots), np.int32, n)
