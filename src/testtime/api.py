@@ -24,13 +24,13 @@ from .verifiers import load_verifier
 QUICKSTART = {
     "task": "arithmetic",
     "task_args": {"levels": [1, 2, 3]},
-    "limit": 18,
+    "limit": 24,
     "n": 16,
     "params": SamplingParams(temperature=0.7, max_tokens=128),
 }
-"""`testtime run` with no arguments: 18 arithmetic problems (6 per level, levels 1-3)
-x 16 samples on the embedded model: about 13k generated tokens, 3 to 4 minutes on
-2 CPU cores (30 problems took 6 minutes)."""
+"""`testtime run` with no arguments: 24 arithmetic problems (8 per level, levels 1-3)
+x 16 samples on the embedded model: about 18k generated tokens, 3 to 4 minutes on
+2 CPU cores."""
 
 
 @dataclass
