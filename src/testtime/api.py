@@ -24,12 +24,12 @@ from .verifiers import load_verifier
 QUICKSTART = {
     "task": "arithmetic",
     "task_args": {"levels": [1, 2, 3]},
-    "limit": 24,
+    "limit": 21,
     "n": 16,
     "params": SamplingParams(temperature=0.7, max_tokens=128),
 }
-"""`testtime run` with no arguments: 24 arithmetic problems (8 per level, levels 1-3)
-x 16 samples on the embedded model: about 18k generated tokens, 3 to 4 minutes on
+"""`testtime run` with no arguments: 21 arithmetic problems (7 per level, levels 1-3)
+x 16 samples on the embedded model: about 16k generated tokens, under 4 minutes on
 2 CPU cores."""
 
 
