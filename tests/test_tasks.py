@@ -95,3 +95,42 @@ def test_gsm8k_from_the_shared_training_split():
     assert all(re.fullmatch(r"-?[\d.]+", p.answer) for p in probs)
     assert {p.difficulty for p in probs} <= {1, 2, 3, 4, 5}
     assert t.identity["sha256"] and t.template == "math_cot"
+
+
+def test_math_task_reads_math500_and_original_math_rows(tmp_path):
+    rows = [
+        {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2", "level": 1,
+         "subject": "Prealgebra", "unique_id": "test/prealgebra/1.json"},
+        # original MATH: no answer field, "Level N", subject under "type"
+        {"problem": "Simplify $\\frac{2}{4}$.", "solution": "So $\\boxed{\\frac{1}{2}}$.",
+         "level": "Level 4", "type": "Algebra"},
+        {"problem": "Odd one.", "solution": "\\boxed{x}", "level": "Level ?"},
+    ]
+    p = write(tmp_path, [json.dumps(r) for r in rows])
+    t = load_task("math", path=p)
+    probs = t.problems()
+    assert [(x.id, x.answer, x.difficulty) for x in probs] == [
+        ("test/prealgebra/1.json", "2", 1), ("row2", "\\frac{1}{2}", 4), ("row3", "x", None)]
+    assert probs[1].meta["subject"] == "Algebra"
+    assert t.template == "llama3_math"
+
+
+def test_math_task_errors_name_the_row(tmp_path):
+    p = write(tmp_path, ['{"problem": "p", "solution": "no box here"}'])
+    with pytest.raises(DatasetError, match=r"data.jsonl:1: no 'answer' field and no \\boxed"):
+        load_task("math", path=p).problems()
+    p = write(tmp_path, ['{"problem": "p", "answer": "1", "level": "hard"}'])
+    with pytest.raises(DatasetError, match="data.jsonl:1: level must be"):
+        load_task("math", path=p).problems()
+
+
+def test_llama3_math_template_answers_are_read_by_the_verifier():
+    from testtime.prompts import get_template
+    from testtime.tasks import Problem
+    from testtime.verifiers import MathAnswerVerifier
+
+    msgs = get_template("llama3_math").messages("What is 2+2?")
+    assert msgs[0]["role"] == "system" and "## Step 1:" in msgs[0]["content"]
+    assert msgs[-1] == {"role": "user", "content": "What is 2+2?"}
+    reply = "## Step 1: Add\n2 + 2 = 4\n\nTherefore, the final answer is: $\\boxed{4}$. I hope it is correct."
+    assert MathAnswerVerifier().verify(Problem("p", "q", "4"), reply).verdict == "pass"

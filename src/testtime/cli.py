@@ -129,8 +129,8 @@ def run(workspace: Optional[Path] = WorkspaceOpt,
 
 
 @app.command()
-def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task name (arithmetic, gsm8k, jsonl)"),
-           data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k / jsonl"),
+def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task name (arithmetic, gsm8k, math, jsonl)"),
+           data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k, math or jsonl"),
            arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable), e.g. levels=1,2"),
            n: int = typer.Option(16, "-n", help="Samples per problem"),
            limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems [default: all]"),

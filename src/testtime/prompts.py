@@ -68,3 +68,23 @@ ARITHMETIC_FEWSHOT = register(PromptTemplate(
 ))
 
 PLAIN = register(PromptTemplate(name="plain", user="{question}"))
+
+# The step-by-step format Meta published with its Llama 3 evaluations of MATH:
+# short problems answered briefly, longer ones as "## Step k:" blocks, always
+# closing with a boxed final answer. Written out here so that runs are
+# comparable with results that used it (search-and-learn, the compute-optimal
+# scaling papers).
+LLAMA3_MATH = register(PromptTemplate(
+    name="llama3_math",
+    system=(
+        "Solve the following math problem efficiently and clearly:\n\n"
+        "- For simple problems (2 steps or fewer):\nProvide a concise solution with minimal explanation.\n\n"
+        "- For complex problems (3 steps or more):\nUse this step-by-step format:\n\n"
+        "## Step 1: [Concise description]\n[Brief explanation and calculations]\n\n"
+        "## Step 2: [Concise description]\n[Brief explanation and calculations]\n\n...\n\n"
+        "Regardless of the approach, always conclude with:\n\n"
+        "Therefore, the final answer is: $\\boxed{answer}$. I hope it is correct.\n\n"
+        "Where [answer] is just the final number or expression that solves the problem."
+    ),
+    user="{question}",
+))

@@ -35,7 +35,7 @@ _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _PLAIN_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({_NUMBER}|-?\d+\s*/\s*\d+)\s*(?:\\?%)?\s*\.?\s*$")
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} or \\fbox{...}, with nested braces balanced."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
@@ -67,14 +67,14 @@ def _trim(answer: str) -> str:
 
 def extract_answer(text: str) -> tuple[str | None, str]:
     """The final answer in a candidate and the rule that found it (see module doc)."""
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip(), "boxed"
     phrases = list(_ANSWER_IS_RE.finditer(text))
     if phrases:
         ans = _trim(text[phrases[-1].end():].split("\n", 1)[0])
         if ans:
-            boxed = _last_boxed(ans)
+            boxed = last_boxed(ans)
             return (boxed.strip() if boxed is not None else ans), "answer_is"
     hits = _HASHES_RE.findall(text)
     if hits:
