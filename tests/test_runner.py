@@ -146,3 +146,11 @@ def test_a_smaller_limit_after_a_larger_one_still_grades_everything(workspace):
     with Store(workspace) as s:
         assert not s.unverified(rid, "math_answer")
     assert run.run_id == rid
+
+
+def test_on_plan_reports_only_the_samples_this_call_draws(workspace):
+    planned = []
+    api.sample("arithmetic", n=4, limit=3, workspace=workspace, on_plan=planned.append, **TOY)
+    api.sample("arithmetic", n=6, limit=3, workspace=workspace, on_plan=planned.append, **TOY)
+    api.sample("arithmetic", n=6, limit=3, workspace=workspace, on_plan=planned.append, **TOY)
+    assert planned == [12, 6, 0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
@@ -58,11 +58,12 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
            engine_args: dict[str, Any] | None = None, params: SamplingParams | None = None,
            template: str | None = None, seed: int = 0, verifier: str | None = None,
            workspace: str | Path | None = None, label: str | None = None,
-           progress: ProgressFn | None = None) -> Run:
+           progress: ProgressFn | None = None, on_plan: Callable[[int], None] | None = None) -> Run:
     """Draw n samples for each of a task's first `limit` problems, store them and grade them.
 
     Idempotent and resumable: samples already stored are kept, only missing ones
-    are drawn, and a larger n or limit extends the same run.
+    are drawn, and a larger n or limit extends the same run. `on_plan` is called
+    once with the number of samples this call will draw, before drawing any.
     """
     the_task = load_task(task, **(task_args or {}))
     the_verifier = load_verifier(verifier or the_task.verifier)
@@ -71,7 +72,8 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     try:
         with Store(workspace) as store:
             result = draw_samples(store, the_task, eng, n, params or SamplingParams(), limit=limit,
-                                  template=template, seed=seed, label=label, progress=progress)
+                                  template=template, seed=seed, label=label, progress=progress,
+                                  on_plan=on_plan)
             grade(store, result.run_id, the_verifier)
             return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens)
     finally:

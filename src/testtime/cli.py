@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -42,17 +42,20 @@ class _RateColumn(ProgressColumn):
 
 
 @contextmanager
-def _progress(total: int) -> Iterator[api.ProgressFn]:
+def _progress() -> Iterator[tuple[Callable[[int], None], api.ProgressFn]]:
     with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("sampling", total=total, tokens=0)
+        task = bar.add_task("sampling", total=None, tokens=0)
         counts = {"tokens": 0}
+
+        def plan(total: int) -> None:
+            bar.update(task, total=total)
 
         def update(samples: int, tokens: int) -> None:
             counts["tokens"] += tokens
             bar.update(task, advance=samples, tokens=counts["tokens"])
 
-        yield update
+        yield plan, update
 
 
 def _parse_value(v: str) -> Any:
@@ -101,12 +104,11 @@ def _fail(e: Exception) -> None:
 def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
             params: SamplingParams, template: Optional[str], seed: int, workspace: Optional[Path],
             label: Optional[str]) -> api.Run:
-    total = n * (limit or 0)
-    with _progress(total or n) as update:
+    with _progress() as (plan, update):
         t = time.perf_counter()
         run = api.sample(task, n=n, limit=limit, task_args=task_args, engine=engine, engine_args=engine_args,
                          params=params, template=template, seed=seed, workspace=workspace, label=label,
-                         progress=update)
+                         progress=update, on_plan=plan)
     console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
                   f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
     return run

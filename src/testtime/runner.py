@@ -33,7 +33,8 @@ class SampleResult:
 
 def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: SamplingParams,
                  limit: int | None = None, template: str | None = None, seed: int = 0,
-                 label: str | None = None, progress: ProgressFn | None = None) -> SampleResult:
+                 label: str | None = None, progress: ProgressFn | None = None,
+                 on_plan: Callable[[int], None] | None = None) -> SampleResult:
     """Bring the run up to n samples for each of the task's first `limit` problems.
 
     Only missing (problem, index) pairs are generated; sample i of problem p
@@ -48,6 +49,8 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
                    sampling=params, seed=seed)
     run_id = store.register_run(spec, n, problems, label=label)
     missing = store.missing(run_id, [p.id for p in problems], n)
+    if on_plan:
+        on_plan(sum(len(v) for v in missing.values()))  # what this call will draw
 
     requests = (
         Request(key=(p.id, tuple(missing[p.id])), messages=tuple(tmpl.messages(p.question)),
