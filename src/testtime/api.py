@@ -57,7 +57,7 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
            task_args: dict[str, Any] | None = None, engine: str | Engine = "llamacpp",
            engine_args: dict[str, Any] | None = None, params: SamplingParams | None = None,
            template: str | None = None, seed: int = 0, verifier: str | None = None,
-           workspace: str | Path | None = None, label: str | None = None,
+           verifier_args: dict[str, Any] | None = None, workspace: str | Path | None = None, label: str | None = None,
            progress: ProgressFn | None = None, on_plan: Callable[[int], None] | None = None) -> Run:
     """Draw n samples for each of a task's first `limit` problems, store them and grade them.
 
@@ -66,7 +66,7 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     once with the number of samples this call will draw, before drawing any.
     """
     the_task = load_task(task, **(task_args or {}))
-    the_verifier = load_verifier(verifier or the_task.verifier)
+    the_verifier = load_verifier(verifier or the_task.verifier, **(verifier_args or {}))
     own_engine = isinstance(engine, str)
     eng = load_engine(engine, **(engine_args or {})) if own_engine else engine
     try:
@@ -79,12 +79,35 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     finally:
         if own_engine:
             eng.close()
+        _close(the_verifier)
 
 
-def regrade(run_id: str, verifier: str = "math_answer", workspace: str | Path | None = None) -> int:
-    """Grade a stored run's samples that this verifier has not judged yet; returns how many."""
+def _close(verifier: Any) -> None:
+    close = getattr(verifier, "close", None)
+    if close is not None:
+        close()
+
+
+def regrade(run_id: str, verifier: str | None = None, workspace: str | Path | None = None,
+            verifier_args: dict[str, Any] | None = None) -> int:
+    """Grade a stored run's samples that this verifier has not judged yet; returns how many.
+    The default verifier is `code` for a run of code problems, else `math_answer`."""
     with Store(workspace) as store:
-        return grade(store, store.resolve_run(run_id), verifier)
+        rid = store.resolve_run(run_id)
+        if verifier is None:
+            problems = store.problems(rid)
+            verifier = "code" if problems and "tests" in problems[0]["meta"] else "math_answer"
+        v = load_verifier(verifier, **(verifier_args or {}))
+        try:
+            return grade(store, rid, v)
+        finally:
+            _close(v)
+
+
+def grading_info(run_id: str, verifier: str, workspace: str | Path | None = None) -> dict[str, Any] | None:
+    """What a verifier recorded about grading a run (for code: the sandbox's isolation)."""
+    with Store(workspace) as store:
+        return store.grading_info(store.resolve_run(run_id), verifier)
 
 
 def report(run_id: str | None = None, workspace: str | Path | None = None, verifier: str | None = None,

@@ -16,6 +16,7 @@ from rich.text import Text
 from . import api
 from .engines._llama import ModelError
 from .registry import UnknownNameError
+from .sandbox import SandboxError
 from .spec import SamplingParams, SpecError
 from .tasks import DatasetError
 
@@ -24,7 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 out = Console()
 
-USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError)
+USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError,
+               PermissionError)
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TESTTIME_WORKSPACE",
                             help="Workspace folder [default: ./testtime-runs]")
@@ -94,21 +96,41 @@ def _print_table(run: api.Run, title: str) -> None:
         out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
     if a.infra_errors:
         out.print(f"[yellow]{a.infra_errors} samples had infrastructure errors and are excluded[/]")
+    info = api.grading_info(run.run_id, a.verifier, run.workspace)
+    if info and "sandbox" in info:
+        out.print(f"sandbox: {info['sandbox']['summary']}")
 
 
 def _fail(e: Exception) -> None:
+    if isinstance(e, SandboxError):
+        console.print(f"[red]infrastructure error:[/] {e}")
+        raise typer.Exit(3)
     console.print(f"[red]error:[/] {e}")
     raise typer.Exit(2)
 
 
+def _verifier_args(allow_code_execution: bool, code_timeout: Optional[float]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if allow_code_execution:
+        args["allow_code_execution"] = True
+    if code_timeout is not None:
+        args["timeout_s"] = code_timeout
+    return args
+
+
+AllowCodeOpt = typer.Option(False, "--allow-code-execution",
+                            help="Run generated code for a custom code task (the bundled code tasks opt in themselves)")
+CodeTimeoutOpt = typer.Option(None, "--code-timeout", help="Seconds per program for the code verifier [default: 5]")
+
+
 def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
             params: SamplingParams, template: Optional[str], seed: int, workspace: Optional[Path],
-            label: Optional[str]) -> api.Run:
+            label: Optional[str], verifier_args: Optional[dict] = None) -> api.Run:
     with _progress() as (plan, update):
         t = time.perf_counter()
         run = api.sample(task, n=n, limit=limit, task_args=task_args, engine=engine, engine_args=engine_args,
                          params=params, template=template, seed=seed, workspace=workspace, label=label,
-                         progress=update, on_plan=plan)
+                         progress=update, on_plan=plan, verifier_args=verifier_args)
     console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
                   f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
     return run
@@ -131,8 +153,8 @@ def run(workspace: Optional[Path] = WorkspaceOpt,
 
 
 @app.command()
-def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task name (arithmetic, gsm8k, math, jsonl)"),
-           data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k, math or jsonl"),
+def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task name (arithmetic, gsm8k, math, humaneval, mbpp, jsonl)"),
+           data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k, math, humaneval, mbpp or jsonl"),
            arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable), e.g. levels=1,2"),
            n: int = typer.Option(16, "-n", help="Samples per problem"),
            limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems [default: all]"),
@@ -147,6 +169,7 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            template: Optional[str] = typer.Option(None, help="Prompt template [default: the task's]"),
            seed: int = typer.Option(0, help="Root seed of the run"),
            label: Optional[str] = typer.Option(None, help="A name for the run"),
+           allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
            workspace: Optional[Path] = WorkspaceOpt):
     """Draw n samples per problem (only the missing ones), store and grade them."""
     try:
@@ -157,9 +180,10 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
             eargs = {"slots": slots, "n_threads": threads, "seq_ctx": seq_ctx}
             if model:
                 eargs["model"] = str(model)
-        r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label)
+        r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
+                    _verifier_args(allow_code_execution, code_timeout))
         _print_table(r, f"{task}: run {r.run_id}")
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, SandboxError) as e:
         _fail(e)
 
 
@@ -190,11 +214,14 @@ def runs(workspace: Optional[Path] = WorkspaceOpt):
 
 
 @app.command()
-def grade(run_id: str, verifier: str = typer.Option("math_answer"), workspace: Optional[Path] = WorkspaceOpt):
+def grade(run_id: str, verifier: Optional[str] = typer.Option(None, help="[default: code for code tasks, else math_answer]"),
+          allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
+          workspace: Optional[Path] = WorkspaceOpt):
     """Grade a run's samples that this verifier has not judged yet (never re-generates)."""
     try:
-        out.print(f"graded {api.regrade(run_id, verifier, workspace)} samples")
-    except USER_ERRORS as e:
+        graded = api.regrade(run_id, verifier, workspace, _verifier_args(allow_code_execution, code_timeout))
+        out.print(f"graded {graded} samples")
+    except (*USER_ERRORS, SandboxError) as e:
         _fail(e)
 
 

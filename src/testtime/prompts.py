@@ -21,6 +21,12 @@ class PromptTemplate:
     system: str | None = None
     shots: tuple[tuple[str, str], ...] = ()
     """Worked examples, (question, answer) pairs, given as earlier chat turns."""
+    assistant: str = ""
+    """The start of the model's answer, written for it (`{question}` is replaced); the
+    model continues from there and the sample holds only what the model wrote. Code
+    templates open a code block and repeat the function's signature this way."""
+    stop: tuple[str, ...] = ()
+    """Stop strings this format needs (a closing code fence); added to the run's own."""
 
     def messages(self, question: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
@@ -30,8 +36,14 @@ class PromptTemplate:
         msgs.append({"role": "user", "content": self.user.format(question=question)})
         return msgs
 
+    def continuation(self, question: str) -> str:
+        return self.assistant.replace("{question}", question) if self.assistant else ""
+
     def identity(self) -> dict[str, str]:
-        return {"name": self.name, "sha": stable_hash([self.user, self.system, self.shots])}
+        parts = [self.user, self.system, self.shots]
+        if self.assistant or self.stop:  # keeps the ids of runs made before these fields existed
+            parts += [self.assistant, list(self.stop)]
+        return {"name": self.name, "sha": stable_hash(parts)}
 
 
 TEMPLATES: Registry[PromptTemplate] = Registry("prompt template")
@@ -87,4 +99,26 @@ LLAMA3_MATH = register(PromptTemplate(
         "Where [answer] is just the final number or expression that solves the problem."
     ),
     user="{question}",
+))
+
+# Code: the model is shown the function (signature and docstring) and its answer
+# is opened for it as a Python code block; the closing fence ends the sample.
+# Small chat models write the whole function again far more readily than they
+# continue a repeated docstring (given the docstring, SmolLM2 closes the block at
+# once), so the candidate is usually a whole function; `verifiers.code` accepts
+# a body as well.
+CODE_COMPLETE = register(PromptTemplate(
+    name="code_complete",
+    user="Complete the following Python function.\n\n```python\n{question}```",
+    assistant="```python\n",
+    stop=("```",),
+))
+
+# MBPP-style: a task in words plus example asserts; the answer is whole code.
+CODE_WRITE = register(PromptTemplate(
+    name="code_write",
+    system="You are an expert Python programmer. Answer with one Python code block and nothing else.",
+    user="{question}",
+    assistant="```python\n",
+    stop=("```",),
 ))

@@ -8,7 +8,7 @@ rows, so a re-grade never re-generates and a resumed run grades only what is new
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .engines.base import Engine, Request
@@ -45,6 +45,8 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
         raise ValueError(f"n must be >= 1, got {n}")
     problems = task.problems(limit)
     tmpl = get_template(template or task.template)
+    if tmpl.stop:  # the template's own stop strings are part of the run's sampling
+        params = replace(params, stop=tuple(dict.fromkeys(params.stop + tmpl.stop)))
     spec = RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(),
                    sampling=params, seed=seed)
     run_id = store.register_run(spec, n, problems, label=label)
@@ -54,6 +56,7 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
 
     requests = (
         Request(key=(p.id, tuple(missing[p.id])), messages=tuple(tmpl.messages(p.question)),
+                continuation=tmpl.continuation(p.question),
                 seeds=tuple(sample_seed(seed, p.id, i) for i in missing[p.id]), params=params)
         for p in problems if missing[p.id]
     )
@@ -72,17 +75,27 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
 
 def grade(store: Store, run_id: str, verifier: Verifier | str, chunk: int = 256) -> int:
     """Verify every stored sample of a run that has no verdict from this verifier yet.
-    Problems come from the store, so any sample the run holds can be graded."""
+    Problems come from the store, so any sample the run holds can be graded.
+
+    A verifier may also offer `prepare(problems) -> info` (run once before any
+    verdict: the code verifier's golden canaries; what it returns is stored with
+    the run for the report) and `verify_many(pairs)` (parallel checking)."""
     if isinstance(verifier, str):
         verifier = load_verifier(verifier)
     by_id = {p["problem_id"]: Problem(p["problem_id"], p["question"], p["answer"], p["difficulty"], p["meta"])
              for p in store.problems(run_id)}
     pending = store.unverified(run_id, verifier.name)
+    if not pending:
+        return 0
+    prepare = getattr(verifier, "prepare", None)
+    if prepare is not None:
+        involved = list(dict.fromkeys(s.problem_id for s in pending))
+        store.set_grading_info(run_id, verifier.name, prepare([by_id[pid] for pid in involved]))
+    verify_many = getattr(verifier, "verify_many", None)
     for start in range(0, len(pending), chunk):
-        rows = []
-        for s in pending[start:start + chunk]:
-            v = verifier.verify(by_id[s.problem_id], s.text)
-            rows.append(VerdictRow(run_id, s.problem_id, s.sample_index, verifier.name,
-                                   v.verdict, v.reason, v.extracted))
-        store.add_verdicts(rows)
+        part = pending[start:start + chunk]
+        pairs = [(by_id[s.problem_id], s.text) for s in part]
+        verdicts = verify_many(pairs) if verify_many else [verifier.verify(p, t) for p, t in pairs]
+        store.add_verdicts([VerdictRow(run_id, s.problem_id, s.sample_index, verifier.name,
+                                       v.verdict, v.reason, v.extracted) for s, v in zip(part, verdicts)])
     return len(pending)

@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created      REAL NOT NULL,
     PRIMARY KEY (run_id, problem_id, sample_index, verifier)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gradings (
+    run_id       TEXT NOT NULL,
+    verifier     TEXT NOT NULL,
+    info         TEXT NOT NULL,
+    updated      REAL NOT NULL,
+    PRIMARY KEY (run_id, verifier)
+) WITHOUT ROWID;
 """
 
 
@@ -285,6 +292,17 @@ class Store:
             [(r.run_id, r.problem_id, r.sample_index, r.verifier, r.verdict, r.reason, r.extracted, now)
              for r in rows],
         )
+
+    def set_grading_info(self, run_id: str, verifier: str, info: dict[str, Any]) -> None:
+        """How a verifier graded this run (for code: the sandbox's isolation and the
+        canaries), kept for the report; the latest grading pass wins."""
+        self._tx("INSERT OR REPLACE INTO gradings(run_id, verifier, info, updated) VALUES (?,?,?,?)",
+                 [(run_id, verifier, json.dumps(info, default=str), time.time())])
+
+    def grading_info(self, run_id: str, verifier: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT info FROM gradings WHERE run_id = ? AND verifier = ?",
+                              (run_id, verifier)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def verifiers(self, run_id: str) -> list[str]:
         return [r[0] for r in self.db.execute(

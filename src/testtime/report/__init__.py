@@ -27,6 +27,7 @@ def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: 
                                            "k_max_fit": a.fit.k_max_fit, "rmse": a.fit.rmse,
                                            "error_at_n": a.fit_error_at_n},
         "infra_errors": a.infra_errors,
+        "grading": store.grading_info(run_id, a.verifier),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return html.render(a, summary, figures, out / "report.html")

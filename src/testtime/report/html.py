@@ -43,6 +43,11 @@ def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], ou
             fit += f"; forecast error at k = {a.n}: {a.fit_error_at_n:+.4f}"
     infra = (f"<p><b>{a.infra_errors} samples had infrastructure errors</b> and are left out of every "
              "figure (a broken harness is not a wrong answer).</p>") if a.infra_errors else ""
+    grading = summary.get("grading") or {}
+    sandbox = ""
+    if "sandbox" in grading:
+        sandbox = (f"<h2>Code execution</h2><p>Sandbox in force: {html.escape(grading['sandbox']['summary'])}.</p>"
+                   f"<p>Golden canaries passed before grading: {html.escape(', '.join(grading['canaries']))}.</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>testtime report {a.run_id}</title>
 <style>{_STYLE}</style></head><body>
 <h1>Run {html.escape(a.run_id)}</h1>
@@ -53,7 +58,7 @@ pass@1 = {a.coverage[0]:.3f}, coverage at k = {a.n}: {a.coverage[-1]:.3f}.</p>{i
 {_rows(pass_rows, ["k", "pass@k", "95% CI"])}
 <h2>By difficulty level</h2>
 {_rows(level_rows, ["level", "problems", "pass@1", f"pass@{a.n}"]) if level_rows else "<p>No difficulty levels.</p>"}
-<h2>Power-law fit</h2><p>{fit}</p>
+<h2>Power-law fit</h2><p>{fit}</p>{sandbox}
 <h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
 </body></html>"""
     tmp = out.with_name(out.name + ".tmp")

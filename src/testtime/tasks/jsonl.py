@@ -63,10 +63,21 @@ def load_rows(path: str | Path, limit: int | None,
 @TASKS.register("jsonl")
 def jsonl_task(path: str, question_field: str = "question", answer_field: str = "answer",
                id_field: str | None = None, difficulty_field: str | None = None,
-               template: str = "math_cot", verifier: str = "math_answer") -> Task:
+               template: str | None = None, verifier: str | None = None,
+               tests_field: str | None = None, entry_point_field: str | None = None,
+               reference_field: str | None = None, setup_field: str | None = None,
+               allow_code_execution: bool = False) -> Task:
     """Problems from any JSONL file. Field names map the file's keys to ours; the id is
-    the `id_field` value when given, else the line number."""
+    the `id_field` value when given, else the line number.
+
+    With `tests_field` the problems are code problems for the `code` verifier: the
+    tests run after the candidate (and `setup_field` before it). Running generated
+    code is off unless `allow_code_execution` is true; the choice is stored with
+    each problem, so a later re-grade honours it."""
     path = str(path)
+    if isinstance(allow_code_execution, str):  # from the command line's key=value
+        allow_code_execution = allow_code_execution.strip().lower() in {"1", "true", "yes", "on"}
+    is_code = tests_field is not None
 
     def to_problem(lineno: int, obj: dict[str, Any], where: str) -> Problem:
         pid = field_text(obj, id_field, where) if id_field else f"line{lineno}"
@@ -78,9 +89,22 @@ def jsonl_task(path: str, question_field: str = "question", answer_field: str = 
                     level = int(str(raw).removeprefix("Level ").strip())
                 except ValueError:
                     raise DatasetError(f"{where}: field {difficulty_field!r} must be an integer level, got {raw!r}") from None
-        return Problem(id=pid, question=field_text(obj, question_field, where),
-                       answer=field_text(obj, answer_field, where), difficulty=level)
+        question = field_text(obj, question_field, where)
+        if is_code:
+            from .code import code_problem
 
-    identity = {"name": "jsonl", "file": Path(path).name, "sha256": file_digest(path),
-                "fields": [question_field, answer_field, id_field, difficulty_field]}
-    return Task("jsonl", identity, lambda limit: load_rows(path, limit, to_problem), template, verifier)
+            p = code_problem(pid, question, tests=field_text(obj, tests_field, where),
+                             entry_point=field_text(obj, entry_point_field, where) if entry_point_field else None,
+                             reference=field_text(obj, reference_field, where, required=False) if reference_field else None,
+                             setup=(field_text(obj, setup_field, where, required=False) or "") if setup_field else "",
+                             difficulty=level)
+            p.meta["allow_code_execution"] = bool(allow_code_execution)
+            return p
+        return Problem(id=pid, question=question, answer=field_text(obj, answer_field, where), difficulty=level)
+
+    fields = [question_field, answer_field, id_field, difficulty_field]
+    if is_code:
+        fields += [tests_field, entry_point_field, reference_field, setup_field]
+    identity = {"name": "jsonl", "file": Path(path).name, "sha256": file_digest(path), "fields": fields}
+    return Task("jsonl", identity, lambda limit: load_rows(path, limit, to_problem),
+                template or ("code_write" if is_code else "math_cot"), verifier or ("code" if is_code else "math_answer"))

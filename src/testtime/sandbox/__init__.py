@@ -1,0 +1,294 @@
+"""Run untrusted programs: a pool of pre-started, isolated fork servers.
+
+Each worker is a Python process (`_server.py`) started with an empty environment,
+in its own network and mount namespaces where the kernel allows them (as root,
+or as any user through a user namespace). Per program it forks a process group
+leader in a fresh PID namespace whose init runs the program, so:
+
+- the wall-clock limit is enforced here, from outside, by killing the group, and
+  the PID namespace takes every descendant with it, those that called setsid() too;
+- rlimits cap CPU seconds, address space, processes, file size and open files;
+- the program runs as an unprivileged uid (when we are root), in a fresh work
+  directory on a size-capped tmpfs, with home directories and /tmp hidden;
+- output is captured up to a cap and the rest drained;
+- a pass needs a sentinel that only a program that ran to its last line can
+  write (see `_server._program`).
+
+What was in force is `Sandbox.isolation`, and it goes into every report. If a
+worker cannot start at all, `SandboxError` is raised: code never runs unprotected
+on the host instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SERVER = Path(__file__).with_name("_server.py")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start or stopped working: an infrastructure failure,
+    never a verdict on the code."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 5.0
+    """Wall-clock seconds per program; the CPU limit is this plus one."""
+    mem_mb: int = 1024
+    """Address space of the program's process."""
+    nproc: int = 32
+    """Processes of the sandbox uid (binding only when running as root drops to it)."""
+    fsize_mb: int = 16
+    """Largest file the program may write."""
+    nofile: int = 64
+    output_cap: int = 8192
+    """Bytes of stdout+stderr kept; the rest is read and dropped."""
+    tmpfs_mb: int = 128
+    """Size of the tmpfs that holds the work directories (with a mount namespace)."""
+
+    def __post_init__(self) -> None:
+        for name in ("mem_mb", "nproc", "fsize_mb", "nofile", "output_cap", "tmpfs_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"sandbox limit {name} must be a positive integer, got {value!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"sandbox limit timeout_s must be > 0, got {self.timeout_s!r}")
+
+
+@dataclass
+class ExecResult:
+    """How one program ended."""
+
+    status: str
+    """'ok' (ran to the end and wrote the sentinel), 'exception', 'exited' (ended
+    before its last line), 'signal', 'timeout' or 'infra_error'."""
+    exception: str | None = None
+    message: str = ""
+    line: int | None = None
+    """Line of the program where the exception was raised (innermost frame in it)."""
+    exit_code: int | None = None
+    signal: int | None = None
+    seconds: float = 0.0
+    output: str = ""
+    output_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run/user", "/mnt", "/media")
+
+
+class _Worker:
+    def __init__(self, index: int, limits: Limits, network: str, uid: int | None):
+        self.index = index
+        cfg = {"uid": uid, "network": network, "tmpfs_mb": limits.tmpfs_mb, "mem_mb": limits.mem_mb,
+               "nproc": limits.nproc, "fsize_mb": limits.fsize_mb, "nofile": limits.nofile,
+               "hide": list(dict.fromkeys(HIDE + ((os.environ["HOME"],) if os.environ.get("HOME") else ())))}
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", str(SERVER), json.dumps(cfg)], env={},
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, cwd="/")
+        except OSError as e:
+            raise SandboxError(f"cannot start a sandbox worker with {sys.executable}: {e}") from None
+        self._buf = b""
+        hello = self._read(deadline=time.monotonic() + 30)
+        if hello is None or not hello.get("ready"):
+            self.kill()
+            why = hello.get("error") if hello else "it exited before reporting ready"
+            raise SandboxError(f"sandbox worker {index} did not start: {why}")
+        self.isolation: dict[str, Any] = hello["isolation"]
+
+    def _read(self, deadline: float) -> dict | None:
+        """Next protocol line, or None at EOF or when the deadline passes."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, code: str, limits: Limits) -> ExecResult:
+        job = {"code": code, "timeout": limits.timeout_s, "output_cap": limits.output_cap}
+        try:
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            return ExecResult("infra_error", message=f"sandbox worker {self.index} is gone: {e}")
+        started = self._read(deadline=time.monotonic() + 10)
+        if not started or "started" not in started:
+            return ExecResult("infra_error", message=f"sandbox worker {self.index} did not start the program")
+        pgid = started["started"]
+        deadline = time.monotonic() + limits.timeout_s
+        msg = self._read(deadline)
+        timed_out = False
+        if msg is None and self.alive():
+            timed_out = True
+            try:
+                os.killpg(pgid, signal.SIGKILL)  # the leader, the namespace's init, everything in the group
+            except ProcessLookupError:
+                pass
+            msg = self._read(deadline=time.monotonic() + 10)
+        if msg is None or "result" not in msg:
+            return ExecResult("infra_error", message=f"sandbox worker {self.index} stopped answering")
+        r = msg["result"]
+        if "infra_error" in r:
+            return ExecResult("infra_error", message=r["infra_error"])
+        res = ExecResult("exited", exit_code=r["exit_code"], signal=r["signal"], seconds=r["seconds"],
+                         output=r["output"], output_bytes=r["output_bytes"])
+        report = r["report"]
+        if timed_out:
+            res.status, res.message = "timeout", f"killed after {limits.timeout_s:g} s wall clock"
+        elif report and report.get("done"):
+            res.status = "ok"
+        elif report and "exc" in report:
+            res.status, res.exception, res.message, res.line = ("exception", report["exc"], report.get("msg", ""),
+                                                                report.get("line"))
+        elif res.signal is not None:
+            res.status = "timeout" if res.signal == signal.SIGXCPU else "signal"
+            res.message = f"killed by {signal.Signals(res.signal).name}" if res.signal in signal.valid_signals() \
+                else f"killed by signal {res.signal}"
+        else:
+            res.message = f"exited with code {res.exit_code} before its last line ran"
+        return res
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class Sandbox:
+    """A pool of isolated workers. Use as a context manager, or call close().
+
+    network: 'auto' isolates the network wherever a namespace can be had and says
+    so in `isolation`; 'required' refuses to start without it.
+    """
+
+    workers: int = field(default_factory=default_workers)
+    limits: Limits = field(default_factory=Limits)
+    network: str = "auto"
+    uid_base: int = 62000
+    """When running as root, worker i runs programs as uid/gid uid_base + i."""
+
+    def __post_init__(self) -> None:
+        if self.network not in ("auto", "required"):
+            raise ValueError(f"network must be 'auto' or 'required', got {self.network!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if not sys.platform.startswith("linux"):
+            raise SandboxError(f"the sandbox needs Linux (process groups, namespaces, rlimits); this is {sys.platform}")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+        for i in range(self.workers):
+            self._add(i)
+        self.isolation: dict[str, Any] = self._all[0].isolation
+
+    def _add(self, index: int) -> _Worker:
+        uid = self.uid_base + index if os.geteuid() == 0 else None
+        try:
+            w = _Worker(index, self.limits, self.network, uid)
+        except SandboxError:
+            self.close()
+            raise
+        with self._lock:
+            self._all.append(w)
+        self._idle.put(w)
+        return w
+
+    def summary(self) -> str:
+        """The isolation in force, in one line for reports."""
+        iso = self.isolation
+        parts = [f"network: {iso['network']}",
+                 "PID namespace per program" if iso.get("pid_namespace") else "no PID namespace",
+                 f"user: {iso['user']}",
+                 f"hidden: {', '.join(iso['hidden_paths']) or 'nothing'}",
+                 f"workdir: {iso['workdir']}",
+                 "rlimits: " + ", ".join(f"{k}={v}" for k, v in iso["rlimits"].items()),
+                 "empty environment", "wall clock killed from outside"]
+        return "; ".join(parts)
+
+    def run(self, code: str) -> ExecResult:
+        """Run one program on an idle worker. A worker that died is replaced and the
+        program tried once more on the new one before giving up with infra_error."""
+        w = self._idle.get()
+        try:
+            res = w.run(code, self.limits)
+            if res.status == "infra_error" and not w.alive():
+                w = self._replace(w)
+                res = w.run(code, self.limits)
+            return res
+        finally:
+            self._idle.put(w)
+
+    def _replace(self, dead: _Worker) -> _Worker:
+        dead.kill()
+        with self._lock:
+            self._all.remove(dead)
+        uid = self.uid_base + dead.index if os.geteuid() == 0 else None
+        w = _Worker(dead.index, self.limits, self.network, uid)
+        with self._lock:
+            self._all.append(w)
+        return w
+
+    def run_many(self, programs: Iterable[str]) -> list[ExecResult]:
+        """Run programs in parallel over the pool; results in input order."""
+        programs = list(programs)
+        if len(programs) <= 1 or self.workers == 1:
+            return [self.run(p) for p in programs]
+        with ThreadPoolExecutor(self.workers) as ex:
+            return list(ex.map(self.run, programs))
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._all = self._all, []
+        for w in workers:
+            w.kill()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"isolation": self.isolation, "limits": asdict(self.limits), "workers": self.workers,
+                "summary": self.summary()}

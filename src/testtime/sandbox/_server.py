@@ -1,0 +1,356 @@
+"""The sandbox's fork server. Standard library only; run as `python -I _server.py CONFIG`.
+
+It is started once per worker by `testtime.sandbox.Sandbox`, sets up its isolation
+(network and mount namespaces, hidden home directories, a size-capped tmpfs for
+work directories), imports the usual modules once, then runs one program per
+request. For each program it forks a *leader* that starts a new session (so the
+program has its own process group) and a new PID namespace, and forks the
+program's process as that namespace's init: when it exits or is killed, the
+kernel kills every process left in the namespace, grandchildren that left the
+process group included. The program process sets its rlimits, moves into a fresh
+work directory, drops to the worker's unprivileged uid and runs the code.
+
+Protocol, one JSON object per line: the host writes `{"code", "timeout", ...}`;
+the server answers `{"started": pgid}` at once and `{"result": {...}}` when the
+process group is gone. The wall-clock limit is the host's: it kills the group.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+# Imported once here so that a forked program finds them ready.
+WARM = ("math", "re", "string", "itertools", "functools", "collections", "heapq", "bisect", "typing",
+        "hashlib", "random", "statistics", "fractions", "decimal", "datetime", "copy", "operator", "json")
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unshare: {os.strerror(e)}")
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                   data.encode() if data else None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {target}: {os.strerror(e)}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def setup(cfg: dict) -> tuple[dict, str]:
+    """Enter the namespaces; return the isolation in force and the work root."""
+    iso: dict = {"process_group": True, "env": "empty", "wall_clock": "killed from outside"}
+    root = os.geteuid() == 0
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    namespaces = False
+    try:
+        _unshare(CLONE_NEWNS | CLONE_NEWNET)
+        namespaces = True
+    except OSError:
+        if not root:
+            try:  # an unprivileged user gets the same through a user namespace
+                _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET)
+                _write("/proc/self/setgroups", "deny")
+                _write("/proc/self/uid_map", f"0 {outer_uid} 1")
+                _write("/proc/self/gid_map", f"0 {outer_gid} 1")
+                namespaces = True
+                iso["user_namespace"] = True
+            except OSError as e:
+                iso["namespace_error"] = str(e)
+    iso["network"] = "namespace (no interfaces)" if namespaces else "host network (not isolated)"
+
+    work_root = None
+    hidden = []
+    if namespaces:
+        _mount("none", "/", None, MS_REC | MS_PRIVATE)
+        # The interpreter may live under a hidden path (a venv in a home directory or
+        # in /tmp): such paths are bound back, read-only, over the empty tmpfs.
+        keep = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+                      | {os.path.realpath(p) for p in cfg.get("keep", [])})
+        for path in cfg.get("hide", []):
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            if any(path == k or path.startswith(k.rstrip("/") + "/") for k in keep):
+                continue  # hiding it would hide the interpreter itself
+            inside = [k for k in keep if k.startswith(path.rstrip("/") + "/")]
+            handles = {k: os.open(k, os.O_PATH) for k in inside}
+            size = cfg["tmpfs_mb"] if path == "/tmp" else 1
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
+            for k, fd in handles.items():
+                os.makedirs(k, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+                _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+                os.close(fd)
+            hidden.append(path)
+        if "/tmp" in hidden:
+            work_root = "/tmp/work"
+            os.mkdir(work_root, 0o711)
+    if work_root is None:
+        work_root = tempfile.mkdtemp(prefix="testtime-sandbox-")
+        os.chmod(work_root, 0o711)
+    iso["hidden_paths"] = hidden
+    iso["workdir"] = ("tmpfs, %d MiB" % cfg["tmpfs_mb"]) if "/tmp" in hidden else "host temporary directory"
+
+    # Probe the PID namespace in a throwaway child, so the report is what happens.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _unshare(CLONE_NEWPID)
+            os._exit(0)
+        except OSError:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    iso["pid_namespace"] = os.waitstatus_to_exitcode(status) == 0
+
+    uid = cfg.get("uid")
+    if uid is not None and root and not iso.get("user_namespace"):
+        iso["user"] = f"uid {uid} (unprivileged, no supplementary groups)"
+    else:
+        cfg["uid"] = None
+        iso["user"] = "same uid as the caller" + (" (inside a user namespace)" if iso.get("user_namespace") else "")
+    iso["rlimits"] = {k: cfg[k] for k in ("mem_mb", "nproc", "fsize_mb", "nofile")}
+    return iso, work_root
+
+
+def _limits(job: dict, cfg: dict) -> None:
+    cpu = int(job["timeout"]) + 1
+    mb = 1 << 20
+    for res, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, cfg["mem_mb"] * mb),
+                       (resource.RLIMIT_FSIZE, cfg["fsize_mb"] * mb), (resource.RLIMIT_NOFILE, cfg["nofile"]),
+                       (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    if cfg.get("uid") is not None:  # RLIMIT_NPROC counts per real uid and binds only non-root
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
+
+
+def _program(code: str, status_fd: int, nonce_fd: int) -> None:
+    """Runs in the program process: exec the code, then report how it ended. The
+    functions used after the code ran are bound before it runs, so the code
+    cannot replace them."""
+    write, read, exit_, dumps = os.write, os.read, os._exit, json.dumps
+    flush_out = sys.stdout.flush
+    try:
+        exec(compile(code, "<program>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except MemoryError:
+        report = {"exc": "MemoryError", "msg": ""}
+    except SystemExit as e:
+        report = {"exc": "SystemExit", "msg": repr(e.code)[:200]}
+    except BaseException as e:  # noqa: BLE001 - every way the program ends is reported
+        tb, line = e.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == "<program>":
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        try:
+            msg = str(e)[:300]
+        except BaseException:  # noqa: BLE001
+            msg = "<unprintable>"
+        report = {"exc": type(e).__name__, "msg": msg, "line": line}
+    else:
+        # The sentinel: a secret the program never saw, read only now that every
+        # line ran. An early sys.exit()/os._exit() never gets here.
+        report = {"done": read(nonce_fd, 64).decode()}
+    try:
+        flush_out()
+    except BaseException:  # noqa: BLE001
+        pass
+    try:
+        write(status_fd, dumps(report).encode())
+    finally:
+        exit_(0)
+
+
+def _enter_program(job: dict, cfg: dict, workdir: str, out_r: int, out_w: int, st_r: int, st_w: int,
+                   nonce_r: int) -> None:
+    """In the program process: wire the pipes, limit, drop privileges, run the code."""
+    try:
+        os.close(out_r)
+        os.close(st_r)
+        devnull = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        keep = sorted({0, 1, 2, st_w, nonce_r})
+        top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        for lo, hi in zip([-1] + keep, keep + [top]):
+            if hi - lo > 1:
+                os.closerange(lo + 1, hi)
+        os.chdir(workdir)
+        _limits(job, cfg)
+        uid = cfg.get("uid")
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        sys.stdout = open(1, "w", closefd=False, errors="replace")
+        sys.stderr = open(2, "w", closefd=False, errors="replace")
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    except BaseException as e:  # noqa: BLE001
+        os.write(st_w, json.dumps({"setup_error": f"{type(e).__name__}: {e}"}).encode())
+        os._exit(125)
+    _program(job["code"], st_w, nonce_r)
+
+
+def _kill_uid(uid: int) -> None:
+    """Kill every process of the worker's uid (used only without a PID namespace)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def run_job(job: dict, cfg: dict, work_root: str, pid_ns: bool, reply) -> dict:
+    workdir = tempfile.mkdtemp(dir=work_root)
+    uid = cfg.get("uid")
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    out_r, out_w = os.pipe()
+    st_r, st_w = os.pipe()
+    nonce_r, nonce_w = os.pipe()
+    nonce = secrets.token_hex(16)
+    os.write(nonce_w, nonce.encode())
+    os.close(nonce_w)
+    start = time.perf_counter()
+    leader = os.fork()
+    if leader == 0:  # the leader: own session and process group, then the namespace's init
+        try:
+            os.setsid()
+            if pid_ns:
+                _unshare(CLONE_NEWPID)
+            child = os.fork()
+            if child == 0:
+                _enter_program(job, cfg, workdir, out_r, out_w, st_r, st_w, nonce_r)
+            for fd in (out_r, out_w, st_r, st_w, nonce_r):
+                os.close(fd)
+            _, status = os.waitpid(child, 0)
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+        except BaseException as e:  # noqa: BLE001
+            os.write(st_w, json.dumps({"setup_error": f"leader: {type(e).__name__}: {e}"}).encode())
+            os._exit(125)
+    for fd in (out_w, st_w, nonce_r):
+        os.close(fd)
+    reply({"started": leader})
+
+    # Read output (capped, the rest drained) and the status until the group is gone.
+    # With a PID namespace every process of the program dies with its init, and the
+    # pipes close when the last one is gone (a fork bomb takes a moment). Without
+    # one, a process that left the group could hold the pipes open for ever, so
+    # reading stops shortly after the leader has exited and the uid is swept.
+    cap = int(job.get("output_cap", 8192))
+    out, out_bytes, status_buf = bytearray(), 0, bytearray()
+    open_fds = {out_r, st_r}
+    leader_status, grace_until = None, None
+    while open_fds:
+        ready, _, _ = select.select(list(open_fds), [], [], 0.05)
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.discard(fd)
+            elif fd == out_r:
+                out_bytes += len(chunk)
+                if len(out) < cap:
+                    out += chunk[:cap - len(out)]
+            elif len(status_buf) < 4096:
+                status_buf += chunk
+        if leader_status is None:
+            done, st = os.waitpid(leader, os.WNOHANG)
+            if done:
+                leader_status, grace_until = st, time.monotonic() + (5.0 if pid_ns else 0.25)
+        elif time.monotonic() > grace_until:
+            break
+    for fd in (out_r, st_r):
+        os.close(fd)
+    if leader_status is None:
+        _, leader_status = os.waitpid(leader, 0)
+    if uid is not None and not pid_ns:
+        _kill_uid(uid)
+    status = leader_status
+    seconds = time.perf_counter() - start
+    leader_code = os.waitstatus_to_exitcode(status)
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        report = json.loads(status_buf.decode()) if status_buf else None
+    except ValueError:
+        report = {"exc": "garbled status", "msg": status_buf[:200].decode(errors="replace")}
+    if report is not None and "setup_error" in report:
+        return {"infra_error": report["setup_error"]}
+    if report is not None and "done" in report:
+        report = {"done": True} if report["done"] == nonce else {"exc": "forged sentinel", "msg": ""}
+    exit_code = signal_num = None
+    if leader_code < 0:  # the leader itself was killed: the host's wall-clock kill
+        signal_num = -leader_code
+    elif leader_code >= 128 and leader_code != 125:
+        signal_num = leader_code - 128
+    else:
+        exit_code = leader_code
+    return {"report": report, "exit_code": exit_code, "signal": signal_num, "seconds": seconds,
+            "output": out.decode(errors="replace"), "output_bytes": out_bytes}
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    out = sys.stdout
+
+    def reply(obj: dict) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        iso, work_root = setup(cfg)
+    except Exception as e:  # noqa: BLE001
+        reply({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return
+    if cfg.get("network") == "required" and not iso["network"].startswith("namespace"):
+        reply({"ready": False, "error": "network isolation was required but no network namespace could be "
+                                        f"created ({iso.get('namespace_error', 'unknown reason')})"})
+        return
+    for name in WARM:
+        __import__(name)
+    os.environ.clear()  # started with none; this drops what the interpreter set itself (LC_CTYPE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when workers stop
+    reply({"ready": True, "isolation": iso})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        try:
+            result = run_job(job, cfg, work_root, iso["pid_namespace"], reply)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                return
+            result = {"infra_error": f"{type(e).__name__}: {e}"}
+        reply({"result": result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Hostile programs, run for real through the sandbox. Each must be contained, get
+a result, leave no process behind, and leave the pool working for the next one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testtime.sandbox import Limits, Sandbox, SandboxError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
+
+API_KEY = "sk-canary-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def sb():
+    os.environ["OPENAI_API_KEY"] = API_KEY  # the host has a secret in its environment
+    try:
+        with Sandbox(workers=2, limits=Limits(timeout_s=2.0, mem_mb=512)) as s:
+            yield s
+    finally:
+        del os.environ["OPENAI_API_KEY"]
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _sandbox_uid_processes(sb: Sandbox) -> list[int]:
+    uids = {sb.uid_base + i for i in range(sb.workers)}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid in uids:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _still_works(sb: Sandbox) -> None:
+    assert sb.run("assert sum(range(10)) == 45\n").ok
+
+
+def test_isolation_is_reported(sb):
+    iso = sb.isolation
+    assert iso["process_group"] and "network" in iso and "rlimits" in iso
+    text = sb.summary()
+    assert "network:" in text and "rlimits:" in text
+    if os.geteuid() == 0:  # this machine: everything is available to root
+        assert iso["network"].startswith("namespace")
+        assert iso["pid_namespace"] is True
+        assert iso["user"].startswith("uid ")
+
+
+def test_ordinary_program_passes_and_output_is_captured(sb):
+    r = sb.run("print('hello from the sandbox')\n")
+    assert r.ok and "hello from the sandbox" in r.output
+
+
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)\nassert False\n",
+                                  "import os\nos._exit(0)\n",
+                                  "raise SystemExit\n"])
+def test_exiting_before_the_last_line_is_not_a_pass(sb, code):
+    r = sb.run(code)
+    assert not r.ok and r.status in {"exception", "exited"}
+
+
+def test_output_is_capped_and_drained(sb):
+    r = sb.run("import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000)\n")
+    assert r.ok
+    assert len(r.output) <= sb.limits.output_cap
+    assert r.output_bytes == 20_000_000
+
+
+def test_fork_bomb(sb):
+    code = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    t = time.perf_counter()
+    r = sb.run(code)
+    assert r.status in {"timeout", "signal", "exception"} and not r.ok
+    assert time.perf_counter() - t < sb.limits.timeout_s + 5
+    if os.geteuid() == 0:
+        deadline = time.time() + 3
+        while _sandbox_uid_processes(sb) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_uid_processes(sb) == []
+    _still_works(sb)
+
+
+def test_memory_bomb(sb):
+    r = sb.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))\n")
+    assert r.status == "exception" and r.exception == "MemoryError"
+    _still_works(sb)
+
+
+def test_busy_loop_inside_c_code_is_killed_from_outside(sb):
+    # Catastrophic backtracking: the time goes inside the regex engine's C loop,
+    # where no Python-level alarm can interrupt it.
+    t = time.perf_counter()
+    r = sb.run("import re\nre.match(r'(a+)+$', 'a' * 64 + 'b')\n")
+    assert r.status == "timeout"
+    assert time.perf_counter() - t < sb.limits.timeout_s + 3
+    _still_works(sb)
+
+
+def test_ten_gigabyte_file(sb):
+    code = ("with open('big.bin', 'wb') as f:\n"
+            "    for _ in range(10 * 1024):\n"
+            "        f.write(b'\\0' * (1 << 20))\n")
+    r = sb.run(code)
+    assert not r.ok
+    assert r.status in {"exception", "signal", "timeout"}
+    _still_works(sb)
+
+
+def test_no_network_to_a_public_address(sb):
+    code = ("import socket\ns = socket.socket()\ns.settimeout(1.5)\n"
+            "s.connect(('1.1.1.1', 80))\nprint('CONNECTED')\n")
+    r = sb.run(code)
+    assert not r.ok and "CONNECTED" not in r.output
+    if sb.isolation["network"].startswith("namespace"):
+        assert r.exception == "OSError"  # unreachable at once, not a slow timeout
+
+
+def test_no_network_to_the_hosts_loopback(sb):
+    if not sb.isolation["network"].startswith("namespace"):
+        pytest.skip("no network namespace on this machine: loopback is reachable (reported as such)")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        code = (f"import socket\ns = socket.socket()\ns.settimeout(1.5)\n"
+                f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'leak')\nprint('CONNECTED')\n")
+        r = sb.run(code)
+        assert not r.ok and "CONNECTED" not in r.output
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever connected
+    finally:
+        server.close()
+
+
+def test_secrets_stay_out_of_reach(sb):
+    home = Path.home()
+    secret_dir = home / f".testtime-canary-{secrets.token_hex(4)}"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "id_rsa").write_text("PRIVATE KEY CANARY")
+    try:
+        code = (f"import os, glob\n"
+                f"found = glob.glob({str(secret_dir)!r} + '/*') + glob.glob(os.path.expanduser('~/.ssh/*'))\n"
+                "found += glob.glob('/root/.ssh/*') + glob.glob('/home/*/.ssh/*')\n"
+                "print('FILES', found)\n"
+                "print('ENV', dict(os.environ))\n"
+                "try:\n    print('INIT', open('/proc/1/environ', 'rb').read()[:200])\n"
+                "except OSError as e:\n    print('INIT denied', e.errno)\n"
+                "assert not found and not os.environ\n")
+        r = sb.run(code)
+        assert API_KEY not in r.output and "PRIVATE KEY CANARY" not in r.output
+        assert "INIT denied" in r.output
+        assert r.ok, r  # nothing was found, the environment was empty
+    finally:
+        (secret_dir / "id_rsa").unlink()
+        secret_dir.rmdir()
+
+
+def test_reload_and_ctypes_do_not_undo_the_isolation(sb):
+    # The guards are the kernel's (namespaces, uid, rlimits), not Python-level
+    # monkeypatching, so reloading modules or calling libc directly changes nothing.
+    code = ("import importlib, os, ctypes, resource, socket\n"
+            "importlib.reload(os)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "escaped = []\n"
+            "if libc.setuid(0) == 0 and os.getuid() == 0 and os.geteuid() == 0 and os.getppid() != 0:\n"
+            "    escaped.append('root')\n"
+            "try:\n"
+            "    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+            "    escaped.append('rlimit')\n"
+            "except (ValueError, OSError):\n    pass\n"
+            "try:\n"
+            "    socket.create_connection(('1.1.1.1', 80), timeout=1)\n"
+            "    escaped.append('network')\n"
+            "except OSError:\n    pass\n"
+            "print('ESCAPED', escaped)\n"
+            "assert escaped, 'contained'\n")
+    r = sb.run(code)
+    assert not r.ok and r.exception == "AssertionError", r
+    assert "ESCAPED []" in r.output
+
+
+def test_killing_the_parent(sb):
+    r = sb.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)\n"
+               "import time\ntime.sleep(0.1)\n")
+    assert r.status in {"ok", "signal", "exception", "exited", "timeout"}
+    _still_works(sb)
+    _still_works(sb)  # both workers
+
+
+def test_grandchild_left_running_is_killed(sb):
+    marker = f"{1000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    code = ("import os\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            f"        os.execv('/bin/sleep', ['sleep', {marker!r}])\n"
+            "    os._exit(0)\n"
+            "import time\ntime.sleep(0.3)\n")
+    r = sb.run(code)
+    assert r.ok, r
+    deadline = time.time() + 3
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker) == []
+
+
+def test_timeout_leaves_no_process_behind(sb):
+    marker = f"{2000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    code = ("import os, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            f"    os.execv('/bin/sleep', ['sleep', {marker!r}])\n"
+            "time.sleep(60)\n")
+    r = sb.run(code)
+    assert r.status == "timeout"
+    deadline = time.time() + 3
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker) == []
+
+
+def test_a_batch_of_hostile_programs_goes_on(sb):
+    programs = ["while True: pass\n", "x = bytearray(2**40)\n", "import os\nos._exit(3)\n",
+                "def f(): return f()\nf()\n", "assert 2 + 2 == 4\n"]
+    results = sb.run_many(programs)
+    assert [r.status for r in results][-1] == "ok"
+    assert results[0].status == "timeout"
+    assert results[1].exception == "MemoryError"
+    assert results[2].status == "exited" and results[2].exit_code == 3
+    assert results[3].exception == "RecursionError"
+
+
+def test_a_dead_worker_is_replaced(sb):
+    w = sb._idle.get()
+    sb._idle.put(w)
+    w.proc.kill()
+    w.proc.wait()
+    for _ in range(sb.workers + 1):
+        _still_works(sb)
+
+
+@pytest.fixture
+def no_namespaces(monkeypatch, tmp_path):
+    """Workers whose kernel refuses every namespace: the real server, with its
+    unshare() call failing as it does in a locked-down container."""
+    import testtime.sandbox as sandbox_mod
+
+    wrapper = tmp_path / "server_without_namespaces.py"
+    wrapper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(sandbox_mod.SERVER.parent)!r})\n"
+        "import _server\n"
+        "def deny(flags):\n"
+        "    raise OSError(1, 'unshare: Operation not permitted')\n"
+        "_server._unshare = deny\n"
+        "_server.main()\n")
+    monkeypatch.setattr(sandbox_mod, "SERVER", wrapper)
+
+
+def test_required_network_isolation_refuses_to_start_without_it(no_namespaces):
+    with pytest.raises(SandboxError, match="network isolation was required"):
+        Sandbox(workers=1, network="required")
+
+
+def test_without_namespaces_the_report_says_so_and_limits_still_hold(no_namespaces):
+    with Sandbox(workers=1, limits=Limits(timeout_s=1.5)) as s:
+        assert s.isolation["network"].startswith("host network")
+        assert s.isolation["pid_namespace"] is False
+        assert "not isolated" in s.summary()
+        assert s.run("x = 1\n").ok
+        assert s.run("x = bytearray(2**40)\n").exception == "MemoryError"
+        assert s.run("while True: pass\n").status == "timeout"
+        if os.geteuid() == 0:  # without a PID namespace, the worker's uid is swept instead
+            marker = f"{3000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+            r = s.run("import os\nif os.fork() == 0:\n    os.setsid()\n"
+                      f"    os.execv('/bin/sleep', ['sleep', {marker!r}])\n")
+            assert r.ok
+            time.sleep(0.2)
+            assert _processes_with(marker) == []
+
+
+def test_sandbox_that_cannot_start_is_an_error_not_a_host_run(monkeypatch, tmp_path):
+    import testtime.sandbox as sandbox_mod
+
+    monkeypatch.setattr(sandbox_mod, "SERVER", tmp_path / "missing_server.py")
+    with pytest.raises(SandboxError, match="did not start"):
+        Sandbox(workers=1)
+
+
+def test_bad_limits_are_rejected():
+    with pytest.raises(ValueError, match="mem_mb"):
+        Limits(mem_mb=0)
+    with pytest.raises(ValueError, match="network"):
+        Sandbox(workers=1, network="off")
