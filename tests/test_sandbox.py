@@ -317,3 +317,29 @@ def test_bad_limits_are_rejected():
         Limits(mem_mb=0)
     with pytest.raises(ValueError, match="network"):
         Sandbox(workers=1, network="off")
+
+
+def test_host_killed_mid_program_leaves_nothing_behind():
+    """kill -9 of the process that owns the sandbox: the worker's own backstop kills
+    the running program, and the worker exits when its stdin closes."""
+    import subprocess
+
+    marker = f"{4000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    script = ("from testtime.sandbox import Sandbox, Limits\n"
+              "s = Sandbox(workers=1, limits=Limits(timeout_s=1.0))\n"
+              "print(s._all[0].proc.pid, flush=True)\n"
+              f"s.run(\"import os\\nos.execv('/bin/sleep', ['sleep', '{marker}'])\\n\")\n")
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    server_pid = int(host.stdout.readline())
+    deadline = time.time() + 10
+    while not _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker), "the program never started"
+    host.kill()
+    host.wait()
+    deadline = time.time() + 20
+    while (_processes_with(marker) or Path(f"/proc/{server_pid}").exists()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
+    assert not Path(f"/proc/{server_pid}").exists() or \
+        Path(f"/proc/{server_pid}/stat").read_text().split()[2] == "Z"

@@ -240,7 +240,9 @@ class Sandbox:
         parts = [f"network: {iso['network']}",
                  "PID namespace per program" if iso.get("pid_namespace") else "no PID namespace",
                  f"user: {iso['user']}",
-                 f"hidden: {', '.join(iso['hidden_paths']) or 'nothing'}",
+                 f"hidden: {', '.join(iso['hidden_paths']) or 'nothing'}"
+                 + (f" (except the interpreter, read-only: {', '.join(iso['read_only_inside_hidden'])})"
+                    if iso.get("read_only_inside_hidden") else ""),
                  f"workdir: {iso['workdir']}",
                  "rlimits: " + ", ".join(f"{k}={v}" for k, v in iso["rlimits"].items()),
                  "empty environment", "wall clock killed from outside"]

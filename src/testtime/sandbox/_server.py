@@ -86,7 +86,7 @@ def setup(cfg: dict) -> tuple[dict, str]:
     iso["network"] = "namespace (no interfaces)" if namespaces else "host network (not isolated)"
 
     work_root = None
-    hidden = []
+    hidden, kept = [], []
     if namespaces:
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
         # The interpreter may live under a hidden path (a venv in a home directory or
@@ -107,6 +107,7 @@ def setup(cfg: dict) -> tuple[dict, str]:
                 _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
                 _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
                 os.close(fd)
+                kept.append(k)
             hidden.append(path)
         if "/tmp" in hidden:
             work_root = "/tmp/work"
@@ -115,6 +116,7 @@ def setup(cfg: dict) -> tuple[dict, str]:
         work_root = tempfile.mkdtemp(prefix="testtime-sandbox-")
         os.chmod(work_root, 0o711)
     iso["hidden_paths"] = hidden
+    iso["read_only_inside_hidden"] = kept
     iso["workdir"] = ("tmpfs, %d MiB" % cfg["tmpfs_mb"]) if "/tmp" in hidden else "host temporary directory"
 
     # Probe the PID namespace in a throwaway child, so the report is what happens.
@@ -270,7 +272,16 @@ def run_job(job: dict, cfg: dict, work_root: str, pid_ns: bool, reply) -> dict:
     out, out_bytes, status_buf = bytearray(), 0, bytearray()
     open_fds = {out_r, st_r}
     leader_status, grace_until = None, None
+    # The host kills the group at the wall-clock limit. This later backstop is for a
+    # host that died (kill -9) mid-program: nothing outlives it for long.
+    backstop = time.monotonic() + float(job["timeout"]) + 10.0
     while open_fds:
+        if time.monotonic() > backstop:
+            try:
+                os.killpg(leader, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            backstop = float("inf")
         ready, _, _ = select.select(list(open_fds), [], [], 0.05)
         for fd in ready:
             chunk = os.read(fd, 65536)
