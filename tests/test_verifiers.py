@@ -80,3 +80,32 @@ def test_hostile_answers_are_graded_in_bounded_time(answer):
     verdict = v.verify(Problem("x", "q", "81"), f"\\boxed{{{answer}}}")
     assert time.perf_counter() - t < 10
     assert verdict.verdict in {"fail", "timeout"}
+
+
+@pytest.mark.parametrize("candidate, verdict", [
+    ("The answer is 22, which is the final answer.", "pass"),
+    ("The answer is N = 22.", "pass"),
+    ("The answer is x = 22.", "pass"),
+    ("The answer is actually 22 apples.", "pass"),
+    ("The answer is 20 + 2.", "pass"),
+    ("The answer is \\frac{44}{2}.", "pass"),
+    ("The answer is 22x.", "fail"),
+    ("The answer is 2x + 20 = 3x + 30.", "fail"),
+    ("The answer is N.", "fail"),
+    ("The answer is 2, 2.", "fail"),  # a list, not twenty-two
+    ("The answer is 1,000 + 22 - 1,000.", "pass"),
+])
+def test_numeric_reference_fast_paths(candidate, verdict):
+    v = MathAnswerVerifier()
+    assert v.verify(Problem("x", "q", "22"), candidate).verdict == verdict
+
+
+def test_last_match_window_agrees_with_a_full_scan():
+    from testtime.verifiers.math_answer import extract_answer
+
+    long = "The answer is 3. " + "filler " * 400 + "so the answer is 12345"
+    assert extract_answer(long) == ("12345", "answer_is")
+    numbers = "x " * 600 + "123456789"
+    assert extract_answer(numbers) == ("123456789", "last_number")
+    straddle = "7" * 2000  # one number longer than the search window
+    assert extract_answer(straddle) == (straddle, "last_number")

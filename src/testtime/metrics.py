@@ -148,3 +148,85 @@ def by_group(values: np.ndarray, groups) -> dict:
     """Mean of `values` (problems, ...) within each group label, keys sorted."""
     groups = np.asarray(groups)
     return {g: np.nanmean(values[groups == g], axis=0) for g in sorted(set(groups.tolist()))}
+
+
+# ---------------------------------------------------------------- selection at k
+
+@dataclass(frozen=True)
+class SelectionEstimate:
+    """Expected accuracy of a selector on a random k-subset of one problem's n samples."""
+
+    mean: float
+    se: float
+    """Monte Carlo standard error (0 when the expectation was computed exactly)."""
+    exact: bool
+
+
+def selection_at_k(keys, correct, k: int, method: str = "majority", scores=None,
+                   exact_limit: int = 20_000, draws: int = 4_000, seed: int = 0) -> SelectionEstimate:
+    """Unbiased maj@k / best-of-N@k for one problem from n >= k samples.
+
+    The estimate is the expectation, over all k-subsets of the n samples, of "the
+    answer the selector picks from the subset is correct", so it uses every
+    sample rather than "the first k". keys: canonical answer per sample (None:
+    no answer, which never wins); correct: verdict per sample; an answer is
+    correct when any of its samples passed. Ties share the credit equally (the
+    expectation under random tie-breaking).
+
+    naive (highest score wins) is exact in O(n log n): with voters ranked best
+    first, voter j wins exactly when it is drawn and the j better voters are
+    not, which happens with probability C(n-1-j, k-1) / C(n, k). majority and
+    weighted enumerate every subset when there are at most `exact_limit`, and
+    otherwise average `draws` random subsets drawn with a fixed seed.
+    """
+    from itertools import combinations
+    from math import comb
+
+    n = len(keys)
+    if method not in ("majority", "naive", "weighted"):
+        raise ValueError(f"method must be majority, naive or weighted, got {method!r}")
+    if len(correct) != n or (scores is not None and len(scores) != n):
+        raise ValueError("keys, correct and scores need one entry per sample")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..n={n}, got {k}")
+    if method != "majority" and scores is None:
+        raise ValueError(f"{method} best-of-N needs scores")
+    ids: dict = {}
+    answer = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in keys])
+    if not ids:
+        return SelectionEstimate(0.0, 0.0, True)
+    key_ok = np.zeros(len(ids), bool)
+    for a, ok in zip(answer, correct):
+        if a >= 0 and ok:
+            key_ok[a] = True
+
+    if method == "naive":
+        sc = np.asarray(scores, float)
+        voters = np.flatnonzero(answer >= 0)
+        # best first; among equal scores the earlier sample first (as best_of_n_naive)
+        order = voters[np.lexsort((voters, -sc[voters]))]
+        total = comb(n, k)
+        p = np.array([comb(n - 1 - j, k - 1) for j in range(len(order))], float) / total
+        return SelectionEstimate(float((p * key_ok[answer[order]]).sum()), 0.0, True)
+
+    weight = np.ones(n) if method == "majority" else np.asarray(scores, float)
+    onehot = np.zeros((n, len(ids)))
+    votes = np.zeros((n, len(ids)), bool)
+    rows = np.flatnonzero(answer >= 0)
+    onehot[rows, answer[rows]] = weight[rows]
+    votes[rows, answer[rows]] = True
+    exact = comb(n, k) <= exact_limit
+    if exact:
+        subsets = np.array(list(combinations(range(n), k)), dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        subsets = np.argsort(rng.random((draws, n)), axis=1)[:, :k]
+    totals = onehot[subsets].sum(axis=1)
+    present = votes[subsets].any(axis=1)
+    totals = np.where(present, totals, -np.inf)
+    best = totals.max(axis=1, keepdims=True)
+    tied = (totals == best) & present
+    n_tied = tied.sum(axis=1)
+    value = np.where(n_tied > 0, (tied & key_ok).sum(axis=1) / np.maximum(n_tied, 1), 0.0)
+    se = 0.0 if exact else float(value.std(ddof=1) / np.sqrt(len(value)))
+    return SelectionEstimate(float(value.mean()), se, exact)

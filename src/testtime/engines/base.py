@@ -31,6 +31,10 @@ class Request:
     """Partial assistant text appended verbatim after the generation prompt."""
     prompt: str | None = None
     """Raw text prompt, used as is (no chat template); excludes `messages`."""
+    retain: bool = False
+    """A hint that requests continuing these samples will follow (step-wise search):
+    an engine with a prefix cache keeps each finished sample's KV cache, so the
+    continuation computes only what is new. Never changes the text generated."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -71,6 +75,9 @@ class Completion:
     """'stop' (EOS or a stop string) or 'length' (max_tokens reached)."""
     logprobs: list[TokenLogprob] | None = None
     latency_s: float = 0.0
+    stop_hit: str | None = None
+    """The stop string that ended the sample, if one did (step-wise search tells a
+    finished step from a finished solution this way)."""
 
     @property
     def completion_tokens(self) -> int:

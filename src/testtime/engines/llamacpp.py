@@ -57,6 +57,9 @@ class _Prefix:
     users: int = 0
     """Jobs with samples still to start, and child prefixes still being prefilled
     from it; 0 means it is only cached and may be evicted."""
+    retained: bool = False
+    """Kept from a finished sample (`Request.retain`): every cell is computed but the
+    logits after the last one are not, so it serves only as a parent to extend."""
 
     @property
     def ready(self) -> bool:
@@ -88,6 +91,7 @@ class _Slot:
     text: str | None = None
     finish: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    stop_hit: str | None = None
     t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -253,7 +257,7 @@ class LlamaCppEngine:
         """Attach a prefix to the job: an identical one (cached or being prefilled), or a
         new sequence that starts from the longest cached common prefix. False when no
         prefix sequence is free yet."""
-        same = next((p for p in self._prefixes if p.tokens == job.tokens), None)
+        same = next((p for p in self._prefixes if p.tokens == job.tokens and not p.retained), None)
         if same is not None:
             job.prefix = same
             same.users += 1
@@ -375,14 +379,29 @@ class LlamaCppEngine:
         slot.buf += self.llm.piece(tok)
         if p.stop:
             text = slot.buf.decode("utf-8", "ignore")
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((text.find(s), s) for s in p.stop) if i >= 0]
             if hits:
-                slot.text, slot.finish = text[:min(hits)], "stop"
+                at, slot.stop_hit = min(hits)
+                slot.text, slot.finish = text[:at], "stop"
                 return
         if len(slot.ids) >= p.max_tokens:
             slot.finish = "length"
 
+    def _retain(self, slot: _Slot) -> None:
+        """Keep a finished sample's KV cells (prompt + generated tokens but the last,
+        which was sampled and never decoded) as a cached prefix, so a request that
+        continues this sample computes only its new tokens."""
+        if len(slot.ids) < 2 or (not self._free_prefix_seqs and not self._evict_one()):
+            return
+        seq = self._free_prefix_seqs.pop()
+        self.llm.seq_cp(slot.seq, seq)  # queued before any later copy into the slot's stream
+        tokens = slot.job.tokens + tuple(slot.ids[:-1])
+        self._prefixes[_Prefix(seq=seq, tokens=tokens, done=len(tokens), reused=len(tokens), parent=None,
+                               retained=True)] = None
+
     def _finish(self, slot: _Slot) -> Completion:
+        if slot.job.req.retain:
+            self._retain(slot)
         self._free_slot(slot)
         job = slot.job
         job.running -= 1
@@ -391,7 +410,7 @@ class LlamaCppEngine:
         return Completion(key=job.req.key, index=slot.index, seed=job.req.seeds[slot.index], text=text,
                           token_ids=slot.ids, prompt_tokens=len(job.tokens), cached_tokens=slot.cached,
                           finish_reason=slot.finish, logprobs=slot.logprobs,
-                          latency_s=time.perf_counter() - slot.t0)
+                          latency_s=time.perf_counter() - slot.t0, stop_hit=slot.stop_hit)
 
     def _free_slot(self, slot: _Slot) -> None:
         self.llm.seq_rm(slot.seq)

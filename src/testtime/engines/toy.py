@@ -36,14 +36,15 @@ class ToyEngine:
                     time.sleep(self.delay_s)
                 h = int.from_bytes(hashlib.sha256(f"{prefix}|{seed}".encode()).digest()[:8], "little")
                 text = f"Let me think ({h % 997}).\nThe answer is {h % self.answer_range}."
+                hit = None
                 if req.params.stop:
                     for s in req.params.stop:
                         if s in text:
-                            text = text[:text.index(s)]
+                            text, hit = text[:text.index(s)], s
                 words = text.split()[: req.params.max_tokens]
                 yield Completion(key=req.key, index=i, seed=seed, text=" ".join(words),
                                  token_ids=list(range(len(words))), prompt_tokens=len(prefix.split()),
-                                 cached_tokens=0, finish_reason="stop")
+                                 cached_tokens=0, finish_reason="stop", stop_hit=hit)
 
     def close(self) -> None:
         pass

@@ -90,6 +90,9 @@ class ExecResult:
         return self.status == "ok"
 
 
+NICE_AFTER_S = 0.25
+"""A program still running after this long is reniced to 19 (see `_Worker.run`)."""
+
 HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run/user", "/mnt", "/media")
 
 
@@ -142,7 +145,15 @@ class _Worker:
             return ExecResult("infra_error", message=f"sandbox worker {self.index} did not start the program")
         pgid = started["started"]
         deadline = time.monotonic() + limits.timeout_s
-        msg = self._read(deadline)
+        msg = self._read(min(deadline, time.monotonic() + NICE_AFTER_S))
+        if msg is None and self.alive() and limits.timeout_s > NICE_AFTER_S:
+            # A long runner (often a busy loop waiting out its limit) yields the CPU to
+            # the other workers' programs; its wall-clock limit is unchanged.
+            try:
+                os.setpriority(os.PRIO_PGRP, pgid, 19)
+            except OSError:
+                pass
+            msg = self._read(deadline)
         timed_out = False
         if msg is None and self.alive():
             timed_out = True
@@ -191,7 +202,12 @@ class _Worker:
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+    """Four per core: a program waiting out its time limit holds its worker (its
+    CPU share drops after `NICE_AFTER_S`), so spare workers keep the cores busy.
+    Measured on 2 cores with 3 time-outs among 640 HumanEval samples: 4 workers
+    6.6 s, 8 workers 4.6 s, 16 workers 4.7 s. A worker is an idle process of a
+    few tens of MB."""
+    return 4 * max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass

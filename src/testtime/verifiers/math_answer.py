@@ -22,6 +22,7 @@ runs under math-verify's own timeouts.
 
 from __future__ import annotations
 
+import ast
 import re
 from fractions import Fraction
 
@@ -65,23 +66,39 @@ def _trim(answer: str) -> str:
     return answer
 
 
+def _last_match(pattern: re.Pattern, text: str, window: int = 1024) -> re.Match | None:
+    """The last match in the text. The tail is searched first: a match lying wholly
+    in it (not touching its start) is the last one in the whole text too."""
+    if len(text) > window:
+        start = len(text) - window
+        tail = None
+        for tail in pattern.finditer(text, start):
+            pass
+        if tail is not None and tail.start() > start:
+            return tail
+    last = None
+    for last in pattern.finditer(text):
+        pass
+    return last
+
+
 def extract_answer(text: str) -> tuple[str | None, str]:
     """The final answer in a candidate and the rule that found it (see module doc)."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip(), "boxed"
-    phrases = list(_ANSWER_IS_RE.finditer(text))
-    if phrases:
-        ans = _trim(text[phrases[-1].end():].split("\n", 1)[0])
+    phrase = _last_match(_ANSWER_IS_RE, text)
+    if phrase:
+        ans = _trim(text[phrase.end():].split("\n", 1)[0])
         if ans:
             boxed = last_boxed(ans)
             return (boxed.strip() if boxed is not None else ans), "answer_is"
-    hits = _HASHES_RE.findall(text)
-    if hits:
-        return _trim(hits[-1]), "hashes"
-    numbers = _NUMBER_RE.findall(text)
-    if numbers:
-        return numbers[-1], "last_number"
+    hit = _last_match(_HASHES_RE, text)
+    if hit:
+        return _trim(hit.group(1)), "hashes"
+    number = _last_match(_NUMBER_RE, text)
+    if number:
+        return number.group(0), "last_number"
     return None, "none"
 
 
@@ -97,6 +114,69 @@ def as_number(answer: str) -> Fraction | None:
             return Fraction(int(num), int(den)) if int(den) != 0 else None
         return Fraction(s)
     except (ValueError, ZeroDivisionError):
+        return None
+
+
+_LEADING_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({_NUMBER})(?=$|[\s,;:!?.)%\\])\s*(?:\\?%)?")
+_VARIABLE_RE = re.compile(r"(?<![a-zA-Z\\])[a-zA-Z](?![a-zA-Z])")
+_PROSE_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+_OPERATOR_RE = re.compile(r"[\d+*/^=<>×÷]|\\(?:times|cdot|div|frac|sqrt)|\s[x-]\s")
+
+
+def leading_number(answer: str) -> Fraction | None:
+    """A number followed only by words: "22, which is the final answer" -> 22, and
+    after an equation's last "=" ("N = 4.5" -> 4.5). None when anything after the
+    number could be mathematics (digits, operators), so that goes to math-verify."""
+    if "=" in answer:
+        left, right = answer.rsplit("=", 1)
+        answer = right if any(ch.isdigit() for ch in right) else left  # "24208 = N"
+    m = _LEADING_NUMBER_RE.match(answer)
+    if not m or _OPERATOR_RE.search(answer[m.end():]) or _VARIABLE_RE.search(answer[m.end():]):
+        return None
+    return as_number(m.group(1))
+
+
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_ARITH_CHARS = re.compile(r"^[\d\s.+\-*/()]+$")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+
+
+def arithmetic_value(answer: str) -> Fraction | None:
+    """The exact value of a plain arithmetic expression ("2 + 3", "3/4", "\\frac{3}{4}",
+    "2 \\times 6"): digits, + - * / and parentheses only, evaluated with fractions;
+    None for anything else (powers, roots, variables go to math-verify)."""
+    expr = _THOUSANDS_RE.sub("", answer.replace("\\left", "").replace("\\right", "").replace("$", ""))
+    expr = _FRAC_RE.sub(r"((\1)/(\2))", expr)
+    for sym in ("\\times", "\\cdot", "×"):
+        expr = expr.replace(sym, "*")
+    expr = expr.replace("÷", "/").replace("\\div", "/")
+    if len(expr) > 200 or not _ARITH_CHARS.match(expr) or "**" in expr or "//" in expr:
+        return None
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = value(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            return a / b
+        raise ValueError("not plain arithmetic")
+
+    try:
+        return value(tree.body)
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
 
 
@@ -142,9 +222,25 @@ class MathAnswerVerifier:
         if _depth(answer) > self.max_depth:
             return Verdict("fail", f"answer nested deeper than {self.max_depth}", answer[:80])
         gold_num, cand_num = as_number(problem.answer), as_number(answer)
+        if gold_num is not None and cand_num is None:
+            cand_num = leading_number(answer)
+        if gold_num is not None and cand_num is None:
+            cand_num = arithmetic_value(answer)
+        if gold_num is not None and cand_num is None and _PROSE_RE.search(answer):
+            # words around numbers ("actually 7.5", "N, which in this case is 110"): the
+            # phrase is prose, not an expression; its last number is the claim
+            numbers = _NUMBER_RE.findall(answer)
+            cand_num = as_number(numbers[-1]) if numbers else None
         if gold_num is not None and cand_num is not None:
             ok = gold_num == cand_num
             return Verdict("pass" if ok else "fail", f"numeric ({rule})", answer)
+        if gold_num is not None and not any(ch.isdigit() for ch in answer):
+            # "N", "x", "the total": no digit, so not the number asked for; SymPy
+            # would take ~0.1 s per such answer to say the same
+            return Verdict("fail", f"numeric reference, answer without digits ({rule})", answer)
+        if gold_num is not None and "\\" not in answer and _VARIABLE_RE.search(answer):
+            # "2x + 20 = 3x + 30": an expression in a variable is not the number asked for
+            return Verdict("fail", f"numeric reference, answer in a variable ({rule})", answer)
         return self._math_verify(problem, answer, rule)
 
     def _math_verify(self, problem: Problem, answer: str, rule: str) -> Verdict:

@@ -1,0 +1,10 @@
+"""Process reward models, registered by name: `judge` (any engine as a step judge)
+and `served` (a PRM behind HTTP)."""
+
+from . import judge, served  # noqa: F401  (registers the reward models)
+from .base import REWARD_MODELS, RewardModel, Scoring, load_reward_model, split_steps
+from .judge import JudgePRM
+from .served import RewardServerError, ServedPRM
+
+__all__ = ["REWARD_MODELS", "RewardModel", "Scoring", "load_reward_model", "split_steps", "JudgePRM",
+           "ServedPRM", "RewardServerError"]

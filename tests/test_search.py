@@ -1,0 +1,324 @@
+"""Search strategies, selectors, aggregation and the unbiased selection estimators."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from itertools import combinations
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pytest
+
+from testtime.engines.base import Completion, Request
+from testtime.metrics import selection_at_k
+from testtime.prompts import PromptTemplate
+from testtime.rewards.base import Scoring, split_steps
+from testtime.rewards.judge import p_yes
+from testtime.select import (AnswerKeys, aggregate, best_of_n_naive, best_of_n_weighted, majority_vote)
+from testtime.spec import SamplingParams
+from testtime.strategies.search import SearchConfig, best_of_n, tree_search
+from testtime.tasks.base import Problem
+
+# ---------------------------------------------------------------- aggregation and selectors
+
+
+def test_aggregation():
+    s = [0.9, 0.5, 0.8]
+    assert aggregate(s, "last") == 0.8
+    assert aggregate(s, "min") == 0.5
+    assert aggregate(s, "prod") == pytest.approx(0.36)
+    assert aggregate(s, "mean") == pytest.approx(2.2 / 3)
+    assert aggregate([], "last") == -math.inf
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(s, "max")
+
+
+def test_answer_keys_canonicalise_once():
+    keys = AnswerKeys()
+    assert keys.key("1,000") == keys.key("1000.0") == keys.key("1000")
+    assert keys.key("\\frac{1}{2}") == keys.key("\\dfrac{1}{2}") == keys.key("0.5")
+    assert keys.key("3") != keys.key("4")
+    assert keys.of_text("so the answer is 12.") == keys.key("12")
+    calls = len(keys._cache)
+    keys.key("1,000")
+    assert len(keys._cache) == calls  # cached, not parsed again
+
+
+def test_selectors_on_hand_made_cases():
+    keys = ["a", "b", "b", None, "a", "c"]
+    assert majority_vote(keys) == "a"  # a and b tie at 2; a was seen first
+    assert majority_vote([None, None]) is None
+    scores = [0.2, 0.9, 0.1, 1.0, 0.3, 0.35]
+    assert best_of_n_naive(keys, scores) == "b"  # the None candidate never wins
+    assert best_of_n_weighted(keys, scores) == "b"  # b: 1.0, a: 0.5, c: 0.35
+    assert best_of_n_weighted(["a", "b", "a"], [0.4, 0.7, 0.4]) == "a"  # many moderate votes win
+    assert best_of_n_naive(["a", "b", "a"], [0.4, 0.7, 0.4]) == "b"
+
+
+# ---------------------------------------------------------------- estimators against brute force
+
+def _brute(keys, correct, k, method, scores=None):
+    vals = []
+    for sub in combinations(range(len(keys)), k):
+        ks = [keys[i] for i in sub]
+        sc = None if scores is None else [scores[i] for i in sub]
+        present = {x for x in ks if x is not None}
+        if not present:
+            vals.append(0.0)
+            continue
+        if method == "majority":
+            tot = {x: ks.count(x) for x in present}
+        elif method == "weighted":
+            tot = {x: sum(s for y, s in zip(ks, sc) if y == x) for x in present}
+        else:
+            best = max(s for y, s in zip(ks, sc) if y is not None)
+            winners = [i for i in sub if keys[i] is not None and scores[i] == best]
+            first = min(winners)  # ties: the earlier sample
+            vals.append(float(any(correct[j] for j in range(len(keys)) if keys[j] == keys[first])))
+            continue
+        top = max(tot.values())
+        tied = [x for x in present if tot[x] == top]
+        ok = {x: any(c for y, c in zip(keys, correct) if y == x) for x in present}
+        vals.append(sum(ok[x] for x in tied) / len(tied))
+    return float(np.mean(vals))
+
+
+@pytest.mark.parametrize("method", ["majority", "weighted", "naive"])
+@pytest.mark.parametrize("trial", range(6))
+def test_selection_estimators_match_brute_force(method, trial):
+    rng = np.random.default_rng(trial)
+    n = int(rng.integers(3, 9))
+    keys = [None if rng.random() < 0.15 else "abcd"[int(rng.integers(0, 3))] for _ in range(n)]
+    correct = [k == "a" for k in keys]
+    scores = [float(x) for x in np.round(rng.random(n), 1)]  # rounded: ties happen
+    for k in range(1, n + 1):
+        est = selection_at_k(keys, correct, k, method, scores)
+        assert est.exact and est.mean == pytest.approx(_brute(keys, correct, k, method, scores)), (k, keys, scores)
+
+
+def test_selection_monte_carlo_is_close_and_seeded():
+    rng = np.random.default_rng(7)
+    n, k = 40, 12  # C(40, 12) is far beyond exact enumeration
+    keys = ["abc"[int(i)] for i in rng.integers(0, 3, n)]
+    correct = [x == "b" for x in keys]
+    a = selection_at_k(keys, correct, k, "majority", draws=4000, seed=1)
+    b = selection_at_k(keys, correct, k, "majority", draws=4000, seed=1)
+    c = selection_at_k(keys, correct, k, "majority", draws=4000, seed=2)
+    assert not a.exact and a.mean == b.mean and a.se > 0
+    assert abs(a.mean - c.mean) < 5 * math.hypot(a.se, c.se)
+
+
+def test_naive_best_of_n_at_n_is_the_top_sample():
+    keys, correct, scores = ["x", "y", "z"], [False, True, False], [0.1, 0.8, 0.5]
+    assert selection_at_k(keys, correct, 3, "naive", scores).mean == 1.0
+    assert selection_at_k(keys, correct, 1, "naive", scores).mean == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- strategies on a known maze
+
+def _u(*parts) -> float:
+    h = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2 ** 64
+
+
+class MazeEngine:
+    """Each step is 'good' with probability p_good (by the sample's seed), else 'bad';
+    after `depth` steps the solution ends with answer 1 if every step was good, else 0.
+    Greedy decoding always takes the likelier step, 'bad'. Records every call."""
+
+    name = "maze"
+
+    def __init__(self, depth: int = 4, p_good: float = 0.3):
+        self.depth, self.p_good = depth, p_good
+        self.calls: list[list[Request]] = []
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": "maze"}
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        requests = list(requests)
+        self.calls.append(requests)
+        for req in requests:
+            prior = split_steps(req.continuation)
+            for i, seed in enumerate(req.seeds):
+                steps, k, hit = [], len(prior), None
+                while True:
+                    good = (self.p_good > 0.5) if req.params.temperature == 0 else _u(seed, k) < self.p_good
+                    steps.append(f"step {k}: {'good' if good else 'bad'}")
+                    k += 1
+                    if k >= self.depth:
+                        ok = all("good" in s for s in prior + steps)
+                        steps.append(f"The answer is {int(ok)}.")
+                        break
+                    if "\n\n" in req.params.stop:
+                        hit = "\n\n"
+                        break
+                text = "\n\n".join(steps)
+                yield Completion(req.key, i, seed, text, [0] * (3 * len(steps)), 10, 0, "stop", stop_hit=hit)
+
+    def close(self) -> None:
+        pass
+
+
+class MazePRM:
+    name = "maze_prm"
+
+    def identity(self):
+        return {"reward_model": "maze"}
+
+    def score(self, items):
+        return [[0.9 if "good" in s else 0.1 if "bad" in s else 0.5 for s in it.steps[it.known:]] for it in items]
+
+
+TEMPLATE = PromptTemplate(name="maze", user="{question}")
+PROBLEMS = [Problem(f"p{i}", f"maze {i}", "1") for i in range(3)]
+PARAMS = SamplingParams(temperature=0.8, max_tokens=64)
+
+
+def _answers(paths, delimiter="\n\n"):
+    return [p.text(delimiter).rsplit("answer is ", 1)[-1].rstrip(".") for p in paths]
+
+
+def test_beam_search_finds_the_path_greedy_decoding_misses():
+    cfg = SearchConfig(n=8, width=2, max_iterations=6)
+    greedy = best_of_n(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, SamplingParams(temperature=0.0),
+                       SearchConfig(n=1, width=1))
+    assert all(_answers(v) == ["0"] for v in greedy.paths.values())
+    beam = tree_search(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, PARAMS, cfg, mode="beam", seed=3)
+    for pid, paths in beam.paths.items():
+        best = max(paths, key=lambda p: aggregate(p.scores, "min"))
+        assert _answers([best]) == ["1"], pid
+        assert all(p.finished for p in paths) and len(paths) <= cfg.n
+
+
+def test_beam_search_advances_every_problem_in_each_call():
+    eng = MazeEngine()
+    tree_search(PROBLEMS, eng, MazePRM(), TEMPLATE, PARAMS, SearchConfig(n=4, width=2, max_iterations=6))
+    assert len(eng.calls) == 4  # one engine call per iteration (depth 4), not per problem
+    for call in eng.calls:
+        assert {r.key[0] for r in call} == {p.id for p in PROBLEMS}
+    assert all(r.retain for call in eng.calls[:-1] for r in call)  # paths to continue keep their KV cache
+    assert not any(r.retain for r in eng.calls[-1])  # the last iteration continues nothing
+
+
+def test_dvts_keeps_one_path_per_subtree():
+    cfg = SearchConfig(n=8, width=2, max_iterations=6)
+    res = tree_search(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, PARAMS, cfg, mode="dvts", seed=3)
+    for paths in res.paths.values():
+        assert len(paths) == cfg.n // cfg.width
+        assert "1" in _answers(paths)  # some subtree found the all-good path
+    # the subtrees differ: independent seeds per subtree
+    texts = [p.text("\n\n") for p in res.paths["p0"]]
+    assert len(set(texts)) > 1
+
+
+def test_lookahead_ranks_by_the_rollout():
+    class FarsightedPRM(MazePRM):
+        """A step looks better when it is bad, but the answer step is scored by the
+        share of good steps on the whole path: only a rollout sees that."""
+
+        def score(self, items):
+            out = []
+            for it in items:
+                row = []
+                for j in range(it.known, len(it.steps)):
+                    if "answer is" in it.steps[j]:
+                        path = " ".join(it.steps[:j + 1])
+                        row.append(path.count("good") / (path.count("good") + path.count("bad")))
+                    else:
+                        row.append(0.2 if "good" in it.steps[j] else 0.6)
+                out.append(row)
+            return out
+
+    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(8)]
+
+    def first_steps_good(lookahead):
+        cfg = SearchConfig(n=4, width=2, max_iterations=3, lookahead=lookahead)
+        res = tree_search(problems, MazeEngine(depth=3), FarsightedPRM(), TEMPLATE, PARAMS, cfg, seed=5)
+        paths = [p for v in res.paths.values() for p in v]
+        return sum("good" in p.steps[0] for p in paths) / len(paths), res.stats
+
+    plain, plain_stats = first_steps_good(0)
+    ahead, ahead_stats = first_steps_good(1)
+    assert plain_stats.rollout_tokens == 0 and ahead_stats.rollout_tokens > 0
+    assert plain < 0.5 < ahead  # the plain search is lured by the bad steps' scores
+
+
+def test_search_config_is_validated():
+    with pytest.raises(ValueError, match="width dividing n"):
+        SearchConfig(n=6, width=4)
+
+
+def test_p_yes():
+    assert p_yes({"Yes": math.log(0.6), " no": math.log(0.2), "Maybe": math.log(0.2)}) == pytest.approx(0.75)
+    assert p_yes({"The": 0.0}) == 0.5
+    assert p_yes({"yes": 0.0}) == 1.0
+
+
+def test_scoring_items_carry_known_steps():
+    it = Scoring("q", ("a", "b", "c"), known=2)
+    assert MazePRM().score([it]) == [[0.5]]
+
+
+# ---------------------------------------------------------------- a PRM behind HTTP
+
+@pytest.fixture
+def prm_server():
+    """A local HTTP server speaking vLLM's pooling format and the plain scores format.
+    The first request gets a 503, to exercise the retry."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"requests": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["requests"] += 1
+            if state["requests"] == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            if self.path == "/pooling":
+                steps = body["input"].split("<tag>")[:-1]
+                rows = [[0.1, 0.9] if "good" in s else [0.8, 0.2] for s in steps]
+                out = {"data": [{"index": 0, "data": rows}], "model": body.get("model")}
+            else:
+                out = {"scores": [0.7 if "good" in s else 0.3 for s in body["steps"]]}
+            data = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", state
+    srv.shutdown()
+
+
+def test_served_prm_vllm_pooling_format(prm_server):
+    from testtime.rewards.served import ServedPRM
+
+    url, state = prm_server
+    prm = ServedPRM(url, model="prm", wire="vllm", step_tag="<tag>", good_index=1)
+    items = [Scoring("q", ("a good step", "a bad step", "good again")), Scoring("q", ("good", "bad"), known=1)]
+    assert prm.score(items) == [[0.9, 0.2, 0.9], [0.2]]
+    assert state["requests"] == 3  # one 503, retried
+
+
+def test_served_prm_scores_format_and_errors(prm_server):
+    from testtime.rewards.served import RewardServerError, ServedPRM
+
+    url, _ = prm_server
+    assert ServedPRM(url + "/score", wire="scores").score([Scoring("q", ("good", "bad"))]) == [[0.7, 0.3]]
+    with pytest.raises(RewardServerError, match="2 scores for 3 steps|scores for"):
+        ServedPRM(url, wire="vllm", step_tag="<other>", good_index=1).score([Scoring("q", ("a", "b", "c"))])
+    with pytest.raises(RewardServerError, match="unreachable"):
+        ServedPRM("http://127.0.0.1:9", wire="scores", retries=1).score([Scoring("q", ("a",))])
