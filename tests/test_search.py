@@ -181,11 +181,12 @@ def _answers(paths, delimiter="\n\n"):
 
 
 def test_beam_search_finds_the_path_greedy_decoding_misses():
-    cfg = SearchConfig(n=8, width=2, max_iterations=6)
-    greedy = best_of_n(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, SamplingParams(temperature=0.0),
+    # The maze PRM judges each step alone, so a path is as good as its worst step.
+    cfg = SearchConfig(n=8, width=2, max_iterations=6, aggregation="min")
+    greedy = best_of_n(PROBLEMS, MazeEngine(p_good=0.5), MazePRM(), TEMPLATE, SamplingParams(temperature=0.0),
                        SearchConfig(n=1, width=1))
     assert all(_answers(v) == ["0"] for v in greedy.paths.values())
-    beam = tree_search(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, PARAMS, cfg, mode="beam", seed=3)
+    beam = tree_search(PROBLEMS, MazeEngine(p_good=0.5), MazePRM(), TEMPLATE, PARAMS, cfg, mode="beam", seed=3)
     for pid, paths in beam.paths.items():
         best = max(paths, key=lambda p: aggregate(p.scores, "min"))
         assert _answers([best]) == ["1"], pid
@@ -198,19 +199,24 @@ def test_beam_search_advances_every_problem_in_each_call():
     assert len(eng.calls) == 4  # one engine call per iteration (depth 4), not per problem
     for call in eng.calls:
         assert {r.key[0] for r in call} == {p.id for p in PROBLEMS}
-    assert all(r.retain for call in eng.calls[:-1] for r in call)  # paths to continue keep their KV cache
-    assert not any(r.retain for r in eng.calls[-1])  # the last iteration continues nothing
+    assert all(r.retain for call in eng.calls for r in call)  # paths to continue keep their KV cache
+    short = MazeEngine()
+    tree_search(PROBLEMS, short, MazePRM(), TEMPLATE, PARAMS, SearchConfig(n=4, width=2, max_iterations=2))
+    assert len(short.calls) == 2 and not any(r.retain for r in short.calls[-1])  # the last round ends paths
+    assert all("\n\n" not in r.params.stop for r in short.calls[-1])  # and runs them to the end
 
 
 def test_dvts_keeps_one_path_per_subtree():
-    cfg = SearchConfig(n=8, width=2, max_iterations=6)
-    res = tree_search(PROBLEMS, MazeEngine(), MazePRM(), TEMPLATE, PARAMS, cfg, mode="dvts", seed=3)
+    cfg = SearchConfig(n=16, width=4, max_iterations=6, aggregation="min")
+    eng = MazeEngine(p_good=0.5)
+    res = tree_search(PROBLEMS, eng, MazePRM(), TEMPLATE, PARAMS, cfg, mode="dvts", seed=3)
     for paths in res.paths.values():
         assert len(paths) == cfg.n // cfg.width
         assert "1" in _answers(paths)  # some subtree found the all-good path
-    # the subtrees differ: independent seeds per subtree
-    texts = [p.text("\n\n") for p in res.paths["p0"]]
-    assert len(set(texts)) > 1
+    # each subtree expands its own path with its own seeds
+    first = [r for r in eng.calls[0] if r.key[0] == "p0"]
+    assert len(first) == cfg.n // cfg.width and all(r.n == cfg.width for r in first)
+    assert len({s for r in first for s in r.seeds}) == cfg.n
 
 
 def test_lookahead_ranks_by_the_rollout():

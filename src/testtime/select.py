@@ -18,7 +18,7 @@ import re
 from collections import defaultdict
 from typing import Sequence
 
-from .verifiers.math_answer import as_number, extract_answer
+from .verifiers.math_answer import arithmetic_value, as_number, extract_answer
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
 
@@ -68,6 +68,8 @@ class AnswerKeys:
 
     def _canonical(self, answer: str) -> str:
         num = as_number(answer)
+        if num is None:
+            num = arithmetic_value(answer)
         if num is not None:
             return f"num:{num.numerator}/{num.denominator}"
         text = _SPACES.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
@@ -77,7 +79,10 @@ class AnswerKeys:
 
                 parsed = parse(f"${answer}$", parsing_timeout=2)
                 if parsed:
-                    return f"expr:{parsed[0]}"
+                    value = parsed[0]
+                    if getattr(value, "is_Rational", False):  # \\sqrt{4}, 2^3: plain numbers after all
+                        return f"num:{value.p}/{value.q}"
+                    return f"expr:{value}"
             except Exception:  # noqa: BLE001 - unparseable answers fall back to text
                 pass
         return f"text:{text}"

@@ -1,0 +1,113 @@
+"""What step-wise search costs over best-of-N, measured in one run on the same problems.
+
+Both strategies run on the embedded model with the same budget N per problem
+and the same judge PRM (a second instance of the embedded model), which scores
+every step of every candidate in both:
+
+  - best-of-N: N complete samples per problem, then every step scored;
+  - beam search: N candidates per iteration, width M, steps split on a newline,
+    each iteration scored before the next.
+
+tok_ratio = generated tokens/s of beam search / generated tokens/s of best-of-N,
+wall clock including scoring (search-and-learn's published timings imply about
+0.05 for its beam search). prefill_ratio = prompt tokens the policy engine
+computed during beam search / unique prefix tokens, where the unique prefix
+tokens are the nodes of the token trie of every prefix the search asked for:
+1.0 means no prefix token was ever computed twice.
+
+Last line: tok_ratio=<x> prefill_ratio=<y>
+
+    python benchmarks/search_overhead.py [--problems 6] [--n 8] [--width 2] [--iterations 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from testtime.engines.llamacpp import LlamaCppEngine
+from testtime.prompts import get_template
+from testtime.rewards.judge import JudgePRM
+from testtime.spec import SamplingParams
+from testtime.strategies.search import SearchConfig, best_of_n, tree_search
+from testtime.tasks import load_task
+from testtime.verifiers.math_answer import MathAnswerVerifier
+
+
+class Recording:
+    """Passes requests to the engine and keeps every prefix it was asked for."""
+
+    def __init__(self, engine: LlamaCppEngine):
+        self.engine = engine
+        self.prefixes: list[list[int]] = []
+
+    def identity(self):
+        return self.engine.identity()
+
+    def generate(self, requests):
+        def tap():
+            for r in requests:
+                self.prefixes.append(self.engine.prefix_tokens(r))
+                yield r
+        return self.engine.generate(tap())
+
+
+def trie_size(prefixes: list[list[int]]) -> int:
+    root: dict = {}
+    nodes = 0
+    for toks in prefixes:
+        node = root
+        for t in toks:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                nodes += 1
+            node = nxt
+    return nodes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=6)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--width", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--step-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    problems = load_task("arithmetic", levels=[3, 4, 5]).problems(args.problems)
+    template = get_template("arithmetic_fewshot")
+    policy = LlamaCppEngine(slots=16, max_prefixes=64)
+    prm = JudgePRM(LlamaCppEngine(slots=16, max_prefixes=32))
+    verifier = MathAnswerVerifier()
+    cfg = SearchConfig(n=args.n, width=args.width, max_iterations=args.iterations, delimiter="\n")
+    step_params = SamplingParams(temperature=0.7, max_tokens=args.step_tokens)
+    full_params = SamplingParams(temperature=0.7, max_tokens=args.step_tokens * args.iterations)
+
+    results = {}
+    for name in ("best_of_n", "beam_search"):
+        policy.drop_cache()
+        policy.reset_stats()
+        rec = Recording(policy)
+        t = time.perf_counter()
+        if name == "best_of_n":
+            res = best_of_n(problems, rec, prm, template, full_params, cfg)
+        else:
+            res = tree_search(problems, rec, prm, template, step_params, cfg, mode="beam")
+        seconds = time.perf_counter() - t
+        solved = sum(verifier.verify(p, max(res.paths[p.id], key=lambda x: x.rank).text("\n")).passed
+                     for p in problems)
+        unique = trie_size(rec.prefixes)
+        s = policy.stats
+        results[name] = (res.stats.generated_tokens / seconds, s["prompt_computed"] / unique)
+        print(f"{name}: {res.stats.generated_tokens} tokens generated in {seconds:.1f} s = "
+              f"{res.stats.generated_tokens / seconds:.1f} tok/s (steps scored {res.stats.steps_scored}, "
+              f"iterations {res.stats.iterations}); prompt tokens computed {s['prompt_computed']} "
+              f"of {s['prompt_tokens']} asked, unique prefix tokens {unique}; "
+              f"solved {solved}/{len(problems)} by the top-scored candidate")
+    tok_ratio = results["beam_search"][0] / results["best_of_n"][0]
+    print(f"tok_ratio={tok_ratio:.2f} prefill_ratio={results['beam_search'][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
