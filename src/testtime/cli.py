@@ -188,6 +188,34 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
 
 
 @app.command()
+def compare(task: str = typer.Option("arithmetic", "--task", "-t"),
+            data: Optional[Path] = typer.Option(None, "--data", help="Data file for the task"),
+            arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable)"),
+            limit: int = typer.Option(10, "--limit", "-l", help="First N problems"),
+            strategy: List[str] = typer.Option(["best_of_n", "beam_search", "dvts"], "--strategy",
+                                               help="Strategy (repeatable): best_of_n, beam_search, dvts, revision"),
+            n_max: int = typer.Option(8, help="Largest budget N (a power of two); N = 1, 2, 4, ... n_max"),
+            width: int = typer.Option(2, help="Beam width M (children per expanded path)"),
+            seeds: int = typer.Option(2, help="Seeds per cell (bands over seeds)"),
+            iterations: int = typer.Option(6, help="Most search steps"),
+            delimiter: str = typer.Option("\\n", help="Step delimiter (escapes allowed: \\n\\n)"),
+            lookahead: int = typer.Option(0, help="Greedy rollout steps used to rank each child"),
+            step_tokens: int = typer.Option(64, help="Most tokens per step"),
+            model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+            workspace: Optional[Path] = WorkspaceOpt):
+    """Compare strategies at equal budgets: accuracy against N and against tokens, per level."""
+    try:
+        page = api.compare(task, limit, task_args=_task_args(arg, data), strategies=tuple(strategy), n_max=n_max,
+                           width=width, seeds=tuple(range(seeds)), iterations=iterations,
+                           delimiter=delimiter.encode().decode("unicode_escape"), lookahead=lookahead,
+                           step_tokens=step_tokens, model=str(model) if model else None, workspace=workspace,
+                           progress=lambda msg: console.print(msg))
+        out.print(str(page))
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
 def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
            verifier: Optional[str] = typer.Option(None), fit_k: Optional[int] = typer.Option(
                None, help="Fit the power law on k <= this [default: n/4]"),

@@ -29,15 +29,19 @@ JUDGE_USER = ("Problem:\n{question}\n\nThe student's steps so far:\n\n{steps}\n\
 class JudgePRM:
     name = "judge"
 
-    def __init__(self, engine: Engine, top_logprobs: int = 20, system: str = JUDGE_SYSTEM, user: str = JUDGE_USER):
+    def __init__(self, engine: Engine, top_logprobs: int = 20, system: str = JUDGE_SYSTEM, user: str = JUDGE_USER,
+                 good: tuple[str, ...] = ("yes",), bad: tuple[str, ...] = ("no",)):
+        """good/bad: answer-token texts (stripped, lower-cased) meaning a correct or a
+        wrong step; ("+",) and ("-",) for PRMs trained that way (RLHFlow's)."""
         self.engine = engine
         self.top = top_logprobs
         self.system, self.user = system, user
+        self.good, self.bad = tuple(good), tuple(bad)
         self.params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=top_logprobs)
 
     def identity(self) -> dict[str, Any]:
         return {"reward_model": "judge", "engine": self.engine.identity(),
-                "prompt": stable_hash([self.system, self.user])}
+                "prompt": stable_hash([self.system, self.user, self.good, self.bad])}
 
     def request(self, key: Any, question: str, steps: Sequence[str]) -> Request:
         numbered = "\n\n".join(steps)
@@ -51,12 +55,12 @@ class JudgePRM:
                     for i, it in enumerate(items) for j in range(it.known, len(it.steps))]
         for c in self.engine.generate(requests):
             i, j = c.key
-            out[i][j - items[i].known] = p_yes(c.logprobs[0].top if c.logprobs else {})
+            out[i][j - items[i].known] = p_yes(c.logprobs[0].top if c.logprobs else {}, self.good, self.bad)
         return out
 
 
-def p_yes(top: dict[str, float]) -> float:
-    """P(yes) / (P(yes) + P(no)) from a token -> logprob map; 0.5 without evidence."""
-    yes = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() == "yes")
-    no = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() == "no")
+def p_yes(top: dict[str, float], good: tuple[str, ...] = ("yes",), bad: tuple[str, ...] = ("no",)) -> float:
+    """P(good) / (P(good) + P(bad)) from a token -> logprob map; 0.5 without evidence."""
+    yes = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in good)
+    no = sum(math.exp(lp) for t, lp in top.items() if t.strip().lower() in bad)
     return 0.5 if yes + no == 0 else yes / (yes + no)

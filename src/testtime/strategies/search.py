@@ -65,6 +65,9 @@ class SearchConfig:
     aggregation: str = "last"
     lookahead: int = 0
     """k: steps of greedy rollout used to rank each child (0: rank by the child itself)."""
+    sequential: int = 1
+    """Revision: attempts per chain (the first plus revisions); N / sequential chains
+    run in parallel. 1 is pure parallel sampling, N one long chain of revisions."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.width < 1 or self.n % self.width:
@@ -73,6 +76,8 @@ class SearchConfig:
             raise ValueError("max_iterations must be >= 1 and lookahead >= 0")
         if not self.delimiter:
             raise ValueError("the step delimiter must not be empty")
+        if self.sequential < 1 or self.n % self.sequential:
+            raise ValueError(f"sequential must divide n, got n={self.n}, sequential={self.sequential}")
 
 
 @dataclass
@@ -222,10 +227,49 @@ def best_of_n(problems: Sequence[Problem], engine: Engine, prm: RewardModel, tem
     return SearchResult(done, stats)
 
 
+REVISE = ("Check your solution above step by step. If a step is wrong, correct it. "
+          "Then write the whole solution again and end with the final answer.")
+
+
+def revision(problems: Sequence[Problem], engine: Engine, prm: RewardModel, template: PromptTemplate,
+             params: SamplingParams, cfg: SearchConfig, seed: int = 0, instruction: str = REVISE) -> SearchResult:
+    """Sequential revisions: N / cfg.sequential chains; in each round every chain's
+    latest attempt is shown back to the model, which writes a revised one. All
+    chains of all problems advance together, one engine call per round. Every
+    attempt is scored and returned (a chain's later attempts first)."""
+    by_id = {p.id: p for p in problems}
+    stats = SearchStats()
+    chains = cfg.n // cfg.sequential
+    history: dict[tuple[str, int], list[Path]] = {(p.id, c): [] for p in problems for c in range(chains)}
+    for rnd in range(cfg.sequential):
+        stats.iterations += 1
+        requests = []
+        for (pid, c), attempts in history.items():
+            msgs = list(template.messages(by_id[pid].question))
+            if attempts:
+                msgs += [{"role": "assistant", "content": attempts[-1].text(cfg.delimiter)},
+                         {"role": "user", "content": instruction}]
+            requests.append(Request(key=(pid, c), seeds=(sample_seed(seed, f"{pid}/rev{rnd}", c),), params=params,
+                                    messages=tuple(msgs), continuation=template.continuation(by_id[pid].question)))
+        for comp in engine.generate(requests):
+            history[comp.key].append(Path(split_steps(comp.text, cfg.delimiter), [], True, comp.finish_reason,
+                                          comp.completion_tokens))
+            stats.generated_tokens += comp.completion_tokens
+    done: dict[str, list[Path]] = {p.id: [] for p in problems}
+    for (pid, _), attempts in sorted(history.items()):
+        done[pid] += attempts[::-1]
+    _score(prm, by_id, [(pid, p) for pid, v in done.items() for p in v], stats)
+    for v in done.values():
+        for p in v:
+            p.rank = aggregate(p.scores, cfg.aggregation)
+    return SearchResult(done, stats)
+
+
 STRATEGIES = {
     "best_of_n": best_of_n,
     "beam_search": lambda *a, **k: tree_search(*a, mode="beam", **k),
     "dvts": lambda *a, **k: tree_search(*a, mode="dvts", **k),
+    "revision": revision,
 }
 """Name -> function(problems, engine, prm, template, params, cfg, seed=0) -> SearchResult.
 Lookahead is beam search with `SearchConfig(lookahead=k)`."""

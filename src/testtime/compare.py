@@ -1,0 +1,259 @@
+"""`testtime compare`: strategies at equal budgets, on one task, over seeds.
+
+For each strategy, budget N in {1, 2, 4, ..., n_max} and seed, the accuracy of
+the answer the strategy selects (weighted best-of-N by aggregated PRM score over
+its final candidates) and the tokens it generated.
+
+Revision runs N / `sequential` chains of `sequential` attempts each.
+Best-of-N is drawn once per seed at n_max and every smaller N is the unbiased
+expectation over N-subsets of those samples (`metrics.selection_at_k`), never
+"the first N"; its oracle coverage (pass@N, any candidate correct) is the upper
+line in every figure. Beam search and DVTS run once per (N, seed), for N that
+the width divides.
+
+Every finished (strategy, N, seed) cell is stored in the workspace's database
+the moment it completes, so an interrupted comparison resumes where it stopped.
+Figures: accuracy against N and against generated tokens, one panel per
+difficulty level, a band over seeds (min to max), written with a JSON summary
+and an HTML page under <workspace>/reports/compare-<id>/.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .engines.base import Engine
+from .metrics import pass_at_k, selection_at_k
+from .prompts import get_template
+from .rewards.base import RewardModel
+from .select import AnswerKeys
+from .spec import SamplingParams, stable_hash
+from .store import Store
+from .strategies.search import SearchConfig, best_of_n, revision, tree_search
+from .tasks.base import Problem, Task
+from .verifiers.base import Verifier
+
+TREE = {"beam_search": "beam", "dvts": "dvts"}
+STRATEGY_NAMES = ("best_of_n", *TREE, "revision")
+
+
+@dataclass
+class CompareConfig:
+    strategies: tuple[str, ...] = ("best_of_n", "beam_search", "dvts")
+    n_max: int = 8
+    width: int = 2
+    seeds: tuple[int, ...] = (0, 1)
+    iterations: int = 6
+    delimiter: str = "\n"
+    aggregation: str = "last"
+    step_tokens: int = 64
+    temperature: float = 0.7
+    lookahead: int = 0
+    sequential: int = 2
+    """Revision: attempts per chain (N / sequential chains in parallel)."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.strategies if s not in STRATEGY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGY_NAMES)}")
+        if self.n_max < 1 or self.n_max & (self.n_max - 1):
+            raise ValueError(f"n_max must be a power of two, got {self.n_max}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+
+    @property
+    def budgets(self) -> list[int]:
+        return [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
+
+
+@dataclass
+class Cell:
+    """One (strategy, N, seed): per problem, correct or not and tokens generated."""
+
+    strategy: str
+    n: int
+    seed: int
+    correct: dict[str, float]
+    tokens: dict[str, float]
+    oracle: dict[str, float] = field(default_factory=dict)
+
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS compare_cells (
+    compare_id TEXT NOT NULL, strategy TEXT NOT NULL, n INTEGER NOT NULL, seed INTEGER NOT NULL,
+    cell TEXT NOT NULL, PRIMARY KEY (compare_id, strategy, n, seed)) WITHOUT ROWID"""
+
+
+def _load_cells(store: Store, compare_id: str) -> dict[tuple[str, int, int], Cell]:
+    store.db.execute(_SCHEMA)
+    rows = store.db.execute("SELECT cell FROM compare_cells WHERE compare_id = ?", (compare_id,)).fetchall()
+    cells = [Cell(**json.loads(r[0])) for r in rows]
+    return {(c.strategy, c.n, c.seed): c for c in cells}
+
+
+def _save_cell(store: Store, compare_id: str, cell: Cell) -> None:
+    with store.db:
+        store.db.execute("INSERT OR REPLACE INTO compare_cells VALUES (?,?,?,?,?)",
+                         (compare_id, cell.strategy, cell.n, cell.seed, json.dumps(asdict(cell))))
+
+
+def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel,
+                verifier: Verifier, cfg: CompareConfig, template: str | None = None,
+                progress: Callable[[str], None] | None = None) -> tuple[str, list[Cell]]:
+    tmpl = get_template(template or task.template)
+    compare_id = stable_hash({"task": task.identity, "problems": [p.id for p in problems], "cfg": asdict(cfg),
+                              "engine": engine.identity(), "prm": prm.identity(), "template": tmpl.identity(),
+                              "verifier": verifier.name})
+    cells = _load_cells(store, compare_id)
+    keys = AnswerKeys()
+    by_id = {p.id: p for p in problems}
+    step = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.step_tokens)
+    full = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.step_tokens * cfg.iterations)
+
+    def judge(pid: str, text: str) -> bool:
+        return verifier.verify(by_id[pid], text).passed
+
+    for seed in cfg.seeds:
+        for strategy in cfg.strategies:
+            step_of = cfg.sequential if strategy == "revision" else cfg.width
+            budgets = cfg.budgets if strategy == "best_of_n" else [n for n in cfg.budgets if n % step_of == 0]
+            if all((strategy, n, seed) in cells for n in budgets):
+                continue
+            t = time.perf_counter()
+            if strategy == "best_of_n":
+                sc = SearchConfig(n=cfg.n_max, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation)
+                res = best_of_n(problems, engine, prm, tmpl, full, sc, seed=seed)
+                for n in budgets:
+                    correct, tokens, oracle = {}, {}, {}
+                    for pid, paths in res.paths.items():
+                        texts = [p.text(cfg.delimiter) for p in paths]
+                        ok = [judge(pid, x) for x in texts]
+                        ks = [keys.of_text(x) for x in texts]
+                        correct[pid] = selection_at_k(ks, ok, n, "weighted", [max(p.rank, 0.0) for p in paths],
+                                                      seed=seed).mean
+                        tokens[pid] = float(np.mean([p.tokens for p in paths])) * n
+                        oracle[pid] = float(pass_at_k([len(ok)], [sum(ok)], n)[0])
+                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, oracle)
+                    _save_cell(store, compare_id, cell)
+            else:
+                for n in budgets:
+                    if (strategy, n, seed) in cells:
+                        continue
+                    if strategy == "revision":
+                        sc = SearchConfig(n=n, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation,
+                                          sequential=cfg.sequential)
+                        res = revision(problems, engine, prm, tmpl, full, sc, seed=seed)
+                    else:
+                        sc = SearchConfig(n=n, width=cfg.width, max_iterations=cfg.iterations,
+                                          delimiter=cfg.delimiter, aggregation=cfg.aggregation,
+                                          lookahead=cfg.lookahead)
+                        res = tree_search(problems, engine, prm, tmpl, step, sc, mode=TREE[strategy], seed=seed)
+                    correct, tokens = {}, {}
+                    for pid, paths in res.paths.items():
+                        texts = [p.text(cfg.delimiter) for p in paths]
+                        ks = [keys.of_text(x) for x in texts]
+                        ok = [judge(pid, x) for x in texts]
+                        correct[pid] = selection_at_k(ks, ok, len(ks), "weighted",
+                                                      [max(p.rank, 0.0) for p in paths]).mean if ks else 0.0
+                        tokens[pid] = float(sum(p.tokens for p in paths))
+                    share = res.stats.rollout_tokens / max(1, len(problems))
+                    tokens = {pid: v + share for pid, v in tokens.items()}
+                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens)
+                    _save_cell(store, compare_id, cell)
+            if progress:
+                progress(f"{strategy} seed {seed}: {time.perf_counter() - t:.0f} s")
+    return compare_id, list(cells.values())
+
+
+def summarise(cells: list[Cell], problems: list[Problem]) -> dict[str, Any]:
+    """Mean accuracy and tokens per (strategy, N), over problems, with min/max over
+    seeds; per difficulty level too (key 'all' for every problem)."""
+    groups: dict[str, list[str]] = {"all": [p.id for p in problems]}
+    for p in problems:
+        if p.difficulty is not None:
+            groups.setdefault(f"level {p.difficulty}", []).append(p.id)
+    out: dict[str, Any] = {}
+    for g, ids in groups.items():
+        table: dict[str, dict[int, dict[str, float]]] = {}
+        for c in cells:
+            if not all(pid in c.correct for pid in ids):
+                continue
+            row = table.setdefault(c.strategy, {}).setdefault(c.n, {"acc": [], "tok": [], "oracle": []})
+            row["acc"].append(float(np.mean([c.correct[i] for i in ids])))
+            row["tok"].append(float(np.mean([c.tokens[i] for i in ids])))
+            if c.oracle:
+                row["oracle"].append(float(np.mean([c.oracle[i] for i in ids])))
+        out[g] = {s: {n: {"accuracy": float(np.mean(r["acc"])), "acc_min": min(r["acc"]), "acc_max": max(r["acc"]),
+                          "tokens": float(np.mean(r["tok"])),
+                          "oracle": float(np.mean(r["oracle"])) if r["oracle"] else None, "seeds": len(r["acc"])}
+                      for n, r in sorted(rows.items())}
+                  for s, rows in table.items()}
+    return out
+
+
+def plot(summary: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for xkey, xlabel, name in (("n", "budget N (candidates per problem)", "accuracy_vs_n.png"),
+                               ("tokens", "generated tokens per problem", "accuracy_vs_tokens.png")):
+        groups = list(summary)
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+        for ax, g in zip(axes[0], groups):
+            for i, (strategy, rows) in enumerate(sorted(summary[g].items())):
+                ns = sorted(rows, key=int)
+                x = [int(n) if xkey == "n" else rows[n]["tokens"] for n in ns]
+                ax.plot(x, [rows[n]["accuracy"] for n in ns], "o-", ms=3, color=f"C{i}", label=strategy)
+                ax.fill_between(x, [rows[n]["acc_min"] for n in ns], [rows[n]["acc_max"] for n in ns],
+                                color=f"C{i}", alpha=0.15)
+                if strategy == "best_of_n":
+                    ax.plot(x, [rows[n]["oracle"] for n in ns], "--", color="k", lw=1, label="oracle coverage")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(0, 1)
+            ax.set_title(g, fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("accuracy of the selected answer")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta: dict[str, Any]) -> Path:
+    import base64
+
+    out = workspace / "reports" / f"compare-{compare_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot(summary, out)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "summary": summary}, indent=2, default=str))
+    tmp.replace(out / "summary.json")
+    rows = []
+    for strategy, by_n in sorted(summary["all"].items()):
+        for n, r in sorted(by_n.items(), key=lambda t: int(t[0])):
+            oracle = "" if r["oracle"] is None else f"{r['oracle']:.3f}"
+            rows.append(f"<tr><td>{html.escape(strategy)}</td><td>{n}</td><td>{r['accuracy']:.3f}</td>"
+                        f"<td>[{r['acc_min']:.3f}, {r['acc_max']:.3f}]</td><td>{r['tokens']:.0f}</td><td>{oracle}</td></tr>")
+    imgs = "".join(f'<img style="max-width:100%" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
+    page = (f"<!doctype html><meta charset='utf-8'><title>compare {compare_id}</title>"
+            f"<h1>Strategies at equal budgets</h1><p>{html.escape(json.dumps(meta))}</p>{imgs}"
+            "<table border=1 cellpadding=4><tr><th>strategy</th><th>N</th><th>accuracy</th><th>over seeds</th>"
+            f"<th>tokens/problem</th><th>oracle coverage</th></tr>{''.join(rows)}</table>")
+    tmp = out / "compare.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "compare.html")
+    return out / "compare.html"
