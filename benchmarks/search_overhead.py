@@ -12,8 +12,10 @@ tok_ratio = generated tokens/s of beam search / generated tokens/s of best-of-N,
 wall clock including scoring (search-and-learn's published timings imply about
 0.05 for its beam search). prefill_ratio = prompt tokens the policy engine
 computed during beam search / unique prefix tokens, where the unique prefix
-tokens are the nodes of the token trie of every prefix the search asked for:
-1.0 means no prefix token was ever computed twice.
+tokens are the nodes of the token trie of every prefix the search asked for.
+A continued path's step text was generated, so its KV cells already exist:
+the ratio is below 1 when the search reuses them, and 1.0 would mean every
+prefix token computed once by prefill.
 
 Last line: tok_ratio=<x> prefill_ratio=<y>
 
@@ -100,6 +102,12 @@ def main() -> None:
         unique = trie_size(rec.prefixes)
         s = policy.stats
         results[name] = (res.stats.generated_tokens / seconds, s["prompt_computed"] / unique)
+        if name == "best_of_n":
+            first_prompts = s["prompt_computed"]
+        else:
+            print(f"  beyond the problems' own prompts ({first_prompts} tokens), beam search computed "
+                  f"{s['prompt_computed'] - first_prompts} prompt tokens for {unique - first_prompts} tokens "
+                  f"of continued paths")
         print(f"{name}: {res.stats.generated_tokens} tokens generated in {seconds:.1f} s = "
               f"{res.stats.generated_tokens / seconds:.1f} tok/s (steps scored {res.stats.steps_scored}, "
               f"iterations {res.stats.iterations}); prompt tokens computed {s['prompt_computed']} "
