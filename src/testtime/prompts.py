@@ -24,7 +24,7 @@ class PromptTemplate:
     assistant: str = ""
     """The start of the model's answer, written for it (`{question}` is replaced); the
     model continues from there and the sample holds only what the model wrote. Code
-    templates open a code block and repeat the function's signature this way."""
+    templates open a Python code block this way."""
     stop: tuple[str, ...] = ()
     """Stop strings this format needs (a closing code fence); added to the run's own."""
 

@@ -265,12 +265,14 @@ class Sandbox:
         return "; ".join(parts)
 
     def run(self, code: str) -> ExecResult:
-        """Run one program on an idle worker. A worker that died is replaced and the
-        program tried once more on the new one before giving up with infra_error."""
+        """Run one program on an idle worker. A worker that failed (died, or stopped
+        answering) is replaced and the program tried once more on the new one
+        before giving up with infra_error."""
         w = self._idle.get()
         try:
             res = w.run(code, self.limits)
-            if res.status == "infra_error" and not w.alive():
+            if res.status == "infra_error":
+                # dead, or out of step with its protocol: either way a fresh worker
                 w = self._replace(w)
                 res = w.run(code, self.limits)
             return res
