@@ -78,6 +78,8 @@ def stored(workspace):
     db = sqlite3.connect(workspace / "testtime.db")
     try:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'samples'").fetchone():
+            return []  # the file exists but the schema is not committed yet: nothing stored
         rows = db.execute("SELECT problem_id, sample_index, text, finish_reason FROM samples").fetchall()
     finally:
         db.close()
