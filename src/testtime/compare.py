@@ -129,12 +129,14 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
             if strategy == "best_of_n":
                 sc = SearchConfig(n=cfg.n_max, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation)
                 res = best_of_n(problems, engine, prm, tmpl, full, sc, seed=seed)
+                graded = {}  # per problem, once: every budget is a subset of the same samples
+                for pid, paths in res.paths.items():
+                    texts = [p.text(cfg.delimiter) for p in paths]
+                    graded[pid] = ([judge(pid, x) for x in texts], [keys.of_text(x) for x in texts])
                 for n in budgets:
                     correct, tokens, oracle = {}, {}, {}
                     for pid, paths in res.paths.items():
-                        texts = [p.text(cfg.delimiter) for p in paths]
-                        ok = [judge(pid, x) for x in texts]
-                        ks = [keys.of_text(x) for x in texts]
+                        ok, ks = graded[pid]
                         correct[pid] = selection_at_k(ks, ok, n, "weighted", [max(p.rank, 0.0) for p in paths],
                                                       seed=seed).mean
                         tokens[pid] = float(np.mean([p.tokens for p in paths])) * n
