@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .engines.base import Engine
+from .flops import Usage
 from .metrics import pass_at_k, selection_at_k
 from .prompts import get_template
 from .rewards.base import RewardModel
@@ -41,7 +42,9 @@ from .tasks.base import Problem, Task
 from .verifiers.base import Verifier
 
 TREE = {"beam_search": "beam", "dvts": "dvts"}
-STRATEGY_NAMES = ("best_of_n", *TREE, "revision")
+SAMPLED = ("best_of_n", "majority")
+"""Selections from one set of independent samples: PRM-weighted best-of-N and majority vote."""
+STRATEGY_NAMES = (*SAMPLED, *TREE, "revision")
 
 
 @dataclass
@@ -58,6 +61,8 @@ class CompareConfig:
     lookahead: int = 0
     sequential: int = 2
     """Revision: attempts per chain (N / sequential chains in parallel)."""
+    probe: int = 4
+    """Predicted difficulty: the mean PRM score of this many best-of-N samples per problem."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGY_NAMES]
@@ -83,6 +88,13 @@ class Cell:
     correct: dict[str, float]
     tokens: dict[str, float]
     oracle: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    """What the cell computed, over all its problems: `flops.Usage` fields of the
+    policy model ("policy") and of the reward model ("prm"). Best-of-N at N < n_max
+    is the expectation over N-subsets (N / n_max of the draw)."""
+    probe: dict[str, float] = field(default_factory=dict)
+    """Best-of-N, N = 1 cell: per problem, the mean PRM score of its first `probe`
+    samples (the predicted difficulty; no ground truth involved)."""
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS compare_cells (
@@ -103,12 +115,15 @@ def _save_cell(store: Store, compare_id: str, cell: Cell) -> None:
                          (compare_id, cell.strategy, cell.n, cell.seed, json.dumps(asdict(cell))))
 
 
-def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel,
+def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel | None,
                 verifier: Verifier, cfg: CompareConfig, template: str | None = None,
                 progress: Callable[[str], None] | None = None) -> tuple[str, list[Cell]]:
+    if prm is None and set(cfg.strategies) - {"majority"}:
+        raise ValueError(f"strategies {sorted(set(cfg.strategies) - {'majority'})} need a reward model; "
+                         "without one only 'majority' can run")
     tmpl = get_template(template or task.template)
     compare_id = stable_hash({"task": task.identity, "problems": [p.id for p in problems], "cfg": asdict(cfg),
-                              "engine": engine.identity(), "prm": prm.identity(), "template": tmpl.identity(),
+                              "engine": engine.identity(), "prm": prm.identity() if prm is not None else None, "template": tmpl.identity(),
                               "verifier": verifier.name})
     cells = _load_cells(store, compare_id)
     keys = AnswerKeys()
@@ -119,34 +134,53 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
     def judge(pid: str, text: str) -> bool:
         return verifier.verify(by_id[pid], text).passed
 
+    def prm_usage() -> Usage:
+        return Usage.from_dict(getattr(prm, "usage", Usage()).to_dict()) if prm is not None else Usage()
+
     for seed in cfg.seeds:
+        drawn = None  # best-of-N samples of this seed, shared by best_of_n and majority
         for strategy in cfg.strategies:
             step_of = cfg.sequential if strategy == "revision" else cfg.width
-            budgets = cfg.budgets if strategy == "best_of_n" else [n for n in cfg.budgets if n % step_of == 0]
+            budgets = cfg.budgets if strategy in SAMPLED else [n for n in cfg.budgets if n % step_of == 0]
             if all((strategy, n, seed) in cells for n in budgets):
                 continue
             t = time.perf_counter()
-            if strategy == "best_of_n":
-                sc = SearchConfig(n=cfg.n_max, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation)
-                res = best_of_n(problems, engine, prm, tmpl, full, sc, seed=seed)
-                graded = {}  # per problem, once: every budget is a subset of the same samples
-                for pid, paths in res.paths.items():
-                    texts = [p.text(cfg.delimiter) for p in paths]
-                    graded[pid] = ([judge(pid, x) for x in texts], [keys.of_text(x) for x in texts])
+            if strategy in SAMPLED:
+                if drawn is None:
+                    sc = SearchConfig(n=cfg.n_max, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation)
+                    before = prm_usage()
+                    res = best_of_n(problems, engine, prm, tmpl, full, sc, seed=seed)
+                    spent = {"policy": res.stats.usage, "prm": prm_usage() + before.scaled(-1)}
+                    graded = {}  # per problem, once: every budget is a subset of the same samples
+                    for pid, paths in res.paths.items():
+                        texts = [p.text(cfg.delimiter) for p in paths]
+                        graded[pid] = ([judge(pid, x) for x in texts], [keys.of_text(x) for x in texts],
+                                       [max(p.rank, 0.0) for p in paths])
+                    probe = {pid: float(np.mean([p.rank for p in paths[:cfg.probe]]))
+                             for pid, paths in res.paths.items() if prm is not None}
+                    drawn = (res, graded, spent, probe)
+                res, graded, spent, probe = drawn
                 for n in budgets:
                     correct, tokens, oracle = {}, {}, {}
                     for pid, paths in res.paths.items():
-                        ok, ks = graded[pid]
-                        correct[pid] = selection_at_k(ks, ok, n, "weighted", [max(p.rank, 0.0) for p in paths],
-                                                      seed=seed).mean
+                        ok, ks, ranks = graded[pid]
+                        if strategy == "majority":
+                            correct[pid] = selection_at_k(ks, ok, n, "majority", seed=seed).mean
+                        else:
+                            correct[pid] = selection_at_k(ks, ok, n, "weighted", ranks, seed=seed).mean
                         tokens[pid] = float(np.mean([p.tokens for p in paths])) * n
                         oracle[pid] = float(pass_at_k([len(ok)], [sum(ok)], n)[0])
-                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, oracle)
+                    usage = {"policy": spent["policy"].scaled(n / cfg.n_max).to_dict()}
+                    if strategy == "best_of_n":
+                        usage["prm"] = spent["prm"].scaled(n / cfg.n_max).to_dict()
+                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, oracle, usage,
+                                                             probe if n == 1 else {})
                     _save_cell(store, compare_id, cell)
             else:
                 for n in budgets:
                     if (strategy, n, seed) in cells:
                         continue
+                    before = prm_usage()
                     if strategy == "revision":
                         sc = SearchConfig(n=n, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation,
                                           sequential=cfg.sequential)
@@ -166,7 +200,8 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
                         tokens[pid] = float(sum(p.tokens for p in paths))
                     share = res.stats.rollout_tokens / max(1, len(problems))
                     tokens = {pid: v + share for pid, v in tokens.items()}
-                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens)
+                    usage = {"policy": res.stats.usage.to_dict(), "prm": (prm_usage() + before.scaled(-1)).to_dict()}
+                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, {}, usage)
                     _save_cell(store, compare_id, cell)
             if progress:
                 progress(f"{strategy} seed {seed}: {time.perf_counter() - t:.0f} s")

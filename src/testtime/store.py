@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created      REAL NOT NULL,
     PRIMARY KEY (run_id, problem_id, sample_index, verifier)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_models (
+    run_id       TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    shape        TEXT NOT NULL,
+    PRIMARY KEY (run_id, role)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gradings (
     run_id       TEXT NOT NULL,
     verifier     TEXT NOT NULL,
@@ -303,6 +309,29 @@ class Store:
         row = self.db.execute("SELECT info FROM gradings WHERE run_id = ? AND verifier = ?",
                               (run_id, verifier)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def set_model_shape(self, run_id: str, shape: dict[str, Any], role: str = "policy") -> None:
+        """The shape (for FLOPs) of the model that generated a run's samples."""
+        self._tx("INSERT OR REPLACE INTO run_models VALUES (?,?,?)", [(run_id, role, json.dumps(shape))])
+
+    def model_shape(self, run_id: str, role: str = "policy") -> dict[str, Any] | None:
+        row = self.db.execute("SELECT shape FROM run_models WHERE run_id = ? AND role = ?", (run_id, role)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def usage(self, run_id: str, n: int | None = None) -> dict[str, dict[str, int]]:
+        """Per problem, the `flops.Usage` fields summed over its samples (the first n if given)."""
+        limit = "AND sample_index < ?" if n is not None else ""
+        rows = self.db.execute(
+            "SELECT problem_id, count(*) AS sequences, "
+            "  sum(prompt_tokens - cached_tokens) AS prefill, "
+            "  sum(prompt_tokens * (prompt_tokens + 1) / 2 - cached_tokens * (cached_tokens + 1) / 2) AS prefill_ctx, "
+            "  sum(prompt_tokens) AS prompt, sum(prompt_tokens * (prompt_tokens + 1) / 2) AS prompt_ctx, "
+            "  sum(completion_tokens) AS decode, "
+            "  sum((prompt_tokens + completion_tokens) * (prompt_tokens + completion_tokens + 1) / 2 "
+            "      - prompt_tokens * (prompt_tokens + 1) / 2) AS decode_ctx "
+            "FROM samples WHERE run_id = ? " + limit + " GROUP BY problem_id",
+            (run_id,) + ((n,) if n is not None else ())).fetchall()
+        return {r["problem_id"]: {k: int(r[k]) for k in r.keys() if k != "problem_id"} for r in rows}
 
     def verifiers(self, run_id: str) -> list[str]:
         return [r[0] for r in self.db.execute(

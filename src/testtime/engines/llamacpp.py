@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ..flops import ModelShape
 from ..spec import SamplingParams
 from ._llama import LlamaModel, ModelError, default_model_path, fingerprint
 from .base import ENGINES, Completion, Request, TokenLogprob
@@ -140,6 +141,7 @@ class LlamaCppEngine:
                                      bos_token=self._special_text(self.llm.bos),
                                      eos_token=self._special_text(self.llm.eos))
         self._fingerprint = fingerprint(self.llm.path)
+        self._shape: ModelShape | None = None
         self._free_slots = set(range(slots))
         self._free_prefix_seqs = list(range(n_seq - 1, slots - 1, -1))
         self._prefixes: OrderedDict[_Prefix, None] = OrderedDict()  # least recently used first
@@ -170,6 +172,12 @@ class LlamaCppEngine:
     def identity(self) -> dict[str, Any]:
         return {"engine": "llamacpp", "model": self.llm.path.name, "fingerprint": self._fingerprint,
                 "chat_template": hashlib.sha256(self.template.source.encode()).hexdigest()[:12]}
+
+    def shape(self) -> "ModelShape":
+        """The model's shape, for FLOPs (read from the GGUF header once)."""
+        if self._shape is None:
+            self._shape = ModelShape.from_gguf(self.llm.path)
+        return self._shape
 
     def info(self) -> dict[str, Any]:
         return {**self.identity(), **self.llm.shape(), "threads": self.llm.n_threads,

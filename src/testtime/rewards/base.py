@@ -34,6 +34,9 @@ class RewardModel(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
+    # Optional: `usage` (a `flops.Usage`) accumulating what scoring computed, and
+    # `shape()` (a `flops.ModelShape`) to turn it into FLOPs.
+
 
 REWARD_MODELS: Registry[Callable[..., RewardModel]] = Registry("reward model")
 

@@ -17,6 +17,7 @@ import math
 from typing import Any, Sequence
 
 from ..engines.base import Engine, Request
+from ..flops import Usage
 from ..spec import SamplingParams, stable_hash
 from .base import REWARD_MODELS, Scoring
 
@@ -38,10 +39,16 @@ class JudgePRM:
         self.system, self.user = system, user
         self.good, self.bad = tuple(good), tuple(bad)
         self.params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=top_logprobs)
+        self.usage = Usage()
+        """Every token the judge's engine computed for this reward model."""
 
     def identity(self) -> dict[str, Any]:
         return {"reward_model": "judge", "engine": self.engine.identity(),
                 "prompt": stable_hash([self.system, self.user, self.good, self.bad])}
+
+    def shape(self) -> Any:
+        shape = getattr(self.engine, "shape", None)
+        return shape() if shape else None
 
     def request(self, key: Any, question: str, steps: Sequence[str]) -> Request:
         numbered = "\n\n".join(steps)
@@ -55,6 +62,7 @@ class JudgePRM:
                     for i, it in enumerate(items) for j in range(it.known, len(it.steps))]
         for c in self.engine.generate(requests):
             i, j = c.key
+            self.usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
             out[i][j - items[i].known] = p_yes(c.logprobs[0].top if c.logprobs else {}, self.good, self.bad)
         return out
 

@@ -19,12 +19,14 @@ errors, 429 and 5xx, and fail with a clear message otherwise.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ..flops import Usage
 from .base import REWARD_MODELS, Scoring
 
 
@@ -45,6 +47,11 @@ class ServedPRM:
         self.model, self.wire = model, wire
         self.step_tag, self.good_index, self.question_template = step_tag, good_index, question_template
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self.usage = Usage()
+        """Tokens the server reported scoring (vLLM's `usage.prompt_tokens`)."""
+        self.unmetered = 0
+        """Scoring calls whose response reported no token count."""
+        self._lock = threading.Lock()
 
     def identity(self) -> dict[str, Any]:
         return {"reward_model": "served", "url": self.base_url, "model": self.model, "wire": self.wire,
@@ -76,10 +83,19 @@ class ServedPRM:
                 raise RewardServerError(f"reward server {url} did not answer JSON") from None
         raise AssertionError("unreachable")
 
+    def _meter(self, out: Any) -> None:
+        tokens = (out.get("usage") or {}).get("prompt_tokens") if isinstance(out, dict) else None
+        with self._lock:
+            if isinstance(tokens, int) and tokens >= 0:
+                self.usage += Usage.of(tokens, 0, 0)
+            else:
+                self.unmetered += 1
+
     def _one(self, item: Scoring) -> list[float]:
         steps = list(item.steps)
         if self.wire == "scores":
             out = self._post(self.base_url, {"question": item.question, "steps": steps})
+            self._meter(out)
             scores = out.get("scores") if isinstance(out, dict) else None
         else:
             text = self.question_template.format(question=item.question) + \
@@ -88,6 +104,7 @@ class ServedPRM:
             if self.model:
                 body["model"] = self.model
             out = self._post(f"{self.base_url}/pooling", body)
+            self._meter(out)
             try:
                 rows = out["data"][0]["data"]
                 scores = [float(r[self.good_index]) if isinstance(r, list) else float(r) for r in rows]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from ..engines.base import Engine, Request
+from ..flops import Usage
 from ..prompts import PromptTemplate
 from ..rewards.base import RewardModel, Scoring, split_steps
 from ..select import aggregate
@@ -86,6 +87,8 @@ class SearchStats:
     rollout_tokens: int = 0
     steps_scored: int = 0
     iterations: int = 0
+    usage: Usage = field(default_factory=Usage)
+    """Everything the policy engine computed, lookahead rollouts included (for FLOPs)."""
 
 
 @dataclass
@@ -117,13 +120,16 @@ def _expand(engine: Engine, problems: dict[str, Problem], parents: list[tuple[st
         step_done = c.stop_hit == cfg.delimiter
         children.append((pid, parents[i][1].child(c.text, c.completion_tokens, not step_done, c.finish_reason), i))
         stats.generated_tokens += c.completion_tokens
+        stats.usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
     children.sort(key=lambda t: t[2])  # a stable order, whatever order the engine finished in
     return children
 
 
-def _score(prm: RewardModel, problems: dict[str, Problem], paths: Sequence[tuple[str, Path]],
+def _score(prm: RewardModel | None, problems: dict[str, Problem], paths: Sequence[tuple[str, Path]],
            stats: SearchStats) -> None:
-    """Score the steps each path has that it has no score for yet."""
+    """Score the steps each path has that it has no score for yet (nothing without a reward model)."""
+    if prm is None:
+        return
     todo = [(pid, p) for pid, p in paths if len(p.scores) < len(p.steps)]
     items = [Scoring(problems[pid].question, tuple(p.steps), len(p.scores)) for pid, p in todo]
     for (pid, p), new in zip(todo, prm.score(items) if items else []):
@@ -219,6 +225,7 @@ def best_of_n(problems: Sequence[Problem], engine: Engine, prm: RewardModel, tem
         done[c.key].append((c.index, Path(split_steps(c.text, cfg.delimiter), [], True, c.finish_reason,
                                           c.completion_tokens)))
         stats.generated_tokens += c.completion_tokens
+        stats.usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
     done = {pid: [p for _, p in sorted(v, key=lambda t: t[0])] for pid, v in done.items()}
     _score(prm, by_id, [(pid, p) for pid, v in done.items() for p in v], stats)
     for v in done.values():
@@ -255,6 +262,7 @@ def revision(problems: Sequence[Problem], engine: Engine, prm: RewardModel, temp
             history[comp.key].append(Path(split_steps(comp.text, cfg.delimiter), [], True, comp.finish_reason,
                                           comp.completion_tokens))
             stats.generated_tokens += comp.completion_tokens
+            stats.usage += Usage.of(comp.prompt_tokens, comp.cached_tokens, comp.completion_tokens)
     done: dict[str, list[Path]] = {p.id: [] for p in problems}
     for (pid, _), attempts in sorted(history.items()):
         done[pid] += attempts[::-1]
