@@ -114,3 +114,34 @@ def test_by_group_averages_per_label():
     vals = np.array([[1.0], [0.0], [0.5], [0.5]])
     groups = metrics.by_group(vals, [1, 1, 2, 2])
     assert groups[1][0] == 0.5 and groups[2][0] == 0.5
+
+
+def test_forecast_recovers_a_known_law_at_4k_and_16k():
+    a, b = -2.0, -0.4
+    ks = np.arange(1, 257)
+    truth = np.exp(a * ks.astype(float) ** b)
+    measured = {64: float(truth[63]), 256: float(truth[255])}
+    fit, points = metrics.forecast_coverage(truth[:16], ks[:16], k_fit=16, measured=measured)
+    assert fit.a == pytest.approx(a, rel=1e-3) and fit.b == pytest.approx(b, rel=1e-3)
+    assert [p.k for p in points] == [64, 256]
+    for p in points:
+        assert p.predicted == pytest.approx(np.exp(a * p.k ** b), abs=1e-4)
+        assert p.error == pytest.approx(0.0, abs=1e-4)
+
+
+def test_forecast_interval_from_problems_covers_the_truth_and_reports_errors():
+    # 400 problems with per-problem success rates drawn so that mean pass@k follows no exact law;
+    # the forecast from k <= 8 must still land near the measured coverage at 32 with an interval
+    rng = np.random.default_rng(1)
+    p = rng.beta(0.3, 3.0, size=400)
+    ks = np.arange(1, 129)
+    per_problem = 1 - (1 - p[:, None]) ** ks[None, :]  # exact pass@k of each problem
+    curve = per_problem.mean(axis=0)
+    fit, points = metrics.forecast_coverage(per_problem[:, :8], ks[:8], k_fit=8,
+                                            measured={32: float(curve[31])}, n_boot=100)
+    near, far = points
+    assert (near.k, far.k) == (32, 128)
+    assert near.low <= near.predicted <= near.high and near.high - near.low > 0
+    assert near.error == pytest.approx(near.predicted - curve[31])
+    assert abs(near.error) < 0.05
+    assert far.measured is None and far.error is None

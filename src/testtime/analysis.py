@@ -37,6 +37,8 @@ class CoverageAnalysis:
     table: list[dict[str, Any]] = field(default_factory=list)
     """pass@k with its 95% bootstrap interval, for k = 1, 2, 4, ..., n."""
     infra_errors: int = 0
+    forecast: list[metrics.ForecastPoint] = field(default_factory=list)
+    """Coverage forecast at 4K and 16K (K = the fit's largest k), measured where n allows."""
 
 
 def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None = None,
@@ -53,10 +55,14 @@ def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None
     coverage = per_problem.mean(axis=0)
     lo, hi = metrics.bootstrap_ci(per_problem, n_boot=n_boot)
 
-    fit, err = None, None
+    fit, err, forecast = None, None, []
     fit_k = fit_k or max(4, n // 4)
     if (ks <= fit_k).sum() >= 3 and 0 < coverage[-1]:
-        fit = metrics.fit_power_law(ks, coverage, k_max_fit=fit_k)
+        fit_k = int(ks[ks <= fit_k].max())
+        measured = {int(h * fit_k): float(np.nanmean(metrics.pass_at_k(counts.n, counts.c, int(h * fit_k))))
+                    for h in (4, 16) if h * fit_k <= n}
+        fit, forecast = metrics.forecast_coverage(per_problem, ks, fit_k, measured=measured,
+                                                  n_boot=max(50, n_boot // 5))
         if fit_k < n:
             err = float(fit.predict([n])[0] - coverage[-1])
 
@@ -72,7 +78,7 @@ def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None
     table = [{"k": int(k), "pass_at_k": float(tab[:, i].mean()), "ci_low": float(tlo[i]),
               "ci_high": float(thi[i])} for i, k in enumerate(table_ks)]
     return CoverageAnalysis(run_id, verifier, n, len(counts.n), ks, coverage, lo, hi, fit, err,
-                            levels, sizes, table_ks, table, counts.infra_errors)
+                            levels, sizes, table_ks, table, counts.infra_errors, forecast)
 
 
 def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
@@ -86,3 +92,31 @@ def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: i
     elif verifier not in known:
         raise ValueError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
     return analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
+
+
+def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None = None) -> dict[str, Any]:
+    """FLOPs (prefill, decode, total, as if no prefix were shared) and dollars of a
+    run's samples (the first n per problem if given), with per-problem figures.
+    Needs the model's shape, which sampling records; `error` says why when it is missing."""
+    from .flops import ModelShape, PriceTable, Usage, cost_summary
+
+    per_problem = {pid: Usage.from_dict(u) for pid, u in store.usage(run_id, n=n).items()}
+    total = sum(per_problem.values(), Usage())
+    shape_d = store.model_shape(run_id)
+    if shape_d is None:
+        return {"error": f"run {run_id} has no recorded model shape (it was sampled before FLOPs were "
+                         "accounted, or by an engine that cannot tell its shape)", "tokens": total.to_dict()}
+    shape = ModelShape.from_dict(shape_d)
+    table = PriceTable.load(prices)
+    try:
+        price = table.price(shape.name, shape.params)
+    except ValueError as e:
+        price, note = None, str(e)
+    else:
+        note = None
+    out = cost_summary(shape, total, price)
+    out.update({"shape_source": shape.source, "params": shape.params, "price_table": table.source,
+                "per_problem_flops": {pid: shape.flops(u) for pid, u in per_problem.items()}})
+    if note:
+        out["dollars_error"] = note
+    return out

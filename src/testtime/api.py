@@ -111,13 +111,13 @@ def grading_info(run_id: str, verifier: str, workspace: str | Path | None = None
 
 
 def report(run_id: str | None = None, workspace: str | Path | None = None, verifier: str | None = None,
-           fit_k: int | None = None) -> Path:
+           fit_k: int | None = None, prices: str | None = None) -> Path:
     """Write the report of a run (default: the latest) and return the HTML page's path."""
     with Store(workspace) as store:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
             raise KeyError(f"no runs in {store.path}")
-        return write_report(store, rid, verifier=verifier, fit_k=fit_k)
+        return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
 def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
@@ -126,10 +126,33 @@ def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
         return store.runs()
 
 
-def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str | Path | None = None) -> Path:
-    """Write a run's samples with their verdicts to JSONL or Parquet."""
+def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str | Path | None = None, *,
+           verifier: str | None = None, drop_shots: bool = False, pairs_per_problem: int = 4) -> Path:
+    """Write a run's samples with their verdicts to JSONL or Parquet; or, with fmt
+    'sft' or 'dpo', its verified samples as training data in TRL's formats
+    (see `testtime.export`)."""
+    from .export import dpo_rows, sft_rows, write_jsonl
+
     with Store(workspace) as store:
-        return store.export(store.resolve_run(run_id), path, fmt)
+        rid = store.resolve_run(run_id)
+        if fmt == "sft":
+            return write_jsonl(sft_rows(store, rid, verifier, drop_shots), path)[0]
+        if fmt == "dpo":
+            return write_jsonl(dpo_rows(store, rid, verifier, drop_shots, pairs_per_problem), path)[0]
+        return store.export(rid, path, fmt)
+
+
+def cost(run_id: str | None = None, workspace: str | Path | None = None, prices: str | None = None,
+         n: int | None = None) -> dict[str, Any]:
+    """FLOPs (prefill and decode; computed and as if no prefix were shared) and
+    dollars of a run's samples (the first n per problem if given)."""
+    from .analysis import run_cost
+
+    with Store(workspace) as store:
+        rid = store.resolve_run(run_id) if run_id else store.latest_run()
+        if rid is None:
+            raise KeyError(f"no runs in {store.path}")
+        return {"run_id": rid, **run_cost(store, rid, prices, n)}
 
 
 def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict[str, Any] | None = None,

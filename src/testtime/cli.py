@@ -28,6 +28,8 @@ out = Console()
 USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError,
                PermissionError)
 
+PricesOpt = typer.Option(None, "--prices", envvar="TESTTIME_PRICES",
+                         help="Price table JSON (dollars per million tokens) [default: bundled]")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TESTTIME_WORKSPACE",
                             help="Workspace folder [default: ./testtime-runs]")
 
@@ -218,13 +220,43 @@ def compare(task: str = typer.Option("arithmetic", "--task", "-t"),
 @app.command()
 def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
            verifier: Optional[str] = typer.Option(None), fit_k: Optional[int] = typer.Option(
-               None, help="Fit the power law on k <= this [default: n/4]"),
-           workspace: Optional[Path] = WorkspaceOpt):
+               None, help="Fit the power law on k <= this [default: n/4]; forecasts at 4x and 16x"),
+           prices: Optional[Path] = PricesOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Write PNG plots and a self-contained HTML page for a run."""
     try:
-        out.print(str(api.report(run_id, workspace=workspace, verifier=verifier, fit_k=fit_k)))
+        out.print(str(api.report(run_id, workspace=workspace, verifier=verifier, fit_k=fit_k,
+                                 prices=str(prices) if prices else None)))
     except USER_ERRORS as e:
         _fail(e)
+
+
+@app.command()
+def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
+         n: Optional[int] = typer.Option(None, "-n", help="Count only the first n samples of each problem"),
+         prices: Optional[Path] = PricesOpt, workspace: Optional[Path] = WorkspaceOpt):
+    """FLOPs and dollars of a run: prefill and decode, and as if no prompt prefix were shared."""
+    try:
+        c = api.cost(run_id, workspace=workspace, prices=str(prices) if prices else None, n=n)
+    except USER_ERRORS as e:
+        _fail(e)
+    if "error" in c:
+        _fail(ValueError(c["error"]))
+    t = Table(title=f"run {c['run_id']}: {c['model']} ({c['params'] / 1e6:.1f}M parameters, {c['shape_source']})")
+    for col in ("", "prefill", "decode", "total", "if nothing were shared", "saved"):
+        t.add_column(col, justify="right")
+    fl, tok = c["flops"], c["tokens"]
+    t.add_row("tokens", f"{tok['prefill']:,} of {tok['prompt']:,}", f"{tok['decode']:,}", "", "",
+              f"{100 * (1 - tok['prefill'] / tok['prompt']) if tok['prompt'] else 0:.1f}% of prompt")
+    t.add_row("FLOPs", f"{fl['prefill']:.3e}", f"{fl['decode']:.3e}", f"{fl['total']:.3e}",
+              f"{fl['total_unshared']:.3e}", f"{100 * fl['saved_fraction']:.1f}%")
+    if "dollars" in c:
+        d = c["dollars"]
+        t.add_row("US$", "", "", f"{d['total']:.6f}", f"{d['total_unshared']:.6f}",
+                  f"{100 * (1 - d['total'] / d['total_unshared']) if d['total_unshared'] else 0:.1f}%")
+    out.print(t)
+    out.print(f"{tok['sequences']:,} samples; {fl['total'] / max(1, tok['sequences']):.3e} FLOPs per sample"
+              + (f"; prices: {c['dollars']['rule']} ({c['price_table']})" if "dollars" in c
+                 else f"; no dollars: {c.get('dollars_error')}"))
 
 
 @app.command()
@@ -254,11 +286,17 @@ def grade(run_id: str, verifier: Optional[str] = typer.Option(None, help="[defau
 
 
 @app.command()
-def export(run_id: str, path: Path, fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet [default: from suffix]"),
+def export(run_id: str, path: Path,
+           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft or dpo [default: from suffix]"),
+           verifier: Optional[str] = typer.Option(None, help="sft/dpo: whose verdicts decide [default: the run's only one]"),
+           drop_shots: bool = typer.Option(False, help="sft/dpo: leave the few-shot turns out of the prompt"),
+           pairs_per_problem: int = typer.Option(4, help="dpo: most (chosen, rejected) pairs per problem"),
            workspace: Optional[Path] = WorkspaceOpt):
-    """Export a run's samples and verdicts to JSONL or Parquet."""
+    """Export a run's samples and verdicts (JSONL, Parquet), or its verified samples as
+    training data for TRL: sft (prompt-completion) or dpo (chosen/rejected pairs)."""
     try:
-        out.print(str(api.export(run_id, path, fmt, workspace)))
+        out.print(str(api.export(run_id, path, fmt, workspace, verifier=verifier, drop_shots=drop_shots,
+                                 pairs_per_problem=pairs_per_problem)))
     except USER_ERRORS as e:
         _fail(e)
 

@@ -144,6 +144,58 @@ def fit_power_law(ks, coverage, k_max_fit: int | None = None) -> PowerLawFit:
     return PowerLawFit(float(a), float(b), float(se[0]), float(se[1]), int(ks.max()), rmse)
 
 
+@dataclass(frozen=True)
+class ForecastPoint:
+    """The fitted law's coverage at k, its interval, and the measured coverage where n >= k."""
+
+    k: int
+    predicted: float
+    low: float
+    high: float
+    measured: float | None = None
+    error: float | None = None
+    """predicted - measured."""
+
+
+def forecast_coverage(per_problem, ks, k_fit: int, horizons=(4, 16), measured: dict[int, float] | None = None,
+                      level: float = 0.95, n_boot: int = 200, seed: int = 0) -> tuple[PowerLawFit, list[ForecastPoint]]:
+    """Fit the exponentiated power law on k <= k_fit and forecast coverage at
+    h * k_fit for each horizon h (4K and 16K by default).
+
+    `per_problem` is (problems, len(ks)) pass@k values, or the coverage curve
+    itself (1-D). With problems, the interval is a bootstrap over problems (the
+    whole fit is redone on each resample: the uncertainty that matters when the
+    benchmark is a sample of problems); with a curve alone, it comes from the
+    fit's parameter standard errors. `measured` maps k to the measured coverage
+    for the ks where enough samples exist; each such point gets its error.
+    """
+    x = np.asarray(per_problem, dtype=np.float64)
+    ks = np.asarray(ks, dtype=np.int64)
+    curve = x if x.ndim == 1 else x.mean(axis=0)
+    fit = fit_power_law(ks, curve, k_max_fit=k_fit)
+    targets = np.array([int(h * k_fit) for h in horizons], dtype=np.int64)
+    if x.ndim == 2 and x.shape[0] > 1:
+        rng = np.random.default_rng(seed)
+        keep = ks <= k_fit
+        preds = []
+        for _ in range(n_boot):
+            boot = x[rng.integers(0, x.shape[0], x.shape[0])][:, keep].mean(axis=0)
+            if boot[-1] <= 0:
+                preds.append(np.zeros(len(targets)))
+                continue
+            preds.append(fit_power_law(ks[keep], boot).predict(targets))
+        tail = 100 * (1 - level) / 2
+        lo, hi = np.percentile(np.array(preds), [tail, 100 - tail], axis=0)
+    else:
+        lo, hi = fit.interval(targets, level=level, seed=seed)
+    points = []
+    for i, k in enumerate(targets.tolist()):
+        pred = float(fit.predict([k])[0])
+        m = None if measured is None else measured.get(k)
+        points.append(ForecastPoint(k, pred, float(lo[i]), float(hi[i]), m, None if m is None else pred - m))
+    return fit, points
+
+
 def by_group(values: np.ndarray, groups) -> dict:
     """Mean of `values` (problems, ...) within each group label, keys sorted."""
     groups = np.asarray(groups)

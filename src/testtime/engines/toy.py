@@ -13,6 +13,7 @@ import hashlib
 import time
 from typing import Any, Iterable, Iterator
 
+from ..flops import ModelShape
 from .base import ENGINES, Completion, Request
 
 
@@ -27,6 +28,11 @@ class ToyEngine:
 
     def identity(self) -> dict[str, Any]:
         return {"engine": "toy", "answer_range": self.answer_range}
+
+    def shape(self) -> ModelShape:
+        """A made-up small shape, so FLOPs accounting runs end to end on this engine."""
+        return ModelShape("toy", params=1_000_000, n_layers=4, d_model=64, n_heads=4, n_kv_heads=4,
+                          head_dim=16, vocab=1000, tied_embeddings=True, source="toy")
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
         for req in requests:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..analysis import analyse_run
+from ..analysis import analyse_run, run_cost
 from ..store import Store
 from . import html, plots
 
 
-def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None) -> Path:
+def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
+                 prices: str | None = None) -> Path:
     """Write figures, summary.json and report.html under <workspace>/reports/<run_id>/."""
     a = analyse_run(store, run_id, verifier=verifier, fit_k=fit_k)
     out = store.workspace / "reports" / run_id
@@ -26,8 +27,12 @@ def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: 
         "fit": None if a.fit is None else {"a": a.fit.a, "b": a.fit.b, "a_se": a.fit.a_se, "b_se": a.fit.b_se,
                                            "k_max_fit": a.fit.k_max_fit, "rmse": a.fit.rmse,
                                            "error_at_n": a.fit_error_at_n},
+        "forecast": [f.__dict__ for f in a.forecast],
+        "cost": {k: v for k, v in run_cost(store, run_id, prices).items() if k != "per_problem_flops"},
         "infra_errors": a.infra_errors,
         "grading": store.grading_info(run_id, a.verifier),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(out / "summary.json")
     return html.render(a, summary, figures, out / "report.html")

@@ -41,6 +41,25 @@ def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], ou
                f"RMSE on the fitted range {a.fit.rmse:.4f}")
         if a.fit_error_at_n is not None:
             fit += f"; forecast error at k = {a.n}: {a.fit_error_at_n:+.4f}"
+    fc_rows = [[f.k, f"{f.predicted:.3f}", f"[{f.low:.3f}, {f.high:.3f}]",
+                "not measured (n too small)" if f.measured is None else f"{f.measured:.3f}",
+                "" if f.error is None else f"{f.error:+.3f}"] for f in a.forecast]
+    forecast = _rows(fc_rows, ["k", "forecast", "95% interval", "measured", "error"]) if fc_rows else ""
+    cost = summary.get("cost") or {}
+    cost_html = ""
+    if cost.get("flops"):
+        fl, dl = cost["flops"], cost.get("dollars") or {}
+        cost_html = ("<h2>Compute</h2>" + _rows(
+            [["FLOPs", f"{fl['prefill']:.3g}", f"{fl['decode']:.3g}", f"{fl['total']:.3g}", f"{fl['total_unshared']:.3g}",
+              f"{100 * fl['saved_fraction']:.1f}%"]]
+            + ([["US$", "", "", f"{dl['total']:.4g}", f"{dl['total_unshared']:.4g}",
+                 f"{100 * (1 - dl['total'] / dl['total_unshared']) if dl['total_unshared'] else 0:.1f}%"]] if dl else []),
+            ["", "prefill", "decode", "total", "if no prefix were shared", "saved"])
+            + f"<p>Model {html.escape(str(cost.get('model')))} ({html.escape(str(cost.get('shape_source')))}); "
+            f"per sample {fl['total'] / max(1, cost['tokens']['sequences']):.3g} FLOPs. Prices: "
+            f"{html.escape(str(dl.get('rule', 'none')))} from {html.escape(str(cost.get('price_table')))}.</p>")
+    elif cost.get("error"):
+        cost_html = f"<h2>Compute</h2><p>{html.escape(cost['error'])}</p>"
     infra = (f"<p><b>{a.infra_errors} samples had infrastructure errors</b> and are left out of every "
              "figure (a broken harness is not a wrong answer).</p>") if a.infra_errors else ""
     grading = summary.get("grading") or {}
@@ -58,7 +77,7 @@ pass@1 = {a.coverage[0]:.3f}, coverage at k = {a.n}: {a.coverage[-1]:.3f}.</p>{i
 {_rows(pass_rows, ["k", "pass@k", "95% CI"])}
 <h2>By difficulty level</h2>
 {_rows(level_rows, ["level", "problems", "pass@1", f"pass@{a.n}"]) if level_rows else "<p>No difficulty levels.</p>"}
-<h2>Power-law fit</h2><p>{fit}</p>{sandbox}
+<h2>Power-law fit and forecast</h2><p>{fit}</p>{forecast}{cost_html}{sandbox}
 <h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
 </body></html>"""
     tmp = out.with_name(out.name + ".tmp")

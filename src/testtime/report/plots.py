@@ -32,13 +32,20 @@ def coverage_plot(a: CoverageAnalysis, path: Path) -> Path:
     ax.plot(a.ks, a.coverage, "o-", ms=3, color="C0", label="measured coverage (pass@k)")
     if a.fit is not None:
         k_fit = np.geomspace(1, a.fit.k_max_fit, 100)
-        k_ext = np.geomspace(a.fit.k_max_fit, a.n * EXTRAPOLATE, 100)
+        far = max([a.n * EXTRAPOLATE] + [f.k for f in a.forecast])
+        k_ext = np.geomspace(a.fit.k_max_fit, far, 100)
         lo, hi = a.fit.interval(k_ext)
         ax.plot(k_fit, a.fit.predict(k_fit), "-", color="C3",
                 label=f"fit exp({a.fit.a:.2f} k^{a.fit.b:.2f}), k<={a.fit.k_max_fit}")
         ax.plot(k_ext, a.fit.predict(k_ext), "--", color="C3", label="extrapolation")
         ax.fill_between(k_ext, lo, hi, color="C3", alpha=0.12)
         ax.axvline(a.fit.k_max_fit, color="gray", lw=0.8, ls=":")
+    for i, f in enumerate(a.forecast):
+        ax.errorbar([f.k], [f.predicted], yerr=[[f.predicted - f.low], [f.high - f.predicted]], fmt="D",
+                    color="C3", ms=5, capsize=3, label="forecast (bootstrap 95%)" if i == 0 else None)
+        if f.measured is not None:
+            ax.plot([f.k], [f.measured], "s", color="k", ms=5, mfc="none",
+                    label="measured at the forecast k" if i == 0 else None)
     ax.set_xscale("log")
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylabel("coverage")
