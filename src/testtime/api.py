@@ -191,3 +191,101 @@ def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict
         policy.close()
         judge_engine.close()
         _close(verifier)
+
+
+def _search_stack(model: str | None, engine_args: dict[str, Any] | None):
+    """The embedded policy engine and a judge PRM on a second instance of the same model
+    (so judging never evicts the policy's cached beams)."""
+    from .engines.llamacpp import LlamaCppEngine
+    from .rewards.judge import JudgePRM
+
+    eargs = dict(engine_args or {})
+    if model:
+        eargs["model"] = model
+    policy = LlamaCppEngine(**{"slots": 16, "max_prefixes": 64, **eargs})
+    judge_engine = LlamaCppEngine(**{"slots": 16, "max_prefixes": 32, **eargs})
+    return policy, judge_engine, JudgePRM(judge_engine)
+
+
+def optimal(task: str = "arithmetic", limit: int | None = 30, *, task_args: dict[str, Any] | None = None,
+            kind: str = "oracle", test_fraction: float = 0.5, n_max: int = 16, bon_max: int | None = None,
+            strategies: tuple[str, ...] = ("best_of_n", "majority", "beam_search", "dvts"),
+            widths: tuple[int, ...] = (4,), lookaheads: tuple[int, ...] = (0,), revision_sequential: tuple[int, ...] = (),
+            iterations: int = 4, step_tokens: int = 48, delimiter: str = "\n", aggregation: str = "last",
+            temperature: float = 0.7, template: str | None = None, out: str | Path | None = None,
+            model: str | None = None, engine_args: dict[str, Any] | None = None,
+            engine: Engine | None = None, prm: Any = None,
+            workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit a compute-optimal policy on a training split of the task's first `limit`
+    problems and evaluate it on the rest (see `testtime.optimal`). Writes the policy
+    to `out` (and to the report folder) and returns the curves, the compute ratio,
+    the policy file and the report page."""
+    from .optimal import Candidates, optimal as run_optimal
+
+    sampled = tuple(s for s in strategies if s in ("best_of_n", "majority"))
+    if "best_of_n" not in sampled:
+        raise ValueError("best_of_n must be among the strategies: it is the baseline the policy is measured against")
+    tree = tuple(s for s in strategies if s in ("beam_search", "dvts"))
+    unknown = set(strategies) - set(sampled) - set(tree) - {"revision"}
+    if unknown:
+        raise ValueError(f"unknown strategies {sorted(unknown)}; known: best_of_n, majority, beam_search, dvts, revision")
+    if "revision" in strategies and not revision_sequential:
+        revision_sequential = (2,)
+    cands = Candidates(sampled=sampled, tree=tree, widths=tuple(widths), lookaheads=tuple(lookaheads),
+                       revision_sequential=tuple(revision_sequential), n_max=n_max, bon_max=bon_max or n_max,
+                       search={"iterations": iterations, "delimiter": delimiter, "aggregation": aggregation,
+                               "step_tokens": step_tokens, "temperature": temperature, "probe": 4})
+    the_task = load_task(task, **(task_args or {}))
+    problems = the_task.problems(limit)
+    verifier = load_verifier(the_task.verifier)
+    owned = []
+    if engine is None:
+        engine, judge_engine, prm = _search_stack(model, engine_args)
+        owned = [engine, judge_engine]
+    try:
+        with Store(workspace) as store:
+            return run_optimal(store, the_task, problems, engine, prm, verifier, cands, kind=kind,
+                               test_fraction=test_fraction, template=template, policy_path=out,
+                               task_args=task_args, progress=progress)
+    finally:
+        for e in owned:
+            e.close()
+        _close(verifier)
+
+
+def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit: int | None = None, *,
+                 task_args: dict[str, Any] | None = None, seed: int = 0, model: str | None = None,
+                 engine_args: dict[str, Any] | None = None, engine: Engine | None = None, prm: Any = None,
+                 workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run a policy file at a budget on a task's problems (default: the task it was fitted
+    on, with `task_args` overriding its arguments; use new problems, e.g. another
+    arithmetic `seed`, not the ones it was fitted on). Returns accuracy overall and
+    per difficulty bin, tokens and FLOPs per problem (the difficulty probe included)."""
+    from .optimal import apply_policy as run_apply
+    from .policy import Policy
+
+    pol = Policy.load(policy)
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    meta_task = pol.meta.get("task", {})
+    name = task or meta_task.get("name")
+    if not name:
+        raise ValueError(f"policy {policy} does not say which task it was fitted on; pass a task")
+    args = {} if task and task != meta_task.get("name") else dict(meta_task.get("args") or {})
+    args.update(task_args or {})
+    the_task = load_task(name, **args)
+    problems = the_task.problems(limit)
+    verifier = load_verifier(the_task.verifier)
+    owned = []
+    if engine is None:
+        engine, judge_engine, prm = _search_stack(model, engine_args)
+        owned = [engine, judge_engine]
+    try:
+        with Store(workspace) as store:
+            res = run_apply(store, the_task, problems, engine, prm, verifier, pol, budget, seed=seed,
+                            template=pol.meta.get("template"), progress=progress)
+            return {"task": the_task.identity, "budget": budget, **res}
+    finally:
+        for e in owned:
+            e.close()
+        _close(verifier)

@@ -142,9 +142,29 @@ def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: st
 def run(workspace: Optional[Path] = WorkspaceOpt,
         problems: int = typer.Option(api.QUICKSTART["limit"], help="Problems (levels 1-3, interleaved)"),
         n: int = typer.Option(api.QUICKSTART["n"], "-n", help="Samples per problem"),
-        model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]")):
-    """Quickstart: arithmetic word problems on the embedded model, then a coverage report."""
+        model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+        policy: Optional[Path] = typer.Option(None, help="Apply this compute-optimal policy (from `testtime optimal`)"),
+        budget: int = typer.Option(16, help="With --policy: generations per problem"),
+        arg: List[str] = typer.Option([], "--arg", help="With --policy: task argument key=value overriding the "
+                                                         "policy's (e.g. seed=1 for new arithmetic problems)"),
+        seed: int = typer.Option(0, help="With --policy: root seed")):
+    """Quickstart: arithmetic word problems on the embedded model, then a coverage report.
+    With --policy: run a compute-optimal policy at a budget and report its accuracy and cost."""
     try:
+        if policy is not None:
+            res = api.apply_policy(policy, budget, limit=problems, task_args=_task_args(arg, None), seed=seed,
+                                   model=str(model) if model else None, workspace=workspace,
+                                   progress=lambda m: console.print(m))
+            t = Table(title=f"policy {policy.name} at N<={budget}, {res['problems']} problems "
+                            f"({res['difficulty']} difficulty)")
+            for col in ("bin", "problems", "choice", "accuracy"):
+                t.add_column(col)
+            for b, r in res["by_bin"].items():
+                t.add_row(str(b), str(r["problems"]), r["choice"], f"{r['accuracy']:.3f}")
+            out.print(t)
+            out.print(f"accuracy {res['accuracy']:.3f}; {res['tokens_per_problem']:.0f} generated tokens and "
+                      f"{res['flops_per_problem']:.3e} FLOPs per problem (difficulty probe and reward model included)")
+            return
         q = api.QUICKSTART
         r = _sample(q["task"], n, problems, dict(q["task_args"]), "llamacpp",
                     {"model": str(model)} if model else {}, q["params"], None, 0, workspace, None)
@@ -152,6 +172,50 @@ def run(workspace: Optional[Path] = WorkspaceOpt,
         out.print(f"report: {api.report(r.run_id, workspace=r.workspace)}")
     except USER_ERRORS as e:
         _fail(e)
+
+
+@app.command()
+def optimal(task: str = typer.Option("arithmetic", "--task", "-t"),
+            data: Optional[Path] = typer.Option(None, "--data", help="Data file for file-based tasks"),
+            arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable)"),
+            limit: Optional[int] = typer.Option(30, "--limit", "-l", help="Problems, split into train and test"),
+            test_fraction: float = typer.Option(0.5, help="Share of each difficulty level held out for testing"),
+            difficulty: str = typer.Option("oracle", help="oracle (pass@1 of the samples) or predicted (PRM score)"),
+            strategy: List[str] = typer.Option(["best_of_n", "majority", "beam_search", "dvts"], "--strategy", "-s",
+                                               help="Candidate strategies (repeatable; revision too)"),
+            width: List[int] = typer.Option([4], "--width", help="Tree-search widths to try (repeatable)"),
+            lookahead: List[int] = typer.Option([0], "--lookahead", help="Lookahead depths to try (repeatable)"),
+            sequential: List[int] = typer.Option([], "--sequential", help="Revision chain lengths to try (repeatable)"),
+            n_max: int = typer.Option(16, help="Largest budget N (a power of two)"),
+            bon_max: Optional[int] = typer.Option(None, help="Best-of-N samples per problem [default: n-max]; "
+                                                            "more lets the compute ratio be read past n-max"),
+            iterations: int = typer.Option(4, help="Most search steps"),
+            step_tokens: int = typer.Option(48, help="Most tokens per step"),
+            out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the policy here too"),
+            model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+            workspace: Optional[Path] = WorkspaceOpt):
+    """Fit a compute-optimal policy (strategy and N per difficulty bin and budget) on a
+    training split, evaluate it on held-out problems against fixed strategies, and write it."""
+    try:
+        res = api.optimal(task, limit, task_args=_task_args(arg, data), kind=difficulty, test_fraction=test_fraction,
+                          n_max=n_max, bon_max=bon_max, strategies=tuple(strategy), widths=tuple(width),
+                          lookaheads=tuple(lookahead), revision_sequential=tuple(sequential), iterations=iterations,
+                          step_tokens=step_tokens, out=out_path, model=str(model) if model else None,
+                          workspace=workspace, progress=lambda m: console.print(m))
+    except USER_ERRORS as e:
+        _fail(e)
+    t = Table(title="test accuracy by budget")
+    configs = sorted(res["curves"])
+    for col in ["N", *configs, "policy"]:
+        t.add_column(col, justify="right")
+    for n_ in sorted(res["policy_curve"]):
+        t.add_row(str(n_), *[("" if res["curves"][c].get(n_) is None else f"{res['curves'][c][n_]:.3f}") for c in configs],
+                  f"[bold]{res['policy_curve'][n_]:.3f}[/]")
+    out.print(t)
+    ratio = res["compute_ratio"]
+    out.print(f"compute ratio (best-of-N budget to match the policy at N={res['top']}, / {res['top']}): "
+              + (f"{ratio:.2f}" if ratio is not None else f"best-of-N never matches it within N={res['bon_max']}"))
+    out.print(f"policy: {res['policy_file']}\nreport: {res['page']}")
 
 
 @app.command()

@@ -63,6 +63,8 @@ class CompareConfig:
     """Revision: attempts per chain (N / sequential chains in parallel)."""
     probe: int = 4
     """Predicted difficulty: the mean PRM score of this many best-of-N samples per problem."""
+    only: tuple[int, ...] | None = None
+    """Run searches at these budgets only (default: every power of two up to n_max)."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGY_NAMES]
@@ -75,7 +77,14 @@ class CompareConfig:
 
     @property
     def budgets(self) -> list[int]:
-        return [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
+        every = [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
+        return every if self.only is None else [n for n in every if n in self.only]
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["only"] is None:
+            del d["only"]  # the ids of comparisons made before the field existed stay the same
+        return d
 
 
 @dataclass
@@ -122,7 +131,7 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
         raise ValueError(f"strategies {sorted(set(cfg.strategies) - {'majority'})} need a reward model; "
                          "without one only 'majority' can run")
     tmpl = get_template(template or task.template)
-    compare_id = stable_hash({"task": task.identity, "problems": [p.id for p in problems], "cfg": asdict(cfg),
+    compare_id = stable_hash({"task": task.identity, "problems": [p.id for p in problems], "cfg": cfg.identity(),
                               "engine": engine.identity(), "prm": prm.identity() if prm is not None else None, "template": tmpl.identity(),
                               "verifier": verifier.name})
     cells = _load_cells(store, compare_id)
@@ -141,7 +150,8 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
         drawn = None  # best-of-N samples of this seed, shared by best_of_n and majority
         for strategy in cfg.strategies:
             step_of = cfg.sequential if strategy == "revision" else cfg.width
-            budgets = cfg.budgets if strategy in SAMPLED else [n for n in cfg.budgets if n % step_of == 0]
+            budgets = [2 ** i for i in range(int(np.log2(cfg.n_max)) + 1)] if strategy in SAMPLED else \
+                [n for n in cfg.budgets if n % step_of == 0]
             if all((strategy, n, seed) in cells for n in budgets):
                 continue
             t = time.perf_counter()

@@ -1,0 +1,106 @@
+"""`optimal` and `run --policy` end to end on the toy engine with a scripted reward model."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from testtime import api
+from testtime.cli import app
+from testtime.flops import Usage
+from testtime.optimal import split
+from testtime.policy import Policy
+from testtime.tasks import load_task
+from testtime.tasks.base import Problem
+
+
+class AnswerPRM:
+    """Knows the answers: a step stating the right one scores 0.9, others 0.3. Counts usage."""
+
+    name = "answer"
+
+    def __init__(self, problems):
+        self.answers = {p.question: p.answer for p in problems}
+        self.usage = Usage()
+        self.calls = 0
+
+    def identity(self):
+        return {"reward_model": "answer"}
+
+    def score(self, items):
+        self.calls += 1
+        out = []
+        for it in items:
+            out.append([0.9 if f"answer is {self.answers.get(it.question)}." in s else 0.3
+                        for s in it.steps[it.known:]])
+            self.usage += Usage.of(10 * len(it.steps), 0, 1)
+        return out
+
+
+def _stack(task_args):
+    from testtime.engines.toy import ToyEngine
+
+    task = load_task("arithmetic", **task_args)
+    return ToyEngine(), AnswerPRM(task.problems(200))
+
+
+def test_split_is_stratified_and_deterministic():
+    probs = [Problem(f"L{lv}-{i}", "q", "1", difficulty=lv) for i in range(6) for lv in (1, 2)]
+    train, test = split(probs, 0.5)
+    assert len(train) == len(test) == 6
+    for lv in (1, 2):
+        assert sum(p.difficulty == lv for p in test) == 3
+    assert split(probs, 0.5) == (train, test)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split(probs, 1.0)
+
+
+def test_optimal_writes_a_policy_that_run_applies(tmp_path):
+    args = {"levels": [1, 2]}
+    engine, prm = _stack(args)
+    res = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, widths=(2,), iterations=3,
+                      strategies=("best_of_n", "majority", "beam_search"), out=tmp_path / "p.json",
+                      engine=engine, prm=prm, workspace=tmp_path / "ws")
+    pol = Policy.load(tmp_path / "p.json")
+    assert pol.budgets == [1, 2, 4] and pol.difficulty.kind == "oracle"
+    assert set(res["curves"]) == {"best_of_n", "majority", "beam_search(width=2)"}
+    assert res["curves"]["best_of_n"][8] is not None  # best-of-N measured past n_max
+    assert set(res["policy_curve"]) == {1, 2, 4}
+    assert pol.meta["task"]["args"] == args and len(pol.meta["train"]) == len(pol.meta["test"]) == 6
+    summary = json.loads((res["page"].parent / "summary.json").read_text())
+    assert summary["flops_per_problem"]["best_of_n@4"] > 0
+    assert (res["page"].parent / "optimal_vs_flops.png").is_file()
+    # the policy's test accuracy at each budget is exactly its choices' accuracies on the test problems
+    table = res["table"]
+    for b, acc in res["policy_curve"].items():
+        per = [table.acc[pol.choose(b, res["test_bins"][pid]).config][pol.choose(b, res["test_bins"][pid]).n][pid]
+               for pid in pol.meta["test"]]
+        assert acc == pytest.approx(sum(per) / len(per))
+
+    calls = prm.calls
+    again = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, widths=(2,), iterations=3,
+                        strategies=("best_of_n", "majority", "beam_search"), engine=engine, prm=prm,
+                        workspace=tmp_path / "ws")
+    assert prm.calls == calls  # every cell came from the store: nothing ran again
+    assert again["policy_curve"] == res["policy_curve"]
+
+    applied = api.apply_policy(tmp_path / "p.json", 4, limit=10, task_args={"seed": 7}, engine=engine, prm=prm,
+                               workspace=tmp_path / "ws")
+    assert applied["task"]["seed"] == 7 and applied["problems"] == 10
+    assert sum(b["problems"] for b in applied["by_bin"].values()) == 10
+    assert 0 <= applied["accuracy"] <= 1 and applied["flops_per_problem"] > 0
+    for pid, r in applied["per_problem"].items():
+        c = pol.choose(4, r["bin"])
+        assert r["choice"] == f"{c.config} N={c.n}"
+    calls = prm.calls
+    assert api.apply_policy(tmp_path / "p.json", 4, limit=10, task_args={"seed": 7}, engine=engine, prm=prm,
+                            workspace=tmp_path / "ws")["accuracy"] == applied["accuracy"]
+    assert prm.calls == calls  # resumed from the store
+
+
+def test_cli_reports_bad_policy_files(tmp_path):
+    (tmp_path / "p.json").write_text("{}")
+    res = CliRunner().invoke(app, ["run", "--policy", str(tmp_path / "p.json"), "-w", str(tmp_path)])
+    assert res.exit_code == 2 and "not a testtime policy" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["optimal", "--strategy", "beam_search", "-w", str(tmp_path)])
+    assert res.exit_code == 2 and "best_of_n must be among" in " ".join(res.output.split())
