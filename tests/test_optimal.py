@@ -104,3 +104,40 @@ def test_cli_reports_bad_policy_files(tmp_path):
     assert res.exit_code == 2 and "not a testtime policy" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["optimal", "--strategy", "beam_search", "-w", str(tmp_path)])
     assert res.exit_code == 2 and "best_of_n must be among" in " ".join(res.output.split())
+
+
+def test_models_compared_at_matched_flops_and_dollars(tmp_path):
+    from testtime.engines.toy import ToyEngine
+    from testtime.flops import ModelShape
+
+    class Sized(ToyEngine):
+        def __init__(self, params, answer_range):
+            super().__init__(answer_range=answer_range)
+            self.params = params
+
+        def identity(self):
+            return {"engine": "toy", "answer_range": self.answer_range, "params": self.params}
+
+        def shape(self):
+            d = 64
+            return ModelShape(f"toy-{self.params}", params=self.params, n_layers=4, d_model=d, n_heads=4, n_kv_heads=4,
+                              head_dim=16, vocab=1000, tied_embeddings=True)
+
+    small, large = Sized(2_000_000, 10), Sized(20_000_000, 4)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"prices": [{"model": "toy-2000000", "input": 1, "output": 2},
+                                             {"model": "toy-20000000", "input": 10, "output": 20}]}))
+    page = api.compare_models(["small", "large"], "arithmetic", 6, task_args={"levels": [1]},
+                              n_max={"small": 8, "large": 2}, engines={"small": small, "large": large},
+                              prices=str(prices), workspace=tmp_path)
+    summary = json.loads((page.parent / "summary.json").read_text())
+    curves = summary["curves"]
+    assert set(curves) == {"small", "large"}
+    assert sorted(map(int, curves["small"]["majority"])) == [1, 2, 4, 8]
+    assert sorted(map(int, curves["large"]["majority"])) == [1, 2]
+    s1, l1 = curves["small"]["majority"]["1"], curves["large"]["majority"]["1"]
+    # same prompts and about the same tokens: FLOPs scale with parameters, dollars with the price table
+    assert 5 < l1["flops"] / s1["flops"] < 11
+    assert l1["dollars"] / s1["dollars"] == pytest.approx(10, rel=0.3)
+    assert curves["small"]["majority"]["8"]["flops"] == pytest.approx(8 * s1["flops"], rel=1e-6)
+    assert (page.parent / "models_vs_flops.png").is_file() and (page.parent / "models_vs_dollars.png").is_file()

@@ -289,3 +289,73 @@ def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit
         for e in owned:
             e.close()
         _close(verifier)
+
+
+def compare_models(models: list[str], task: str = "arithmetic", limit: int | None = 20, *,
+                   task_args: dict[str, Any] | None = None, n_max: dict[str, int] | int = 16,
+                   strategies: tuple[str, ...] = ("majority",), temperature: float = 0.7, max_tokens: int = 192,
+                   template: str | None = None, prices: str | None = None, seeds: tuple[int, ...] = (0,),
+                   engines: dict[str, Engine] | None = None, engine_args: dict[str, Any] | None = None,
+                   workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
+    """Matched comparison of models on the same problems: each model draws up to its
+    n_max samples per problem (a dict gives each model its own, e.g. many for the small
+    model and few for the large), and accuracy (majority vote, and with best_of_n a
+    judge PRM made from the same model) and oracle coverage are plotted against FLOPs
+    and dollars per problem. `models` are GGUF paths (or, with `engines`, labels of
+    ready engines). Resumable: cells are stored."""
+    from .compare import CompareConfig, cost_curves, run_compare, write_models_report
+    from .flops import PriceTable
+    from .spec import stable_hash
+
+    if len(models) < 1:
+        raise ValueError("compare_models needs at least one model")
+    needs_prm = any(s != "majority" for s in strategies)
+    the_task = load_task(task, **(task_args or {}))
+    problems = the_task.problems(limit)
+    verifier = load_verifier(the_task.verifier)
+    table = PriceTable.load(prices)
+    curves, meta = {}, {"task": the_task.identity, "problems": len(problems), "strategies": list(strategies),
+                        "price_table": table.source, "models": {}}
+    try:
+        with Store(workspace) as store:
+            for m in models:
+                label = Path(m).stem if engines is None else m
+                cap = n_max[m] if isinstance(n_max, dict) else n_max
+                cfg = CompareConfig(strategies=tuple(strategies), n_max=cap, width=1, seeds=tuple(seeds),
+                                    temperature=temperature, iterations=1, step_tokens=max_tokens)
+                owned = []
+                if engines is not None:
+                    eng = engines[m]
+                    prm = None
+                    if needs_prm:
+                        from .rewards.judge import JudgePRM
+                        prm = JudgePRM(eng)
+                else:
+                    from .engines.llamacpp import LlamaCppEngine
+                    from .rewards.judge import JudgePRM
+
+                    eng = LlamaCppEngine(**{"model": m, "slots": 16, **(engine_args or {})})
+                    owned.append(eng)
+                    prm = None
+                    if needs_prm:
+                        judge_engine = LlamaCppEngine(**{"model": m, "slots": 16, **(engine_args or {})})
+                        owned.append(judge_engine)
+                        prm = JudgePRM(judge_engine)
+                try:
+                    _, cells = run_compare(store, the_task, problems, eng, prm, verifier, cfg, template=template,
+                                           progress=progress)
+                    shape = eng.shape() if hasattr(eng, "shape") else None
+                    prm_shape = prm.shape() if prm is not None and hasattr(prm, "shape") else None
+                finally:
+                    for e in owned:
+                        e.close()
+                shapes = {"policy": shape, "prm": prm_shape}
+                price = {r: table.price(s.name, s.params) for r, s in shapes.items() if s is not None}
+                curves[label] = cost_curves(cells, len(problems), shapes, price)
+                meta["models"][label] = {"params": shape.params if shape else None, "n_max": cap,
+                                         "price": {r: p.rule for r, p in price.items()}}
+            key = stable_hash({"models": models, "task": the_task.identity, "limit": limit, "n_max": n_max,
+                               "strategies": list(strategies), "seeds": list(seeds)})
+            return write_models_report(store.workspace, key, curves, meta)
+    finally:
+        _close(verifier)

@@ -259,7 +259,7 @@ def compare(task: str = typer.Option("arithmetic", "--task", "-t"),
             arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable)"),
             limit: int = typer.Option(10, "--limit", "-l", help="First N problems"),
             strategy: List[str] = typer.Option(["best_of_n", "beam_search", "dvts"], "--strategy",
-                                               help="Strategy (repeatable): best_of_n, beam_search, dvts, revision"),
+                                               help="Strategy (repeatable): best_of_n, majority, beam_search, dvts, revision"),
             n_max: int = typer.Option(8, help="Largest budget N (a power of two); N = 1, 2, 4, ... n_max"),
             width: int = typer.Option(2, help="Beam width M (children per expanded path)"),
             seeds: int = typer.Option(2, help="Seeds per cell (bands over seeds)"),
@@ -267,14 +267,37 @@ def compare(task: str = typer.Option("arithmetic", "--task", "-t"),
             delimiter: str = typer.Option("\\n", help="Step delimiter (escapes allowed: \\n\\n)"),
             lookahead: int = typer.Option(0, help="Greedy rollout steps used to rank each child"),
             step_tokens: int = typer.Option(64, help="Most tokens per step"),
-            model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+            model: List[Path] = typer.Option([], help="GGUF file [default: SmolLM2-135M-Instruct]; repeat it to "
+                                                      "compare models at matched FLOPs and dollars"),
+            model_n_max: List[int] = typer.Option([], help="With several --model: each one's largest N, in order "
+                                                           "(e.g. many samples for the small model, few for the large)"),
+            prices: Optional[Path] = PricesOpt,
             workspace: Optional[Path] = WorkspaceOpt):
-    """Compare strategies at equal budgets: accuracy against N and against tokens, per level."""
+    """Compare strategies at equal budgets: accuracy against N and against tokens, per level.
+    With several --model: majority vote (and best_of_n) of each model against FLOPs and dollars."""
+    if len(model) > 1:
+        try:
+            default = set(strategy) == {"best_of_n", "beam_search", "dvts"}  # not chosen by the user
+            chosen = ["majority"] if default else list(strategy)
+            bad = [s_ for s_ in chosen if s_ not in ("majority", "best_of_n")]
+            if bad:
+                raise ValueError(f"comparing models supports majority and best_of_n, not {', '.join(bad)}")
+            if model_n_max and len(model_n_max) != len(model):
+                raise ValueError(f"--model-n-max was given {len(model_n_max)} times for {len(model)} models")
+            caps = {str(m): c for m, c in zip(model, model_n_max)} if model_n_max else n_max
+            page = api.compare_models([str(m) for m in model], task, limit, task_args=_task_args(arg, data),
+                                      n_max=caps, strategies=tuple(chosen), seeds=tuple(range(seeds)),
+                                      max_tokens=step_tokens * iterations, prices=str(prices) if prices else None,
+                                      workspace=workspace, progress=lambda msg: console.print(msg))
+            out.print(str(page))
+        except USER_ERRORS as e:
+            _fail(e)
+        return
     try:
         page = api.compare(task, limit, task_args=_task_args(arg, data), strategies=tuple(strategy), n_max=n_max,
                            width=width, seeds=tuple(range(seeds)), iterations=iterations,
                            delimiter=delimiter.encode().decode("unicode_escape"), lookahead=lookahead,
-                           step_tokens=step_tokens, model=str(model) if model else None, workspace=workspace,
+                           step_tokens=step_tokens, model=str(model[0]) if model else None, workspace=workspace,
                            progress=lambda msg: console.print(msg))
         out.print(str(page))
     except USER_ERRORS as e:

@@ -304,3 +304,93 @@ def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta
     tmp.write_text(page)
     tmp.replace(out / "compare.html")
     return out / "compare.html"
+
+
+# -- matched comparisons across models ----------------------------------------
+
+def cost_curves(cells: list[Cell], problems: int, shapes: dict[str, Any], prices: dict[str, Any]) -> dict[str, Any]:
+    """Per strategy and N: mean accuracy (over seeds), oracle coverage, and FLOPs and
+    dollars per problem (policy model plus reward model, from each cell's usage)."""
+    out: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for c in cells:
+        flops = dollars = 0.0
+        for role, u in c.usage.items():
+            usage = Usage.from_dict(u)
+            if shapes.get(role) is not None:
+                flops += shapes[role].flops(usage)
+            if prices.get(role) is not None:
+                dollars += prices[role].dollars(usage)
+        row = out.setdefault(c.strategy, {}).setdefault(c.n, {"accuracy": [], "oracle": [], "flops": [], "dollars": []})
+        row["accuracy"].append(float(np.mean(list(c.correct.values()))))
+        if c.oracle:
+            row["oracle"].append(float(np.mean(list(c.oracle.values()))))
+        row["flops"].append(flops / max(1, problems))
+        row["dollars"].append(dollars / max(1, problems))
+    return {s: {n: {k: (float(np.mean(v)) if v else None) for k, v in r.items()} for n, r in sorted(by.items())}
+            for s, by in out.items()}
+
+
+def plot_models(curves: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """Accuracy against FLOPs and against dollars per problem, one line per (model, strategy),
+    oracle coverage dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for xkey, xlabel, name in (("flops", "FLOPs per problem", "models_vs_flops.png"),
+                               ("dollars", "US$ per problem", "models_vs_dollars.png")):
+        fig, ax = plt.subplots(figsize=(6.6, 4.3))
+        i = 0
+        for model, by_strategy in curves.items():
+            for strategy, rows in by_strategy.items():
+                pts = [(r[xkey], r["accuracy"], r["oracle"]) for r in rows.values() if r[xkey]]
+                if not pts:
+                    continue
+                xs, acc, orc = zip(*pts)
+                ax.plot(xs, acc, "o-", ms=3, color=f"C{i}", label=f"{model}: {strategy}")
+                if all(o is not None for o in orc) and strategy in SAMPLED:
+                    ax.plot(xs, orc, "--", color=f"C{i}", lw=1, label=f"{model}: coverage (oracle)")
+                i += 1
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_models_report(workspace: Path, key: str, curves: dict[str, Any], meta: dict[str, Any]) -> Path:
+    import base64
+
+    out = workspace / "reports" / f"models-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_models(curves, out)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "curves": curves}, indent=2, default=str))
+    tmp.replace(out / "summary.json")
+    rows = []
+    for model, by_strategy in curves.items():
+        for strategy, by_n in by_strategy.items():
+            for n, r in by_n.items():
+                fmt = lambda v, f: "" if v is None else format(v, f)
+                rows.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(strategy)}</td><td>{n}</td>"
+                            f"<td>{r['accuracy']:.3f}</td><td>{fmt(r['oracle'], '.3f')}</td>"
+                            f"<td>{fmt(r['flops'], '.3g')}</td><td>{fmt(r['dollars'], '.3g')}</td></tr>")
+    imgs = "".join(f'<img style="max-width:49%" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
+    page = (f"<!doctype html><meta charset='utf-8'><title>models {key}</title>"
+            f"<h1>Models at matched compute</h1><p>{html.escape(json.dumps(meta, default=str))}</p>{imgs}"
+            "<table border=1 cellpadding=4><tr><th>model</th><th>strategy</th><th>N</th><th>accuracy</th>"
+            f"<th>oracle coverage</th><th>FLOPs/problem</th><th>US$/problem</th></tr>{''.join(rows)}</table>")
+    tmp = out / "models.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "models.html")
+    return out / "models.html"
