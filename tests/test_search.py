@@ -295,7 +295,8 @@ def prm_server():
             if self.path == "/pooling":
                 steps = body["input"].split("<tag>")[:-1]
                 rows = [[0.1, 0.9] if "good" in s else [0.8, 0.2] for s in steps]
-                out = {"data": [{"index": 0, "data": rows}], "model": body.get("model")}
+                out = {"data": [{"index": 0, "data": rows}], "model": body.get("model"),
+                       "usage": {"prompt_tokens": len(body["input"].split())}}
             else:
                 out = {"scores": [0.7 if "good" in s else 0.3 for s in body["steps"]]}
             data = json.dumps(out).encode()
@@ -319,13 +320,19 @@ def test_served_prm_vllm_pooling_format(prm_server):
     items = [Scoring("q", ("a good step", "a bad step", "good again")), Scoring("q", ("good", "bad"), known=1)]
     assert prm.score(items) == [[0.9, 0.2, 0.9], [0.2]]
     assert state["requests"] == 3  # one 503, retried
+    # the tokens the server says it scored are counted (here: words of each input)
+    assert prm.usage.prompt == len("q\na good step<tag>a bad step<tag>good again<tag>".split()) + \
+        len("q\ngood<tag>bad<tag>".split())
+    assert prm.usage.sequences == 2 and prm.unmetered == 0
 
 
 def test_served_prm_scores_format_and_errors(prm_server):
     from testtime.rewards.served import RewardServerError, ServedPRM
 
     url, _ = prm_server
-    assert ServedPRM(url + "/score", wire="scores").score([Scoring("q", ("good", "bad"))]) == [[0.7, 0.3]]
+    plain = ServedPRM(url + "/score", wire="scores")
+    assert plain.score([Scoring("q", ("good", "bad"))]) == [[0.7, 0.3]]
+    assert plain.unmetered == 1 and plain.usage.sequences == 0  # no usage in the answer: not guessed
     with pytest.raises(RewardServerError, match="2 scores for 3 steps|scores for"):
         ServedPRM(url, wire="vllm", step_tag="<other>", good_index=1).score([Scoring("q", ("a", "b", "c"))])
     with pytest.raises(RewardServerError, match="unreachable"):

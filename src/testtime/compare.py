@@ -166,7 +166,7 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
                         texts = [p.text(cfg.delimiter) for p in paths]
                         graded[pid] = ([judge(pid, x) for x in texts], [keys.of_text(x) for x in texts],
                                        [max(p.rank, 0.0) for p in paths])
-                    probe = {pid: float(np.mean([p.rank for p in paths[:cfg.probe]]))
+                    probe = {pid: float(np.mean([max(p.rank, 0.0) for p in paths[:cfg.probe]]))
                              for pid, paths in res.paths.items() if prm is not None}
                     drawn = (res, graded, spent, probe)
                 res, graded, spent, probe = drawn

@@ -125,6 +125,7 @@ def fit_policy(cells: list[Cell], train: list[str], test: list[str], kind: str =
     source = first[0].oracle if kind == "oracle" else next((c.probe for c in first if c.probe), {})
     if not source:
         raise ValueError(f"no {kind} difficulty values in the cells (predicted difficulty needs a reward model)")
+    source = {p: (v if np.isfinite(v) else 0.0) for p, v in source.items()}  # an unscored sample counts as 0
     bins = fit_difficulty({p: source[p] for p in train}, kind=kind)
     budgets = sorted(budgets or table.budgets)
     policy = select_policy(table, bins.assign({p: source[p] for p in train}), budgets)

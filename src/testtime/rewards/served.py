@@ -40,13 +40,16 @@ class ServedPRM:
 
     def __init__(self, base_url: str, model: str | None = None, wire: str = "vllm",
                  step_tag: str = "\n\n", good_index: int = -1, question_template: str = "{question}\n",
-                 concurrency: int = 8, timeout_s: float = 60.0, retries: int = 3):
+                 concurrency: int = 8, timeout_s: float = 60.0, retries: int = 3, shape: Any = None):
+        """shape: the PRM's `flops.ModelShape` (e.g. `ModelShape.from_hf_config(...)`), so
+        FLOPs can count what scoring computed; without it only tokens are counted."""
         if wire not in ("vllm", "scores"):
             raise ValueError(f"wire must be 'vllm' or 'scores', got {wire!r}")
         self.base_url = base_url.rstrip("/")
         self.model, self.wire = model, wire
         self.step_tag, self.good_index, self.question_template = step_tag, good_index, question_template
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self._shape = shape
         self.usage = Usage()
         """Tokens the server reported scoring (vLLM's `usage.prompt_tokens`)."""
         self.unmetered = 0
@@ -82,6 +85,9 @@ class ServedPRM:
             except ValueError:
                 raise RewardServerError(f"reward server {url} did not answer JSON") from None
         raise AssertionError("unreachable")
+
+    def shape(self) -> Any:
+        return self._shape
 
     def _meter(self, out: Any) -> None:
         tokens = (out.get("usage") or {}).get("prompt_tokens") if isinstance(out, dict) else None
