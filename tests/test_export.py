@@ -107,6 +107,9 @@ def test_run_cost_from_stored_samples_and_cli(run):
     assert c["flops"]["total"] == pytest.approx(shape.flops(usage))
     assert c["flops"]["total_unshared"] == pytest.approx(shape.flops(usage, shared=False))
     assert c["dollars"]["total"] > 0 and c["tokens"]["sequences"] == 72
+    per_sample = _samples(ws, r.run_id)  # the export carries each sample's FLOPs
+    assert sum(s["flops"] for s in per_sample.values()) == pytest.approx(c["flops"]["total"])
+    assert all(s["flops_unshared"] >= s["flops"] > 0 for s in per_sample.values())
     res = CliRunner().invoke(app, ["cost", r.run_id, "-w", str(ws)])
     assert res.exit_code == 0, res.output
     assert "FLOPs" in res.output and "US$" in res.output

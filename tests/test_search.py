@@ -367,6 +367,19 @@ def test_compare_sweeps_budgets_stores_cells_and_resumes(tmp_path):
         assert s["all"]["beam_search"][4]["accuracy"] >= bon[4]["accuracy"]  # the PRM guides the search
         page = write_report(store.workspace, cid, s, {"test": True})
         assert page.exists() and (page.parent / "accuracy_vs_tokens.png").exists()
+        # FLOPs per strategy from the usage each cell recorded (this PRM computes nothing of its own)
+        from testtime.flops import ModelShape, Usage
+
+        shape = ModelShape("m", params=2000, n_layers=2, d_model=8, n_heads=2, n_kv_heads=2, head_dim=4, vocab=10,
+                           tied_embeddings=True)
+        f = summarise(cells, problems, {"policy": shape})["all"]
+        cell = next(c for c in cells if (c.strategy, c.n, c.seed) == ("beam_search", 4, 0))
+        other = next(c for c in cells if (c.strategy, c.n, c.seed) == ("beam_search", 4, 1))
+        per_seed = [shape.flops(Usage.from_dict(x.usage["policy"])) / 4 for x in (cell, other)]
+        assert f["beam_search"][4]["flops"] == pytest.approx(sum(per_seed) / 2) and per_seed[0] > 0
+        assert f["best_of_n"][4]["flops"] == pytest.approx(2 * f["best_of_n"][2]["flops"])
+        page = write_report(store.workspace, cid, summarise(cells, problems, {"policy": shape}), {"test": True})
+        assert (page.parent / "accuracy_vs_flops.png").exists()
 
 
 # ---------------------------------------------------------------- on the embedded model

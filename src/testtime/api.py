@@ -186,7 +186,8 @@ def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict
                                             template=template, progress=progress)
             meta = {"task": the_task.identity, "problems": len(problems), "config": cfg.__dict__,
                     "model": policy.identity()}
-            return write_report(store.workspace, compare_id, summarise(cells, problems), meta)
+            shapes = {"policy": policy.shape(), "prm": judge_engine.shape()}
+            return write_report(store.workspace, compare_id, summarise(cells, problems, shapes), meta)
     finally:
         policy.close()
         judge_engine.close()

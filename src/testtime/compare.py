@@ -218,9 +218,20 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
     return compare_id, list(cells.values())
 
 
-def summarise(cells: list[Cell], problems: list[Problem]) -> dict[str, Any]:
+def _cell_flops(c: Cell, shapes: dict[str, Any] | None) -> float | None:
+    if not shapes or not c.usage:
+        return None
+    known = [(shapes.get(r), u) for r, u in c.usage.items() if any(u.values())]  # a role that computed something
+    if any(s is None for s, _ in known):
+        return None
+    return sum(s.flops(Usage.from_dict(u)) for s, u in known)
+
+
+def summarise(cells: list[Cell], problems: list[Problem], shapes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mean accuracy and tokens per (strategy, N), over problems, with min/max over
-    seeds; per difficulty level too (key 'all' for every problem)."""
+    seeds; per difficulty level too (key 'all' for every problem). With the model
+    shapes ("policy", "prm"), FLOPs per problem too (policy and reward model; the
+    cell's total over its problems, divided evenly)."""
     groups: dict[str, list[str]] = {"all": [p.id for p in problems]}
     for p in problems:
         if p.difficulty is not None:
@@ -231,14 +242,18 @@ def summarise(cells: list[Cell], problems: list[Problem]) -> dict[str, Any]:
         for c in cells:
             if not all(pid in c.correct for pid in ids):
                 continue
-            row = table.setdefault(c.strategy, {}).setdefault(c.n, {"acc": [], "tok": [], "oracle": []})
+            row = table.setdefault(c.strategy, {}).setdefault(c.n, {"acc": [], "tok": [], "oracle": [], "flops": []})
             row["acc"].append(float(np.mean([c.correct[i] for i in ids])))
             row["tok"].append(float(np.mean([c.tokens[i] for i in ids])))
+            fl = _cell_flops(c, shapes)
+            if fl is not None:
+                row["flops"].append(fl / max(1, len(c.correct)))
             if c.oracle:
                 row["oracle"].append(float(np.mean([c.oracle[i] for i in ids])))
         out[g] = {s: {n: {"accuracy": float(np.mean(r["acc"])), "acc_min": min(r["acc"]), "acc_max": max(r["acc"]),
                           "tokens": float(np.mean(r["tok"])),
-                          "oracle": float(np.mean(r["oracle"])) if r["oracle"] else None, "seeds": len(r["acc"])}
+                          "oracle": float(np.mean(r["oracle"])) if r["oracle"] else None, "seeds": len(r["acc"]),
+                          "flops": float(np.mean(r["flops"])) if r["flops"] else None}
                       for n, r in sorted(rows.items())}
                   for s, rows in table.items()}
     return out
@@ -251,20 +266,23 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for xkey, xlabel, name in (("n", "budget N (candidates per problem)", "accuracy_vs_n.png"),
-                               ("tokens", "generated tokens per problem", "accuracy_vs_tokens.png")):
-        groups = list(summary)
+    axes_spec = [("n", "budget N (candidates per problem)", "accuracy_vs_n.png"),
+                 ("tokens", "generated tokens per problem", "accuracy_vs_tokens.png")]
+    if any(r.get("flops") for rows in summary["all"].values() for r in rows.values()):
+        axes_spec.append(("flops", "FLOPs per problem (policy + reward model)", "accuracy_vs_flops.png"))
+    for xkey, xlabel, name in axes_spec:
+        groups = list(summary) if xkey != "flops" else ["all"]
         fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
         for ax, g in zip(axes[0], groups):
             for i, (strategy, rows) in enumerate(sorted(summary[g].items())):
-                ns = sorted(rows, key=int)
-                x = [int(n) if xkey == "n" else rows[n]["tokens"] for n in ns]
+                ns = [n for n in sorted(rows, key=int) if xkey != "flops" or rows[n].get("flops")]
+                x = [int(n) if xkey == "n" else rows[n]["tokens" if xkey == "tokens" else "flops"] for n in ns]
                 ax.plot(x, [rows[n]["accuracy"] for n in ns], "o-", ms=3, color=f"C{i}", label=strategy)
                 ax.fill_between(x, [rows[n]["acc_min"] for n in ns], [rows[n]["acc_max"] for n in ns],
                                 color=f"C{i}", alpha=0.15)
                 if strategy == "best_of_n":
                     ax.plot(x, [rows[n]["oracle"] for n in ns], "--", color="k", lw=1, label="oracle coverage")
-            ax.set_xscale("log", base=2)
+            ax.set_xscale("log", base=2 if xkey != "flops" else 10)
             ax.set_ylim(0, 1)
             ax.set_title(g, fontsize=10)
             ax.set_xlabel(xlabel, fontsize=9)
@@ -292,14 +310,16 @@ def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta
     for strategy, by_n in sorted(summary["all"].items()):
         for n, r in sorted(by_n.items(), key=lambda t: int(t[0])):
             oracle = "" if r["oracle"] is None else f"{r['oracle']:.3f}"
+            flops = "" if not r.get("flops") else f"{r['flops']:.3g}"
             rows.append(f"<tr><td>{html.escape(strategy)}</td><td>{n}</td><td>{r['accuracy']:.3f}</td>"
-                        f"<td>[{r['acc_min']:.3f}, {r['acc_max']:.3f}]</td><td>{r['tokens']:.0f}</td><td>{oracle}</td></tr>")
+                        f"<td>[{r['acc_min']:.3f}, {r['acc_max']:.3f}]</td><td>{r['tokens']:.0f}</td><td>{flops}</td>"
+                        f"<td>{oracle}</td></tr>")
     imgs = "".join(f'<img style="max-width:100%" src="data:image/png;base64,'
                    f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
     page = (f"<!doctype html><meta charset='utf-8'><title>compare {compare_id}</title>"
             f"<h1>Strategies at equal budgets</h1><p>{html.escape(json.dumps(meta))}</p>{imgs}"
             "<table border=1 cellpadding=4><tr><th>strategy</th><th>N</th><th>accuracy</th><th>over seeds</th>"
-            f"<th>tokens/problem</th><th>oracle coverage</th></tr>{''.join(rows)}</table>")
+            f"<th>tokens/problem</th><th>FLOPs/problem</th><th>oracle coverage</th></tr>{''.join(rows)}</table>")
     tmp = out / "compare.html.tmp"
     tmp.write_text(page)
     tmp.replace(out / "compare.html")

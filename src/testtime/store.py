@@ -374,14 +374,21 @@ class Store:
             verdicts.setdefault((v["problem_id"], v["sample_index"]), {})[v["verifier"]] = {
                 "verdict": v["verdict"], "reason": v["reason"], "extracted": v["extracted"]}
         problems = {p["problem_id"]: p for p in self.problems(run_id)}
+        from .flops import ModelShape, Usage  # per-sample FLOPs when the run recorded its model's shape
+
+        shape_d = self.model_shape(run_id)
+        shape = ModelShape.from_dict(shape_d) if shape_d else None
         for s in self.samples(run_id):
             p = problems.get(s.problem_id, {})
+            u = Usage.of(s.prompt_tokens, s.cached_tokens, s.completion_tokens) if shape else None
             yield {
                 "run_id": run_id, "problem_id": s.problem_id, "sample_index": s.sample_index,
                 "seed": s.seed, "question": p.get("question"), "reference": p.get("answer"),
                 "difficulty": p.get("difficulty"), "text": s.text, "prompt_tokens": s.prompt_tokens,
                 "cached_tokens": s.cached_tokens, "completion_tokens": s.completion_tokens,
                 "finish_reason": s.finish_reason, "latency_s": s.latency_s,
+                "flops": shape.flops(u) if shape else None,
+                "flops_unshared": shape.flops(u, shared=False) if shape else None,
                 "verdicts": verdicts.get((s.problem_id, s.sample_index), {}),
             }
 
