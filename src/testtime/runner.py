@@ -51,8 +51,9 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
                    sampling=params, seed=seed)
     run_id = store.register_run(spec, n, problems, label=label)
     shape = getattr(engine, "shape", None)
+    shape = shape() if shape is not None else None  # an engine may not know its model's shape
     if shape is not None and store.model_shape(run_id) is None:
-        store.set_model_shape(run_id, shape().to_dict())
+        store.set_model_shape(run_id, shape.to_dict())
     missing = store.missing(run_id, [p.id for p in problems], n)
     if on_plan:
         on_plan(sum(len(v) for v in missing.values()))  # what this call will draw

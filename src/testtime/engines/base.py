@@ -78,10 +78,12 @@ class Completion:
     stop_hit: str | None = None
     """The stop string that ended the sample, if one did (step-wise search tells a
     finished step from a finished solution this way)."""
+    n_tokens: int | None = None
+    """Generated tokens, for engines that report a count but not the ids (servers)."""
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.n_tokens is None else self.n_tokens
 
 
 class Engine(Protocol):

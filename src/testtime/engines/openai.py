@@ -1,0 +1,311 @@
+"""Any OpenAI-compatible server as an engine: vLLM, SGLang, llama.cpp's server,
+Ollama, hosted APIs.
+
+Built on the official `openai` client (async), which retries with exponential
+backoff on connection errors, timeouts, 408, 409, 429 and 5xx. On top of it:
+
+- **Bounded concurrency**: at most `concurrency` calls in flight; requests are
+  read lazily, so a long stream never builds a backlog in memory.
+- **One call per sample by default**, each with its own seed, so sample i is
+  reproducible alone and a resumed run draws exactly what is missing (the
+  protocol's promise). `n_per_request=True` asks for n samples in one call
+  (a single seed for all, so samples then depend on their batch); a server
+  that answers with fewer choices (llama.cpp's) gets the rest asked one by one.
+- **Continuing a partial assistant message** (step-wise search) without
+  re-templating: `continuation="completions"` renders the chat with the
+  model's chat template (given, or read from llama.cpp's `/props`) and sends
+  the text plus the continuation to the completions endpoint;
+  `continuation="vllm"` sends the chat with vLLM's `continue_final_message`.
+- **Clear errors**: an unreachable server, or a model name the server does not
+  serve (with the names it does), stop the run with an `EngineError`. Samples
+  already returned are stored by the caller, so a rerun resumes.
+
+Token counts come from the server's `usage` (prompt, cached prompt tokens when
+reported, completion). Which stop string ended a sample is read from vLLM's
+`stop_reason` when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+import urllib.request
+from typing import Any, Iterable, Iterator
+
+from .base import ENGINES, Completion, Request, TokenLogprob
+from .chat import ChatTemplate
+
+
+class EngineError(RuntimeError):
+    """The server could not produce samples (unreachable, unknown model, bad request)."""
+
+
+@ENGINES.register("openai")
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str | None = None,
+                 api_key: str | None = None, concurrency: int = 16, max_retries: int = 5, timeout_s: float = 300.0,
+                 n_per_request: bool = False, continuation: str = "completions", chat_template: str | None = None,
+                 shape: Any = None):
+        """
+        base_url: the server's OpenAI root, e.g. http://host:8000/v1.
+        model: the served model's name [default: the only one /models lists].
+        api_key: [default: $OPENAI_API_KEY, else "none" for local servers].
+        concurrency: most calls in flight.
+        continuation: "completions" (render the chat template here) or "vllm" (continue_final_message).
+        chat_template: for "completions": Jinja source, or a path to the model's .gguf file or Hugging
+            Face tokenizer_config.json to read it from [default: llama.cpp's /props, else an error when needed].
+        shape: the model's `flops.ModelShape`, for FLOPs accounting.
+        """
+        import openai
+
+        if continuation not in ("completions", "vllm"):
+            raise ValueError(f"continuation must be 'completions' or 'vllm', got {continuation!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        self.concurrency, self.n_per_request, self.continuation_mode = concurrency, n_per_request, continuation
+        self.max_retries, self.timeout_s = max_retries, timeout_s
+        self._openai = openai
+        self._template_source = _template_source(chat_template) if chat_template else None
+        self._shape = shape
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
+        self._thread.start()
+        self._client = self._call(self._make_client())
+        self.model = model or self._only_model()
+
+    async def _make_client(self):
+        return self._openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=self.max_retries,
+                                        timeout=self.timeout_s)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _served(self) -> list[str]:
+        try:
+            async def names() -> list[str]:
+                return [m.id async for m in self._client.models.list()]
+
+            return self._call(names())
+        except self._openai.APIConnectionError:
+            raise EngineError(f"OpenAI-compatible server at {self.base_url} is unreachable "
+                              f"(after {self.max_retries} retries)") from None
+        except self._openai.APIStatusError as e:
+            raise EngineError(f"server at {self.base_url} answered HTTP {e.status_code} to GET /models: {e.message}") from None
+
+    def _only_model(self) -> str:
+        names = self._served()
+        if len(names) != 1:
+            raise EngineError(f"server at {self.base_url} serves {len(names)} models ({', '.join(names) or 'none'}); "
+                              "name one with model=...")
+        return names[0]
+
+    def identity(self) -> dict[str, Any]:
+        ident = {"engine": "openai", "model": self.model}
+        if self._template_source:
+            ident["chat_template"] = hashlib.sha256(self._template_source.encode()).hexdigest()[:12]
+        return ident
+
+    def shape(self) -> Any:
+        return self._shape
+
+    # -- the chat template, for continuations -----------------------------------
+
+    def _template(self) -> ChatTemplate:
+        if self._template_source is None:
+            root = self.base_url.removesuffix("/v1")
+            try:
+                with urllib.request.urlopen(f"{root}/props", timeout=10) as r:
+                    props = json.loads(r.read())
+                self._template_source = props.get("chat_template") or None
+            except (OSError, ValueError):
+                self._template_source = None
+            if not self._template_source:
+                raise EngineError(f"continuing a partial assistant message needs the model's chat template: pass "
+                                  f"chat_template=..., or continuation='vllm' for a vLLM server ({self.base_url} "
+                                  "has no llama.cpp /props to read it from)")
+        return ChatTemplate(self._template_source)
+
+    # -- one call -------------------------------------------------------------------
+
+    def _body(self, req: Request, seed: int, n: int) -> tuple[str, dict[str, Any]]:
+        p = req.params
+        body: dict[str, Any] = {"model": self.model, "temperature": p.temperature, "top_p": p.top_p,
+                                "max_tokens": p.max_tokens, "seed": seed, "n": n}
+        if p.stop:
+            body["stop"] = list(p.stop)
+        extra = {}
+        if p.top_k:
+            extra["top_k"] = p.top_k
+        if p.min_p:
+            extra["min_p"] = p.min_p
+        if req.prompt is not None or (req.continuation and self.continuation_mode == "completions"):
+            prompt = req.prompt if req.prompt is not None else \
+                self._template().render(req.messages, add_generation_prompt=True) + req.continuation
+            body["prompt"] = prompt
+            if p.logprobs is not None:
+                body["logprobs"] = max(1, p.logprobs)
+            kind = "completions"
+        else:
+            messages = [dict(m) for m in req.messages]
+            if req.continuation:  # vLLM: continue the final assistant message as is
+                messages.append({"role": "assistant", "content": req.continuation})
+                extra.update(continue_final_message=True, add_generation_prompt=False)
+            body["messages"] = messages
+            if p.logprobs is not None:
+                body["logprobs"] = True
+                body["top_logprobs"] = p.logprobs
+            kind = "chat"
+        if extra:
+            body["extra_body"] = extra
+        return kind, body
+
+    async def _sample(self, req: Request, indices: list[int]) -> list[Completion]:
+        """Samples `indices` of a request in one call (one seed: the first's)."""
+        seed = req.seeds[indices[0]]
+        kind, body = self._body(req, seed, len(indices))
+        t = time.perf_counter()
+        o = self._openai
+        try:
+            if kind == "chat":
+                resp = await self._client.chat.completions.create(**body)
+            else:
+                resp = await self._client.completions.create(**body)
+        except o.NotFoundError as e:
+            raise EngineError(f"server at {self.base_url} does not serve model {self.model!r} "
+                              f"(HTTP 404: {e.message})") from None
+        except o.APITimeoutError:
+            raise EngineError(f"server at {self.base_url} did not answer within {self.timeout_s} s "
+                              f"(after {self.max_retries} retries)") from None
+        except o.APIConnectionError:
+            raise EngineError(f"OpenAI-compatible server at {self.base_url} is unreachable "
+                              f"(after {self.max_retries} retries)") from None
+        except o.APIStatusError as e:
+            raise EngineError(f"server at {self.base_url} answered HTTP {e.status_code}: {e.message}") from None
+        latency = time.perf_counter() - t
+        usage = resp.usage
+        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = min(prompt_tokens, getattr(details, "cached_tokens", 0) or 0) if details else 0
+        total_completion = getattr(usage, "completion_tokens", 0) or 0
+        out = []
+        choices = sorted(resp.choices, key=lambda c: c.index)[:len(indices)]
+        for j, (choice, i) in enumerate(zip(choices, indices)):
+            text = choice.message.content if kind == "chat" else choice.text
+            text = text or ""
+            if kind == "chat" and req.continuation and text.startswith(req.continuation):
+                text = text[len(req.continuation):]  # some servers echo the continued message whole
+            stop_reason = getattr(choice, "stop_reason", None)
+            if stop_reason is None:
+                stop_reason = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
+            hit = stop_reason if isinstance(stop_reason, str) and stop_reason in req.params.stop else None
+            if hit is None and choice.finish_reason == "stop" and len(req.params.stop) == 1 and stop_reason is None:
+                hit = req.params.stop[0]  # the server does not say; assume the one stop string (see module doc)
+            n_tokens = total_completion // len(choices) if len(choices) > 1 else total_completion
+            out.append(Completion(key=req.key, index=i, seed=req.seeds[i], text=text, token_ids=[],
+                                  prompt_tokens=prompt_tokens, cached_tokens=cached if j == 0 else prompt_tokens,
+                                  finish_reason="length" if choice.finish_reason == "length" else "stop",
+                                  logprobs=_logprobs(choice, kind), latency_s=latency, stop_hit=hit,
+                                  n_tokens=n_tokens))
+        return out
+
+    # -- the stream -----------------------------------------------------------------
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        results: queue.Queue = queue.Queue()
+        in_flight = 0
+        pending: list[tuple[Request, list[int]]] = []
+        source = iter(requests)
+        exhausted = False
+        futures = set()
+
+        def submit(req: Request, idx: list[int]) -> None:
+            nonlocal in_flight
+            fut = asyncio.run_coroutine_threadsafe(self._sample(req, idx), self._loop)
+            futures.add(fut)
+            fut.add_done_callback(lambda f, req=req, idx=idx: results.put((f, req, idx)))
+            in_flight += 1
+
+        try:
+            while True:
+                while in_flight < self.concurrency:
+                    if not pending:
+                        if exhausted:
+                            break
+                        try:
+                            req = next(source)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        if self.n_per_request:
+                            pending.append((req, list(range(req.n))))
+                        else:
+                            pending += [(req, [i]) for i in range(req.n)]
+                    submit(*pending.pop(0))
+                if in_flight == 0:
+                    return
+                fut, req, idx = results.get()
+                in_flight -= 1
+                futures.discard(fut)
+                exc = fut.exception()
+                if exc is not None:
+                    raise exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
+                got = fut.result()
+                if len(got) < len(idx):  # fewer choices than asked: ask for the rest one by one
+                    pending += [(req, [i]) for i in idx[len(got):]]
+                yield from got
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            try:
+                self._call(self._client.close())
+            except Exception:
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+
+def _template_source(value: str) -> str:
+    """Jinja source as given, or read from a .gguf file or a tokenizer_config.json."""
+    from pathlib import Path
+
+    if "{%" in value or "{{" in value:
+        return value
+    p = Path(value)
+    if p.suffix == ".gguf":
+        from ..flops import read_gguf_header
+
+        source = read_gguf_header(p)[0].get("tokenizer.chat_template")
+    elif p.name.endswith(".json"):
+        try:
+            source = json.loads(p.read_text()).get("chat_template")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read a chat template from {p}: {e}") from None
+    else:
+        raise ValueError(f"chat_template must be Jinja source or a path to a .gguf or tokenizer_config.json, got {value!r}")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{p} holds no chat template")
+    return source
+
+
+def _logprobs(choice: Any, kind: str) -> list[TokenLogprob] | None:
+    lp = getattr(choice, "logprobs", None)
+    if lp is None:
+        return None
+    if kind == "chat":
+        return [TokenLogprob(t.token, t.logprob, {x.token: x.logprob for x in (t.top_logprobs or [])})
+                for t in (lp.content or [])]
+    tops = lp.top_logprobs or [None] * len(lp.tokens or [])
+    return [TokenLogprob(tok, float(l if l is not None else float("-inf")), dict(top or {}))
+            for tok, l, top in zip(lp.tokens or [], lp.token_logprobs or [], tops)]

@@ -1,0 +1,307 @@
+"""The `openai` engine against a scripted OpenAI-compatible server, and against
+llama-cpp-python's real server on the embedded model (killed mid-run, resumed)."""
+
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from testtime import api
+from testtime.engines.base import Request
+from testtime.engines.chat import CHATML, ChatTemplate
+from testtime.engines.openai import EngineError, OpenAIEngine
+from testtime.spec import SamplingParams
+from testtime.store import Store
+
+
+class FakeServer:
+    """Answers like an OpenAI-compatible server: text is a pure function of the prompt and seed.
+    `fail_first` requests get 503 (or 429), `single_choice` ignores n (as llama.cpp's server does)."""
+
+    def __init__(self, fail_first=0, status=503, single_choice=False, props=True, models=("fake-model",)):
+        self.requests, self.fail_first, self.status = [], fail_first, status
+        self.single_choice, self.props, self.models = single_choice, props, models
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
+                elif self.path == "/props" and fake.props:
+                    self._send(200, {"chat_template": CHATML})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body))
+                if len(fake.requests) <= fake.fail_first:
+                    return self._send(fake.status, {"error": {"message": "busy"}})
+                if body.get("model") not in fake.models:
+                    return self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
+                chat = self.path.endswith("/chat/completions")
+                prompt = json.dumps(body["messages"]) if chat else body["prompt"]
+                n = 1 if fake.single_choice else body.get("n", 1)
+                choices = []
+                for i in range(n):
+                    h = int(hashlib.sha256(f"{prompt}|{body['seed']}|{i}".encode()).hexdigest()[:8], 16)
+                    text = f"step {h % 97}\n\nThe answer is {h % 10}."
+                    stop, reason = body.get("stop") or [], "stop"
+                    for s in stop:
+                        if s in text:
+                            text = text[:text.index(s)]
+                    words = text.split(" ")
+                    if len(words) > body["max_tokens"]:
+                        text, reason = " ".join(words[:body["max_tokens"]]), "length"
+                    c = {"index": i, "finish_reason": reason}
+                    if chat:
+                        c["message"] = {"role": "assistant", "content": text}
+                        if body.get("logprobs"):
+                            c["logprobs"] = {"content": [{"token": "Yes", "logprob": -0.1, "bytes": None,
+                                                          "top_logprobs": [{"token": "Yes", "logprob": -0.1, "bytes": None},
+                                                                           {"token": "No", "logprob": -2.4, "bytes": None}]}]}
+                    else:
+                        c["text"] = text
+                        if body.get("logprobs"):
+                            c["logprobs"] = {"tokens": ["Yes"], "token_logprobs": [-0.1], "text_offset": [0],
+                                             "top_logprobs": [{"Yes": -0.1, "No": -2.4}]}
+                    choices.append(c)
+                usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": 5 * len(choices),
+                         "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 2}}
+                self._send(200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                                 "created": 0, "model": body["model"], "choices": choices, "usage": usage})
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}/v1"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(**kw):
+        servers.append(FakeServer(**kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _engine(url, **kw):
+    return OpenAIEngine(url, max_retries=kw.pop("max_retries", 3), timeout_s=10, **kw)
+
+
+def test_samples_one_call_per_seed_with_usage_and_stop(fake):
+    srv = fake()
+    eng = _engine(srv.url)
+    assert eng.model == "fake-model"  # the only one served
+    req = Request(key="q", seeds=(11, 12, 13), params=SamplingParams(max_tokens=50, stop=("\n\n",), top_k=5),
+                  messages=({"role": "user", "content": "hi"},))
+    got = sorted(eng.generate([req]), key=lambda c: c.index)
+    assert [c.seed for c in got] == [11, 12, 13]
+    bodies = [b for _, b in srv.requests]
+    assert sorted(b["seed"] for b in bodies) == [11, 12, 13] and all(b["n"] == 1 for b in bodies)
+    assert all(b["top_k"] == 5 for b in bodies)  # extras reach the server
+    for c in got:
+        assert c.text.startswith("step ") and "\n\n" not in c.text
+        assert c.stop_hit == "\n\n" and c.completion_tokens == 5 and c.cached_tokens == 2
+    again = sorted(eng.generate([req]), key=lambda c: c.index)
+    assert [c.text for c in again] == [c.text for c in got]  # a sample is a function of its seed
+    eng.close()
+
+
+def test_retries_on_503_and_429(fake):
+    for status in (503, 429):
+        srv = fake(fail_first=2, status=status)
+        eng = _engine(srv.url)
+        req = Request(key=0, seeds=(1,), params=SamplingParams(max_tokens=20), messages=({"role": "user", "content": "x"},))
+        assert len(list(eng.generate([req]))) == 1
+        assert len(srv.requests) == 3
+        eng.close()
+
+
+def test_clear_errors_for_unreachable_servers_and_wrong_models(fake):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError, match="unreachable"):
+        OpenAIEngine(f"http://127.0.0.1:{port}/v1", max_retries=1, timeout_s=2)
+    srv = fake(models=("a", "b"))
+    with pytest.raises(EngineError, match=r"serves 2 models \(a, b\)"):
+        _engine(srv.url)
+    eng = _engine(srv.url, model="nope")
+    req = Request(key=0, seeds=(1,), params=SamplingParams(max_tokens=5), messages=({"role": "user", "content": "x"},))
+    with pytest.raises(EngineError, match="does not serve model 'nope'"):
+        list(eng.generate([req]))
+    eng.close()
+
+
+def test_continuation_goes_to_the_completions_endpoint_verbatim(fake, tmp_path):
+    srv = fake()
+    eng = _engine(srv.url)
+    msgs = ({"role": "user", "content": "Solve it."},)
+    req = Request(key=0, seeds=(3,), params=SamplingParams(max_tokens=20), messages=msgs, continuation="Step 1: x\n\n")
+    [c] = list(eng.generate([req]))
+    path, body = srv.requests[-1]
+    assert path.endswith("/completions") and not path.endswith("/chat/completions")
+    assert body["prompt"] == ChatTemplate(CHATML).render(list(msgs)) + "Step 1: x\n\n"
+    eng.close()
+    # a vLLM server: the chat endpoint with continue_final_message
+    eng = _engine(srv.url, continuation="vllm")
+    list(eng.generate([req]))
+    path, body = srv.requests[-1]
+    assert path.endswith("/chat/completions") and body["continue_final_message"] is True
+    assert body["messages"][-1] == {"role": "assistant", "content": "Step 1: x\n\n"}
+    eng.close()
+    # no template anywhere: a clear error, not a silently re-templated chat
+    bare = fake(props=False)
+    eng = _engine(bare.url)
+    with pytest.raises(EngineError, match="chat template"):
+        list(eng.generate([req]))
+    eng.close()
+    # the template read from a Hugging Face tokenizer_config.json
+    cfg = tmp_path / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"}))
+    eng = _engine(bare.url, chat_template=str(cfg))
+    list(eng.generate([req]))
+    assert bare.requests[-1][1]["prompt"] == "<user>Solve it.<assistant>Step 1: x\n\n"
+    eng.close()
+    with pytest.raises(ValueError, match="Jinja source or a path"):
+        _engine(bare.url, chat_template="model.bin")
+
+
+def test_n_per_request_falls_back_when_the_server_answers_one_choice(fake):
+    for single in (False, True):
+        srv = fake(single_choice=single)
+        eng = _engine(srv.url, n_per_request=True)
+        req = Request(key=0, seeds=(1, 2, 3, 4), params=SamplingParams(max_tokens=20),
+                      messages=({"role": "user", "content": "x"},))
+        got = list(eng.generate([req]))
+        assert sorted(c.index for c in got) == [0, 1, 2, 3]
+        assert len(srv.requests) == (4 if single else 1)
+        eng.close()
+
+
+def test_logprobs_feed_the_judge_prm(fake):
+    from testtime.rewards.base import Scoring
+    from testtime.rewards.judge import JudgePRM
+
+    srv = fake()
+    eng = _engine(srv.url)
+    scores = JudgePRM(eng).score([Scoring("q", ("a", "b"))])
+    # P(yes) / (P(yes) + P(no)) = e^-0.1 / (e^-0.1 + e^-2.4)
+    assert scores[0] == pytest.approx([1 / (1 + math.exp(-2.3))] * 2, rel=1e-6)
+    eng.close()
+
+
+def test_runs_store_and_resume_through_the_engine(fake, tmp_path):
+    srv = fake()
+    eng = _engine(srv.url)
+    r = api.sample("arithmetic", n=4, limit=3, engine=eng, workspace=tmp_path, task_args={"levels": [1]})
+    assert r.drawn == 12
+    again = api.sample("arithmetic", n=6, limit=3, engine=eng, workspace=tmp_path, task_args={"levels": [1]})
+    assert again.run_id == r.run_id and again.drawn == 6  # only the missing ones
+    eng.close()
+
+
+# ---------------------------------------------------------------- the real server
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model_path, port):
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
+                             "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    import urllib.request
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("llama_cpp.server exited at start")
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama_cpp.server did not start in 120 s")
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_real_server_dies_mid_run_and_the_run_resumes(tmp_path):
+    pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
+    from testtime.engines._llama import default_model_path
+
+    port = _free_port()
+    proc = _start_server(default_model_path(), port)
+    url = f"http://127.0.0.1:{port}/v1"
+    params = SamplingParams(temperature=0.7, max_tokens=48)
+    args = dict(n=4, limit=4, task_args={"levels": [1]}, params=params, workspace=tmp_path)
+    try:
+        eng = OpenAIEngine(url, max_retries=1, timeout_s=30, concurrency=2)
+        seen = []
+
+        def kill_after_three(samples, tokens):  # the server dies with samples in flight
+            seen.append(samples)
+            if len(seen) == 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        with pytest.raises(EngineError, match="unreachable|HTTP"):
+            api.sample("arithmetic", engine=eng, progress=kill_after_three, **args)
+        with Store(tmp_path) as store:
+            run_id = store.latest_run()
+            before = len(store.samples(run_id))
+        assert 3 <= before < 16, before  # what was stored before the server died stays
+        eng.close()
+        proc.wait()
+        proc = _start_server(default_model_path(), port)
+        eng = OpenAIEngine(url, max_retries=1, timeout_s=60, concurrency=2)
+        r = api.sample("arithmetic", engine=eng, **args)
+        eng.close()
+        assert r.run_id == run_id and r.drawn == 16 - before  # only what was missing
+        # continuing a partial assistant message, with the template read from the GGUF file
+        eng = OpenAIEngine(url, max_retries=1, timeout_s=60, chat_template=str(default_model_path()))
+        req = Request(key=0, seeds=(1,), params=SamplingParams(max_tokens=8, temperature=0.0),
+                      messages=({"role": "user", "content": "What is 2 + 3?"},), continuation="2 + 3 =")
+        [c] = list(eng.generate([req]))
+        assert c.completion_tokens > 0 and "5" in c.text
+        eng.close()
+        with Store(tmp_path) as store:
+            rows = store.samples(run_id)
+            assert len(rows) == 16 and len({(s.problem_id, s.sample_index) for s in rows}) == 16
+            assert all(s.completion_tokens > 0 and s.prompt_tokens > 0 for s in rows)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
