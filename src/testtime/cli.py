@@ -388,5 +388,40 @@ def export(run_id: str, path: Path,
         _fail(e)
 
 
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+          model: Optional[Path] = typer.Option(None, help="GGUF file for the embedded engine [default: SmolLM2-135M-Instruct]"),
+          upstream: Optional[str] = typer.Option(None, help="An OpenAI-compatible server to draw samples from "
+                                                           "instead, e.g. http://gpu-box:8000/v1"),
+          upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name [default: its only one]"),
+          judge: bool = typer.Option(True, help="Offer best_of_n@N (a judge made from the same engine)"),
+          max_n: int = typer.Option(64, help="Most samples one request may ask for")):
+    """An OpenAI-compatible chat endpoint that applies a test-time strategy per request
+    (model "majority@8", "best_of_n@4", "sample")."""
+    from .rewards.judge import JudgePRM
+    from .serve import make_server
+
+    try:
+        if upstream:
+            from .engines.openai import OpenAIEngine
+
+            engine: Any = OpenAIEngine(upstream, model=upstream_model)
+        else:
+            from .engines.llamacpp import LlamaCppEngine
+
+            engine = LlamaCppEngine(**({"model": str(model)} if model else {}))
+        srv = make_server(engine, host, port, judge=JudgePRM(engine) if judge else None, max_n=max_n)
+    except (*USER_ERRORS, RuntimeError, OSError) as e:
+        _fail(e)
+    console.print(f"serving on http://{host}:{srv.server_address[1]}/v1 (models: sample, majority@N, best_of_n@N)")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+        engine.close()
+
+
 if __name__ == "__main__":
     app()

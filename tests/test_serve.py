@@ -1,0 +1,164 @@
+"""`testtime serve` with the official openai client: strategies per request, usage,
+streaming, concurrent requests and OpenAI-style errors."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from testtime.engines.toy import ToyEngine
+from testtime.flops import Usage
+from testtime.select import AnswerKeys
+from testtime.serve import make_server
+
+
+class CountingToy(ToyEngine):
+    """The toy engine, recording every generate call (to see batching across requests)."""
+
+    def __init__(self):
+        super().__init__(answer_range=4)
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def generate(self, requests):
+        requests = list(requests)
+        with self.lock:
+            self.calls.append(len(requests))
+        yield from super().generate(requests)
+
+
+class Judge:
+    """Prefers the answer 3, and counts usage like a real judge."""
+
+    def __init__(self):
+        self.usage = Usage()
+
+    def score(self, items):
+        out = []
+        for it in items:
+            self.usage += Usage.of(100, 0, 1)
+            out.append([0.9 if "answer is 3" in s else 0.2 for s in it.steps])
+        return out
+
+
+@pytest.fixture
+def server():
+    engine, judge = CountingToy(), Judge()
+    srv = make_server(engine, port=0, judge=judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+    yield client, engine, judge
+    srv.shutdown()
+    srv.server_close()
+
+
+MSG = [{"role": "user", "content": "Tom has 2 apples and finds 1 more. How many apples?"}]
+
+
+def test_majority_vote_per_request_with_usage(server):
+    client, engine, _ = server
+    r = client.chat.completions.create(model="majority@8", messages=MSG, seed=7, max_tokens=64)
+    text = r.choices[0].message.content
+    # the reply is the candidate carrying the most common answer among the 8 samples the toy engine draws
+    keys = AnswerKeys()
+    from testtime.engines.base import Request
+    from testtime.spec import SamplingParams, sample_seed
+
+    req = Request(key=0, seeds=tuple(sample_seed(7, "serve", k) for k in range(8)),
+                  params=SamplingParams(temperature=0.7, max_tokens=64), messages=tuple(MSG))
+    texts = [c.text for c in sorted(ToyEngine(answer_range=4).generate([req]), key=lambda c: c.index)]
+    answers = [keys.of_text(t) for t in texts]
+    winner = max(dict.fromkeys(answers), key=answers.count)
+    assert keys.of_text(text) == winner and text == texts[answers.index(winner)]
+    assert r.model_extra["testtime"]["votes"] == answers.count(winner)
+    assert r.usage.completion_tokens == sum(len(t.split()) for t in texts)  # every internal token counted
+    assert r.usage.prompt_tokens == 8 * len(repr(tuple(MSG)).split())
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_best_of_n_uses_the_judge_and_counts_its_tokens(server):
+    client, _, judge = server
+    r = client.chat.completions.create(model="best_of_n@8", messages=MSG, seed=3, max_tokens=64)
+    assert "answer is 3" in r.choices[0].message.content  # the judge's favourite among the candidates
+    assert judge.usage.sequences == 8  # every candidate judged once, in one batch
+    assert r.usage.prompt_tokens >= 8 * 100  # the judge's prompts are in the bill
+    explicit = client.chat.completions.create(model="anything-else", messages=MSG, seed=3, max_tokens=64,
+                                              extra_body={"testtime": {"strategy": "best_of_n", "n": 8}})
+    assert explicit.choices[0].message.content == r.choices[0].message.content
+
+
+def test_streaming_returns_the_final_answer(server):
+    client, _, _ = server
+    plain = client.chat.completions.create(model="majority@4", messages=MSG, seed=11)
+    chunks = list(client.chat.completions.create(model="majority@4", messages=MSG, seed=11, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+
+
+def test_concurrent_requests_are_answered_and_batched(server):
+    client, engine, _ = server
+
+    def ask(i):
+        return client.chat.completions.create(model="majority@4", messages=[{"role": "user", "content": f"q{i}"}],
+                                              seed=i).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as ex:
+        answers = list(ex.map(ask, range(16)))
+    assert len(answers) == 16 and all("answer is" in a for a in answers)
+    # each answer is what the same request gets alone: batching never changes a reply
+    assert answers[5] == ask(5)
+    assert sum(engine.calls) >= 16 and max(engine.calls) >= 1
+
+
+def test_bad_requests_get_openai_style_errors(server):
+    client, _, _ = server
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-99", messages=MSG)
+    assert e.value.body["code"] == "model_not_found" and "names no strategy" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="majority@8", messages=[])
+    assert e.value.body["param"] == "messages" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match=r"n must be an integer in \[1, 64\]"):
+        client.chat.completions.create(model="majority@1000", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="majority@2", messages=MSG, temperature=-1)
+    assert [m.id for m in client.models.list()][:2] == ["sample", "majority@4"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_serve_command_on_the_embedded_model(tmp_path):
+    """The real command, on the embedded model, asked through the openai client."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "testtime.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None, "serve did not start"
+                time.sleep(0.5)
+        r = client.chat.completions.create(model="majority@4", max_tokens=48, seed=1, messages=[
+            {"role": "user", "content": "Mia has 4 pens and buys 3 more. How many pens does she have?"}])
+        assert r.choices[0].message.content and r.model_extra["testtime"]["candidates"] == 4
+        assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens >= 4 * 10
+        b = client.chat.completions.create(model="best_of_n@2", max_tokens=32, seed=1, messages=[
+            {"role": "user", "content": "What is 2 + 3?"}])
+        assert b.usage.prompt_tokens > r.usage.prompt_tokens / 4  # samples and the judge's prompts
+    finally:
+        proc.terminate()
+        proc.wait(30)
