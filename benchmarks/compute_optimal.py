@@ -6,7 +6,8 @@ from a second instance of the embedded model:
 
   - best-of-N (PRM-weighted) and majority vote, from one draw of `--bon-max`
     samples per problem; every N is the unbiased expectation over N-subsets;
-  - beam search and DVTS of width `--width`, at every N that the width divides.
+  - beam search (and with `--tree beam_search dvts`, DVTS) of width `--width`,
+    at every N that the width divides.
 
 The compute-optimal policy (`testtime.optimal`, the code behind `testtime
 optimal`) picks, for each difficulty bin and budget N, the candidate and N with
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--bon-max", type=int, default=32, help="best-of-N samples per problem")
     ap.add_argument("--n-max", type=int, default=16, help="largest search budget")
     ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--tree", nargs="+", default=["beam_search"], choices=["beam_search", "dvts"],
+                    help="tree searches to run (DVTS doubles the search time)")
     ap.add_argument("--step-tokens", type=int, default=48)
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--workspace", default=None)
@@ -59,7 +62,7 @@ def main() -> None:
     task = load_task("arithmetic", levels=(1, 2, 3, 4, 5))
     problems = task.problems(5 * args.per_level)
     train, test = split(problems, 0.5)
-    cands = Candidates(sampled=("best_of_n", "majority"), tree=("beam_search", "dvts"), widths=(args.width,),
+    cands = Candidates(sampled=("best_of_n", "majority"), tree=tuple(args.tree), widths=(args.width,),
                        n_max=args.n_max, bon_max=args.bon_max,
                        search={"iterations": args.iterations, "delimiter": "\n", "aggregation": "last",
                                "step_tokens": args.step_tokens, "temperature": 0.7, "probe": 4})
@@ -87,7 +90,7 @@ def main() -> None:
     print(f"\n{len(train)} train / {len(test)} test problems (arithmetic levels 1-5); "
           f"candidates: {', '.join(sorted(curves))}")
     print("test accuracy of the selected answer, by budget N")
-    cols = [bon, "majority", beam, dvts]
+    cols = [c for c in (bon, "majority", beam, dvts) if c in curves]
     print(f"{'N':>4}  " + "  ".join(f"{c:>17}" for c in cols) + f"  {'policy(oracle)':>15}  {'policy(predicted)':>17}")
     for n in sorted(curves[bon]):
         row = "  ".join(f"{'-':>17}" if curves[c].get(n) is None else f"{curves[c][n]:17.3f}" for c in cols)

@@ -229,6 +229,8 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            slots: int = typer.Option(16, help="Sequences decoded together"),
            threads: Optional[int] = typer.Option(None, help="CPU threads [default: all]"),
            seq_ctx: int = typer.Option(1024, help="KV cells per sequence (prompt + max tokens)"),
+           engine_arg: List[str] = typer.Option([], "--engine-arg", help="Engine argument key=value (repeatable), "
+                                                "e.g. base_url=http://host:8000/v1 for openai, model=... for vllm"),
            temperature: float = typer.Option(0.7), top_p: float = typer.Option(1.0),
            top_k: int = typer.Option(0), min_p: float = typer.Option(0.0),
            max_tokens: int = typer.Option(256), stop: List[str] = typer.Option([], help="Stop string (repeatable)"),
@@ -246,6 +248,7 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
             eargs = {"slots": slots, "n_threads": threads, "seq_ctx": seq_ctx}
             if model:
                 eargs["model"] = str(model)
+        eargs.update(_task_args(engine_arg, None))
         r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
                     _verifier_args(allow_code_execution, code_timeout))
         _print_table(r, f"{task}: run {r.run_id}")
