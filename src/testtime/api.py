@@ -58,7 +58,9 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
            engine_args: dict[str, Any] | None = None, params: SamplingParams | None = None,
            template: str | None = None, seed: int = 0, verifier: str | None = None,
            verifier_args: dict[str, Any] | None = None, workspace: str | Path | None = None, label: str | None = None,
-           progress: ProgressFn | None = None, on_plan: Callable[[int], None] | None = None) -> Run:
+           progress: ProgressFn | None = None, on_plan: Callable[[int], None] | None = None,
+           ray_actors: int | None = None, ray_address: str | None = None, actor_cpus: float = 1.0,
+           actor_gpus: float = 0.0) -> Run:
     """Draw n samples for each of a task's first `limit` problems, store them and grade them.
 
     Idempotent and resumable: samples already stored are kept, only missing ones
@@ -67,6 +69,21 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     """
     the_task = load_task(task, **(task_args or {}))
     the_verifier = load_verifier(verifier or the_task.verifier, **(verifier_args or {}))
+    if ray_actors:
+        if not isinstance(engine, str):
+            raise ValueError("with ray_actors, name the engine (each actor builds its own)")
+        from .distributed import run_sharded
+
+        try:
+            with Store(workspace) as store:
+                result = run_sharded(store, the_task, engine, dict(engine_args or {}), n, params or SamplingParams(),
+                                     actors=ray_actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, limit=limit,
+                                     template=template, seed=seed, label=label, ray_address=ray_address,
+                                     progress=progress)
+                grade(store, result.run_id, the_verifier)
+                return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens)
+        finally:
+            _close(the_verifier)
     own_engine = isinstance(engine, str)
     eng = load_engine(engine, **(engine_args or {})) if own_engine else engine
     try:

@@ -238,6 +238,11 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            seed: int = typer.Option(0, help="Root seed of the run"),
            label: Optional[str] = typer.Option(None, help="A name for the run"),
            allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
+           ray_actors: Optional[int] = typer.Option(None, help="Shard problems across this many Ray actors, "
+                                                                "each with its own engine"),
+           ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto) [default: a local one]"),
+           actor_cpus: float = typer.Option(1.0, help="CPUs per Ray actor (also its engine's threads)"),
+           actor_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (one vLLM replica per GPU)"),
            workspace: Optional[Path] = WorkspaceOpt):
     """Draw n samples per problem (only the missing ones), store and grade them."""
     try:
@@ -249,8 +254,16 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
             if model:
                 eargs["model"] = str(model)
         eargs.update(_task_args(engine_arg, None))
-        r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
-                    _verifier_args(allow_code_execution, code_timeout))
+        if ray_actors:
+            if engine == "llamacpp" and threads is None:
+                eargs["n_threads"] = max(1, int(actor_cpus))
+            r = api.sample(task, n, limit, task_args=_task_args(arg, data), engine=engine, engine_args=eargs,
+                           params=params, template=template, seed=seed, workspace=workspace, label=label,
+                           verifier_args=_verifier_args(allow_code_execution, code_timeout), ray_actors=ray_actors,
+                           ray_address=ray_address, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+        else:
+            r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
+                        _verifier_args(allow_code_execution, code_timeout))
         _print_table(r, f"{task}: run {r.run_id}")
     except (*USER_ERRORS, SandboxError) as e:
         _fail(e)
