@@ -81,16 +81,22 @@ def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None
                             levels, sizes, table_ks, table, counts.infra_errors, forecast)
 
 
-def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
-                n: int | None = None) -> CoverageAnalysis:
-    """Analyse a stored run with one of its verifiers (the only one, if it has one)."""
+def pick_verifier(store: Store, run_id: str, verifier: str | None) -> str:
+    """The verifier asked for, or the run's first; a clear error when it has none of them."""
     known = store.verifiers(run_id)
     if verifier is None:
         if not known:
             raise ValueError(f"run {run_id} has no verdicts yet: grade it first")
-        verifier = known[0]
-    elif verifier not in known:
+        return known[0]
+    if verifier not in known:
         raise ValueError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
+    return verifier
+
+
+def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
+                n: int | None = None) -> CoverageAnalysis:
+    """Analyse a stored run with one of its verifiers (the only one, if it has one)."""
+    verifier = pick_verifier(store, run_id, verifier)
     return analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -183,8 +184,6 @@ def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict
     two instances of the same embedded model, so judging never evicts the
     policy's cached beams. Resumable: finished cells are stored."""
     from .compare import CompareConfig, run_compare, summarise, write_report
-    from .engines.llamacpp import LlamaCppEngine
-    from .rewards.judge import JudgePRM
 
     cfg = CompareConfig(strategies=tuple(strategies), n_max=n_max, width=width, seeds=tuple(seeds),
                         iterations=iterations, delimiter=delimiter, aggregation=aggregation,
@@ -192,28 +191,26 @@ def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict
     the_task = load_task(task, **(task_args or {}))
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
-    eargs = dict(engine_args or {})
-    if model:
-        eargs["model"] = model
-    policy = LlamaCppEngine(**{"slots": 16, "max_prefixes": 64, **eargs})
-    judge_engine = LlamaCppEngine(**{"slots": 16, "max_prefixes": 32, **eargs})
     try:
-        with Store(workspace) as store:
-            compare_id, cells = run_compare(store, the_task, problems, policy, JudgePRM(judge_engine), verifier, cfg,
+        with _search_stack(None, None, model, engine_args) as (policy, prm), Store(workspace) as store:
+            compare_id, cells = run_compare(store, the_task, problems, policy, prm, verifier, cfg,
                                             template=template, progress=progress)
             meta = {"task": the_task.identity, "problems": len(problems), "config": cfg.__dict__,
                     "model": policy.identity()}
-            shapes = {"policy": policy.shape(), "prm": judge_engine.shape()}
+            shapes = {"policy": policy.shape(), "prm": prm.shape()}
             return write_report(store.workspace, compare_id, summarise(cells, problems, shapes), meta)
     finally:
-        policy.close()
-        judge_engine.close()
         _close(verifier)
 
 
-def _search_stack(model: str | None, engine_args: dict[str, Any] | None):
-    """The embedded policy engine and a judge PRM on a second instance of the same model
-    (so judging never evicts the policy's cached beams)."""
+@contextmanager
+def _search_stack(engine: Engine | None, prm: Any, model: str | None, engine_args: dict[str, Any] | None):
+    """The given engine and PRM, or the embedded policy engine and a judge PRM on a
+    second instance of the same model (so judging never evicts the policy's cached
+    beams), closed on exit."""
+    if engine is not None:
+        yield engine, prm
+        return
     from .engines.llamacpp import LlamaCppEngine
     from .rewards.judge import JudgePRM
 
@@ -222,7 +219,11 @@ def _search_stack(model: str | None, engine_args: dict[str, Any] | None):
         eargs["model"] = model
     policy = LlamaCppEngine(**{"slots": 16, "max_prefixes": 64, **eargs})
     judge_engine = LlamaCppEngine(**{"slots": 16, "max_prefixes": 32, **eargs})
-    return policy, judge_engine, JudgePRM(judge_engine)
+    try:
+        yield policy, JudgePRM(judge_engine)
+    finally:
+        policy.close()
+        judge_engine.close()
 
 
 def optimal(task: str = "arithmetic", limit: int | None = 30, *, task_args: dict[str, Any] | None = None,
@@ -256,18 +257,12 @@ def optimal(task: str = "arithmetic", limit: int | None = 30, *, task_args: dict
     the_task = load_task(task, **(task_args or {}))
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
-    owned = []
-    if engine is None:
-        engine, judge_engine, prm = _search_stack(model, engine_args)
-        owned = [engine, judge_engine]
     try:
-        with Store(workspace) as store:
-            return run_optimal(store, the_task, problems, engine, prm, verifier, cands, kind=kind,
+        with _search_stack(engine, prm, model, engine_args) as (eng, the_prm), Store(workspace) as store:
+            return run_optimal(store, the_task, problems, eng, the_prm, verifier, cands, kind=kind,
                                test_fraction=test_fraction, template=template, policy_path=out,
                                task_args=task_args, progress=progress)
     finally:
-        for e in owned:
-            e.close()
         _close(verifier)
 
 
@@ -294,18 +289,12 @@ def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit
     the_task = load_task(name, **args)
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
-    owned = []
-    if engine is None:
-        engine, judge_engine, prm = _search_stack(model, engine_args)
-        owned = [engine, judge_engine]
     try:
-        with Store(workspace) as store:
-            res = run_apply(store, the_task, problems, engine, prm, verifier, pol, budget, seed=seed,
+        with _search_stack(engine, prm, model, engine_args) as (eng, the_prm), Store(workspace) as store:
+            res = run_apply(store, the_task, problems, eng, the_prm, verifier, pol, budget, seed=seed,
                             template=pol.meta.get("template"), progress=progress)
             return {"task": the_task.identity, "budget": budget, **res}
     finally:
-        for e in owned:
-            e.close()
         _close(verifier)
 
 

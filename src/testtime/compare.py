@@ -33,6 +33,7 @@ from .engines.base import Engine
 from .flops import Usage
 from .metrics import pass_at_k, selection_at_k
 from .prompts import get_template
+from .report.files import embed_png, save_figure, write_atomic, write_json
 from .rewards.base import RewardModel
 from .select import AnswerKeys
 from .spec import SamplingParams, stable_hash
@@ -289,23 +290,15 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("accuracy of the selected answer")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / name))
     return paths
 
 
 def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta: dict[str, Any]) -> Path:
-    import base64
-
     out = workspace / "reports" / f"compare-{compare_id}"
     out.mkdir(parents=True, exist_ok=True)
     figures = plot(summary, out)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary}, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", {"meta": meta, "summary": summary})
     rows = []
     for strategy, by_n in sorted(summary["all"].items()):
         for n, r in sorted(by_n.items(), key=lambda t: int(t[0])):
@@ -314,16 +307,12 @@ def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta
             rows.append(f"<tr><td>{html.escape(strategy)}</td><td>{n}</td><td>{r['accuracy']:.3f}</td>"
                         f"<td>[{r['acc_min']:.3f}, {r['acc_max']:.3f}]</td><td>{r['tokens']:.0f}</td><td>{flops}</td>"
                         f"<td>{oracle}</td></tr>")
-    imgs = "".join(f'<img style="max-width:100%" src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
+    imgs = "".join(embed_png(p) for p in figures)
     page = (f"<!doctype html><meta charset='utf-8'><title>compare {compare_id}</title>"
             f"<h1>Strategies at equal budgets</h1><p>{html.escape(json.dumps(meta))}</p>{imgs}"
             "<table border=1 cellpadding=4><tr><th>strategy</th><th>N</th><th>accuracy</th><th>over seeds</th>"
             f"<th>tokens/problem</th><th>FLOPs/problem</th><th>oracle coverage</th></tr>{''.join(rows)}</table>")
-    tmp = out / "compare.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "compare.html")
-    return out / "compare.html"
+    return write_atomic(out / "compare.html", page)
 
 
 # -- matched comparisons across models ----------------------------------------
@@ -379,23 +368,15 @@ def plot_models(curves: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         ax.set_ylabel("accuracy")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / name))
     return paths
 
 
 def write_models_report(workspace: Path, key: str, curves: dict[str, Any], meta: dict[str, Any]) -> Path:
-    import base64
-
     out = workspace / "reports" / f"models-{key}"
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_models(curves, out)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "curves": curves}, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", {"meta": meta, "curves": curves})
     rows = []
     for model, by_strategy in curves.items():
         for strategy, by_n in by_strategy.items():
@@ -404,13 +385,9 @@ def write_models_report(workspace: Path, key: str, curves: dict[str, Any], meta:
                 rows.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(strategy)}</td><td>{n}</td>"
                             f"<td>{r['accuracy']:.3f}</td><td>{fmt(r['oracle'], '.3f')}</td>"
                             f"<td>{fmt(r['flops'], '.3g')}</td><td>{fmt(r['dollars'], '.3g')}</td></tr>")
-    imgs = "".join(f'<img style="max-width:49%" src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
+    imgs = "".join(embed_png(p, "max-width:49%") for p in figures)
     page = (f"<!doctype html><meta charset='utf-8'><title>models {key}</title>"
             f"<h1>Models at matched compute</h1><p>{html.escape(json.dumps(meta, default=str))}</p>{imgs}"
             "<table border=1 cellpadding=4><tr><th>model</th><th>strategy</th><th>N</th><th>accuracy</th>"
             f"<th>oracle coverage</th><th>FLOPs/problem</th><th>US$/problem</th></tr>{''.join(rows)}</table>")
-    tmp = out / "models.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "models.html")
-    return out / "models.html"
+    return write_atomic(out / "models.html", page)

@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
+from .analysis import pick_verifier
 from .prompts import get_template
 from .store import Store
 
@@ -51,13 +52,7 @@ def _prompt_for(store: Store, run_id: str, drop_shots: bool):
 
 
 def _graded(store: Store, run_id: str, verifier: str | None) -> tuple[str, dict[str, list[dict[str, Any]]]]:
-    known = store.verifiers(run_id)
-    if verifier is None:
-        if not known:
-            raise ValueError(f"run {run_id} has no verdicts: grade it before exporting training data")
-        verifier = known[0]
-    elif verifier not in known:
-        raise ValueError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
+    verifier = pick_verifier(store, run_id, verifier)
     by_problem: dict[str, list[dict[str, Any]]] = {}
     for row in store.iter_export(run_id):
         v = row["verdicts"].get(verifier)

@@ -23,6 +23,7 @@ from .compare import TREE, Cell, CompareConfig, run_compare
 from .difficulty import fit_difficulty
 from .engines.base import Engine
 from .flops import ModelShape, Usage
+from .report.files import embed_png, save_figure, write_atomic, write_json
 from .policy import AccuracyTable, Policy, budget_to_reach, config_name, evaluate_policy, parse_config, select_policy
 from .rewards.base import RewardModel
 from .spec import stable_hash
@@ -179,17 +180,11 @@ def plot(result: dict[str, Any], flops: dict[tuple[str, int], float] | None, out
                      (f"\nbest-of-N needs {ratio:.2f}x the budget to match" if ratio else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out / name))
     return paths
 
 
 def write_report(workspace: Path, key: str, result: dict[str, Any], figures: list[Path], meta: dict[str, Any]) -> Path:
-    import base64
-
     out = workspace / "reports" / f"optimal-{key}"
     pol: Policy = result["policy"]
     rows = []
@@ -200,8 +195,7 @@ def write_report(workspace: Path, key: str, result: dict[str, Any], figures: lis
     head = "".join(f"<th>{html.escape(c)}</th>" for c in sorted(result["curves"]))
     choice_rows = "".join(f"<tr><td>{html.escape(b)}</td>" + "".join(f"<td>{html.escape(v)}</td>" for v in d.values())
                           + "</tr>" for b, d in pol.describe().items())
-    imgs = "".join(f'<img style="max-width:100%" src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}">' for p in figures)
+    imgs = "".join(embed_png(p) for p in figures)
     ratio = result["compute_ratio"]
     ratio_txt = (f"best-of-N reaches the policy's accuracy at N = {result['top']} only at N = "
                  f"{result['bon_budget_to_match']:.2f}: compute ratio {ratio:.2f}" if ratio is not None else
@@ -211,10 +205,7 @@ def write_report(workspace: Path, key: str, result: dict[str, Any], figures: lis
             f"<h2>Test accuracy by budget</h2><table border=1 cellpadding=4><tr><th>N</th>{head}<th>policy</th></tr>"
             f"{''.join(rows)}</table><h2>Choices (train accuracy)</h2><table border=1 cellpadding=4>{choice_rows}</table>"
             f"<pre>{html.escape(json.dumps(meta, indent=1, default=str))}</pre>")
-    tmp = out / "optimal.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "optimal.html")
-    return out / "optimal.html"
+    return write_atomic(out / "optimal.html", page)
 
 
 def optimal(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel, verifier: Verifier,
@@ -248,9 +239,7 @@ def optimal(store: Store, task: Task, problems: list[Problem], engine: Engine, p
     summary = {"policy_curve": result["policy_curve"], "curves": result["curves"],
                "compute_ratio": result["compute_ratio"], "bon_budget_to_match": result["bon_budget_to_match"],
                "flops_per_problem": {f"{c}@{n}": v for (c, n), v in flops.items()}, "choices": pol.describe()}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", summary)
     page = write_report(store.workspace, key, result, figures, pol.meta)
     return {**result, "page": page, "policy_file": Path(policy_path) if policy_path else out / "policy.json",
             "flops": flops}

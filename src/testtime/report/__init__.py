@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..analysis import analyse_run, run_cost
 from ..store import Store
 from . import html, plots
+from .files import write_json
 
 
 def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: int | None = None,
@@ -32,7 +32,5 @@ def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: 
         "infra_errors": a.infra_errors,
         "grading": store.grading_info(run_id, a.verifier),
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", summary)
     return html.render(a, summary, figures, out / "report.html")

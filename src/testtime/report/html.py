@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
 from typing import Any
 
 from ..analysis import CoverageAnalysis
+from .files import embed_png, write_atomic
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222; }
@@ -20,8 +20,7 @@ pre { padding: 8px; overflow-x: auto; font-size: 12px; }
 
 
 def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+    return embed_png(path)
 
 
 def _rows(rows: list[list[Any]], head: list[str]) -> str:
@@ -80,7 +79,4 @@ pass@1 = {a.coverage[0]:.3f}, coverage at k = {a.n}: {a.coverage[-1]:.3f}.</p>{i
 <h2>Power-law fit and forecast</h2><p>{fit}</p>{forecast}{cost_html}{sandbox}
 <h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
 </body></html>"""
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    return write_atomic(out, page)
