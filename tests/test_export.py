@@ -110,6 +110,12 @@ def test_run_cost_from_stored_samples_and_cli(run):
     per_sample = _samples(ws, r.run_id)  # the export carries each sample's FLOPs
     assert sum(s["flops"] for s in per_sample.values()) == pytest.approx(c["flops"]["total"])
     assert all(s["flops_unshared"] >= s["flops"] > 0 for s in per_sample.values())
+    # a shape given for the run (an old run, or another model's price of the same tokens)
+    from test_flops import SMOLLM2_135M_CONFIG
+
+    (ws / "config.json").write_text(json.dumps(SMOLLM2_135M_CONFIG))
+    other = api.cost(r.run_id, workspace=ws, shape_from=str(ws / "config.json"))
+    assert other["flops"]["total"] == pytest.approx(ModelShape.from_hf_config(SMOLLM2_135M_CONFIG).flops(usage))
     res = CliRunner().invoke(app, ["cost", r.run_id, "-w", str(ws)])
     assert res.exit_code == 0, res.output
     assert "FLOPs" in res.output and "US$" in res.output

@@ -100,18 +100,24 @@ def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: i
     return analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
 
 
-def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None = None) -> dict[str, Any]:
+def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None = None,
+             shape_from: str | None = None) -> dict[str, Any]:
     """FLOPs (prefill, decode, total, as if no prefix were shared) and dollars of a
     run's samples (the first n per problem if given), with per-problem figures.
-    Needs the model's shape, which sampling records; `error` says why when it is missing."""
+    Needs the model's shape, which sampling records (or `shape_from`: a .gguf file or
+    a Hugging Face config.json); `error` says why when it is missing."""
     from .flops import ModelShape, PriceTable, Usage, cost_summary
 
     per_problem = {pid: Usage.from_dict(u) for pid, u in store.usage(run_id, n=n).items()}
     total = sum(per_problem.values(), Usage())
     shape_d = store.model_shape(run_id)
+    if shape_from:
+        shape_d = (ModelShape.from_gguf(shape_from) if str(shape_from).endswith(".gguf")
+                   else ModelShape.from_hf_config(shape_from)).to_dict()
     if shape_d is None:
         return {"error": f"run {run_id} has no recorded model shape (it was sampled before FLOPs were "
-                         "accounted, or by an engine that cannot tell its shape)", "tokens": total.to_dict()}
+                         "accounted, or by an engine that cannot tell its shape); give the model with --shape-from "
+                         "FILE.gguf or config.json", "tokens": total.to_dict()}
     shape = ModelShape.from_dict(shape_d)
     table = PriceTable.load(prices)
     try:

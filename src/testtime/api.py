@@ -161,7 +161,7 @@ def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str
 
 
 def cost(run_id: str | None = None, workspace: str | Path | None = None, prices: str | None = None,
-         n: int | None = None) -> dict[str, Any]:
+         n: int | None = None, shape_from: str | None = None) -> dict[str, Any]:
     """FLOPs (prefill and decode; computed and as if no prefix were shared) and
     dollars of a run's samples (the first n per problem if given)."""
     from .analysis import run_cost
@@ -170,7 +170,7 @@ def cost(run_id: str | None = None, workspace: str | Path | None = None, prices:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
             raise KeyError(f"no runs in {store.path}")
-        return {"run_id": rid, **run_cost(store, rid, prices, n)}
+        return {"run_id": rid, **run_cost(store, rid, prices, n, shape_from)}
 
 
 def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict[str, Any] | None = None,

@@ -336,10 +336,13 @@ def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique pre
 @app.command()
 def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
          n: Optional[int] = typer.Option(None, "-n", help="Count only the first n samples of each problem"),
+         shape_from: Optional[Path] = typer.Option(None, help="The model's .gguf file or Hugging Face config.json "
+                                                              "[default: the shape recorded with the run]"),
          prices: Optional[Path] = PricesOpt, workspace: Optional[Path] = WorkspaceOpt):
     """FLOPs and dollars of a run: prefill and decode, and as if no prompt prefix were shared."""
     try:
-        c = api.cost(run_id, workspace=workspace, prices=str(prices) if prices else None, n=n)
+        c = api.cost(run_id, workspace=workspace, prices=str(prices) if prices else None, n=n,
+                     shape_from=str(shape_from) if shape_from else None)
     except USER_ERRORS as e:
         _fail(e)
     if "error" in c:
