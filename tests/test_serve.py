@@ -162,3 +162,48 @@ def test_serve_command_on_the_embedded_model(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _policy(kind="predicted"):
+    from testtime.difficulty import DifficultyBins
+    from testtime.policy import Choice, Policy
+
+    bins = DifficultyBins(kind, [0.8, 0.6, 0.4, 0.3])
+    easy, hard = Choice("majority", 4, 0.5, 3), Choice("beam_search(width=2)", 4, 0.2, 3)
+    return Policy({4: {1: easy, 2: easy, 3: easy, 4: hard, 5: hard}}, {4: easy}, bins,
+                  {"search": {"iterations": 2, "delimiter": "\n", "aggregation": "last", "step_tokens": 16,
+                              "temperature": 0.7, "probe": 2}})
+
+
+def test_a_policy_picks_the_strategy_per_request_from_the_probe():
+    engine, judge = CountingToy(), Judge()
+    pol = _policy()
+    srv = make_server(engine, port=0, judge=judge, policy=pol)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+    try:
+        seen = set()
+        for seed in range(12):
+            r = client.chat.completions.create(model="policy@4", seed=seed, messages=[
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "The answer is 2."}, {"role": "user", "content": "2+1?"}])
+            info = r.model_extra["testtime"]["policy"]
+            c = pol.choose(4, info["bin"])
+            assert info["choice"] == f"{c.config} N={c.n}"
+            assert r.usage.completion_tokens > 0 and r.choices[0].message.content
+            seen.add(c.config)
+        assert seen == {"majority", "beam_search(width=2)"}  # the probe sends requests both ways
+        assert "policy@4" in [m.id for m in client.models.list()]
+        with pytest.raises(openai.BadRequestError, match="alternating"):
+            client.chat.completions.create(model="policy@4", messages=[{"role": "assistant", "content": "x"}])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    with pytest.raises(ValueError, match="predicted"):
+        make_server(engine, port=0, judge=judge, policy=_policy("oracle"))
+
+
+def test_policy_requests_need_a_policy(server):
+    client, _, _ = server
+    with pytest.raises(openai.NotFoundError, match="no policy"):
+        client.chat.completions.create(model="policy@4", messages=MSG)

@@ -414,6 +414,8 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
                                                            "instead, e.g. http://gpu-box:8000/v1"),
           upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name [default: its only one]"),
           judge: bool = typer.Option(True, help="Offer best_of_n@N (a judge made from the same engine)"),
+          policy: Optional[Path] = typer.Option(None, help="Offer policy@B: a compute-optimal policy file "
+                                                           "(fitted with --difficulty predicted)"),
           max_n: int = typer.Option(64, help="Most samples one request may ask for")):
     """An OpenAI-compatible chat endpoint that applies a test-time strategy per request
     (model "majority@8", "best_of_n@4", "sample")."""
@@ -429,7 +431,10 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
             from .engines.llamacpp import LlamaCppEngine
 
             engine = LlamaCppEngine(**({"model": str(model)} if model else {}))
-        srv = make_server(engine, host, port, judge=JudgePRM(engine) if judge else None, max_n=max_n)
+        from .policy import Policy
+
+        srv = make_server(engine, host, port, judge=JudgePRM(engine) if judge else None, max_n=max_n,
+                          policy=Policy.load(policy) if policy else None)
     except (*USER_ERRORS, RuntimeError, OSError) as e:
         _fail(e)
     console.print(f"serving on http://{host}:{srv.server_address[1]}/v1 (models: sample, majority@N, best_of_n@N)")

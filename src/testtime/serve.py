@@ -8,6 +8,10 @@ through the model name or an extra body field:
     model "best_of_n@4"     4 samples scored by a judge (the engine asked, step by step,
                             whether each step is right); the best answer by summed score
     model "sample"          one sample, as is
+    model "policy@16"       a compute-optimal policy (`testtime optimal --difficulty predicted`)
+                            at budget 16: 4 probe samples scored by the judge give the
+                            difficulty bin, and the bin's choice runs (best-of-N, majority,
+                            beam search, DVTS) with the chat's turns as its prompt
     extra body {"testtime": {"strategy": "majority", "n": 8}}   the same, explicitly
 
 The reply is the candidate that carries the chosen answer (the earliest of them),
@@ -40,8 +44,8 @@ from .rewards.base import Scoring, split_steps
 from .select import AnswerKeys, aggregate, best_of_n_weighted, majority_vote
 from .spec import SamplingParams, SpecError, sample_seed
 
-STRATEGIES = ("sample", "majority", "best_of_n")
-_MODEL = re.compile(r"^(sample|majority|best_of_n)(?:@(\d+))?$")
+STRATEGIES = ("sample", "majority", "best_of_n", "policy")
+_MODEL = re.compile(r"^(sample|majority|best_of_n|policy)(?:@(\d+))?$")
 
 
 class BadRequest(ValueError):
@@ -63,6 +67,18 @@ class Job:
     usage: Usage = field(default_factory=Usage)
     result: dict[str, Any] | None = None
     error: Exception | None = None
+
+
+def _turns(msgs: list[dict[str, str]]) -> tuple[str | None, tuple[tuple[str, str], ...], str]:
+    """A chat as (system, earlier (user, assistant) pairs, last user turn), as a policy's
+    search needs it; a chat of another shape is a bad request."""
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    rest = msgs[1:] if system is not None else msgs
+    if len(rest) % 2 != 1 or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(rest)):
+        raise BadRequest("a policy request needs an optional system turn, then user and assistant turns "
+                         "alternating, ending with the user's", "messages")
+    pairs = tuple((rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest) - 1, 2))
+    return system, pairs, rest[-1]["content"]
 
 
 def parse_request(body: Any, max_n: int) -> Job:
@@ -91,6 +107,8 @@ def parse_request(body: Any, max_n: int) -> Job:
         raise BadRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}", "testtime.strategy")
     if not isinstance(n, int) or not 1 <= n <= max_n:
         raise BadRequest(f"n must be an integer in [1, {max_n}], got {n!r}", "testtime.n")
+    if strategy == "policy":
+        _turns([{"role": m["role"], "content": m["content"]} for m in msgs])
     if body.get("n", 1) != 1:
         raise BadRequest("n > 1 choices is not supported: the server returns one answer chosen from its samples",
                          "n")
@@ -112,8 +130,8 @@ def parse_request(body: Any, max_n: int) -> Job:
 class Worker:
     """Owns the engine: batches waiting jobs into one generate call, then one judge call."""
 
-    def __init__(self, engine: Engine, judge: Any | None = None, max_batch: int = 64):
-        self.engine, self.judge, self.max_batch = engine, judge, max_batch
+    def __init__(self, engine: Engine, judge: Any | None = None, max_batch: int = 64, policy: Any = None):
+        self.engine, self.judge, self.max_batch, self.policy = engine, judge, max_batch, policy
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.keys = AnswerKeys()
         self._thread = threading.Thread(target=self._run, name="testtime-serve-worker", daemon=True)
@@ -140,6 +158,15 @@ class Worker:
                         j.done.set()
 
     def _serve(self, batch: list[Job]) -> None:
+        for j in [j for j in batch if j.strategy == "policy"]:
+            try:
+                self._policy_job(j)
+            except Exception as e:
+                j.error = e
+            j.done.set()
+        batch = [j for j in batch if j.strategy != "policy"]
+        if not batch:
+            return
         requests = [Request(key=i, seeds=tuple(sample_seed(j.seed, "serve", k) for k in range(j.n)),
                             params=j.params, messages=tuple(j.messages)) for i, j in enumerate(batch)]
         got: dict[int, list[tuple[int, str, str]]] = {i: [] for i in range(len(batch))}
@@ -179,6 +206,71 @@ class Worker:
             j.done.set()
 
 
+    def _judge_usage(self) -> Usage:
+        return Usage.from_dict(self.judge.usage.to_dict()) if hasattr(self.judge, "usage") else Usage()
+
+    def _policy_job(self, j: Job) -> None:
+        """Probe, bin, and run the bin's choice for one request."""
+        from .policy import parse_config
+        from .prompts import PromptTemplate
+        from .strategies.search import Path, SearchConfig, tree_search
+        from .tasks.base import Problem
+
+        pol, s = self.policy, self.policy.meta.get("search", {})
+        system, pairs, question = _turns(j.messages)
+        tmpl = PromptTemplate("serve", user="{question}", system=system, shots=pairs)
+        problem = Problem("request", question, None)
+        if pol.difficulty is None:
+            raise ValueError("the policy has no difficulty bins")
+        delim, agg = s.get("delimiter", "\n"), s.get("aggregation", "last")
+        step = SamplingParams(temperature=j.params.temperature, max_tokens=int(s.get("step_tokens", 48)))
+        full = SamplingParams(temperature=j.params.temperature, top_p=j.params.top_p, stop=j.params.stop,
+                              max_tokens=int(s.get("step_tokens", 48)) * int(s.get("iterations", 4)))
+        before = self._judge_usage()
+        probe_n = int(s.get("probe", 4))
+
+        def draw(indices: range) -> list[Any]:
+            """Samples `indices` of this request (seeds as in best-of-N), each scored by the judge."""
+            if not indices:
+                return []
+            req = Request(key=0, seeds=tuple(sample_seed(j.seed, problem.id, i) for i in indices), params=full,
+                          messages=tuple(tmpl.messages(question)))
+            got = sorted(self.engine.generate([req]), key=lambda c: c.index)
+            out = []
+            for c in got:
+                j.usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
+                out.append(Path(split_steps(c.text, delim), [], True, c.finish_reason, c.completion_tokens))
+            for p_, sc in zip(out, self.judge.score([Scoring(question, tuple(p_.steps)) for p_ in out])):
+                p_.scores, p_.rank = list(sc), aggregate(sc, agg)
+            return out
+
+        paths = draw(range(probe_n))  # the probe: its samples are also the first of a best-of-N draw
+        level = pol.difficulty.bin_of(sum(max(p.rank, 0.0) for p in paths) / len(paths))
+        choice = pol.choose(j.n, level)
+        strategy, params = parse_config(choice.config)
+        if strategy in ("beam_search", "dvts"):
+            cfg = SearchConfig(n=choice.n, width=int(params.get("width", 4)), max_iterations=int(s.get("iterations", 4)),
+                               delimiter=delim, aggregation=agg, lookahead=int(params.get("lookahead", 0)))
+            res = tree_search([problem], self.engine, self.judge, tmpl, step, cfg,
+                              mode="beam" if strategy == "beam_search" else "dvts", seed=j.seed)
+            paths = res.paths[problem.id]
+            j.usage += res.stats.usage
+        elif strategy in ("best_of_n", "majority"):
+            paths = (paths + draw(range(probe_n, choice.n)))[:choice.n]
+        else:
+            raise ValueError(f"serve cannot run the policy's choice {choice.config!r}")
+        j.usage += self._judge_usage() + before.scaled(-1)
+        texts = [p.text(delim) for p in paths]
+        keys = [self.keys.of_text(t) for t in texts]
+        chosen = majority_vote(keys) if strategy == "majority" else \
+            best_of_n_weighted(keys, [max(p.rank if p.rank is not None else 0.0, 0.0) for p in paths])
+        pick = keys.index(chosen) if chosen is not None else 0
+        j.texts, j.finish = texts, [p.finish_reason if p.finish_reason in ("stop", "length") else "stop" for p in paths]
+        j.result = {"text": texts[pick], "finish_reason": j.finish[pick], "answer_key": chosen,
+                    "votes": sum(k == chosen for k in keys) if chosen is not None else 0, "candidates": len(keys),
+                    "policy": {"bin": level, "choice": f"{choice.config} N={choice.n}"}}
+
+
 def _response(job: Job, model: str) -> dict[str, Any]:
     u = job.usage
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
@@ -189,12 +281,20 @@ def _response(job: Job, model: str) -> dict[str, Any]:
                       "total_tokens": int(u.prompt + u.decode),
                       "prompt_tokens_details": {"cached_tokens": int(u.cached)}},
             "testtime": {"strategy": job.strategy, "n": job.n, "votes": job.result["votes"],
-                         "candidates": job.result["candidates"]}}
+                         "candidates": job.result["candidates"], **({"policy": job.result["policy"]}
+                                                                    if "policy" in job.result else {})}}
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge: Any | None = None,
-                max_n: int = 64, timeout_s: float = 600.0) -> ThreadingHTTPServer:
-    worker = Worker(engine, judge)
+                max_n: int = 64, timeout_s: float = 600.0, policy: Any = None) -> ThreadingHTTPServer:
+    """policy: a `testtime.policy.Policy` with predicted difficulty (needs the judge)."""
+    if policy is not None:
+        if policy.difficulty is None or policy.difficulty.kind != "predicted":
+            raise ValueError("serve needs a policy whose difficulty is predicted (testtime optimal --difficulty "
+                             "predicted): oracle difficulty needs reference answers, which requests do not have")
+        if judge is None:
+            raise ValueError("a policy needs the judge (its difficulty is the judge's score of probe samples)")
+    worker = Worker(engine, judge, policy=policy)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -217,6 +317,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
         def do_GET(self):
             if self.path.rstrip("/") in ("/v1/models", "/models"):
                 names = ["sample"] + [f"{s}@{n}" for s in ("majority", "best_of_n") for n in (4, 8, 16)]
+                if policy is not None:
+                    names += [f"policy@{b}" for b in policy.budgets]
                 self._json(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "testtime"}
                                                             for m in names]})
             else:
@@ -234,6 +336,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
                 job = parse_request(body, max_n)
                 if job.strategy == "best_of_n" and judge is None:
                     raise BadRequest("best_of_n needs a judge, and this server has none", "model")
+                if job.strategy == "policy" and policy is None:
+                    raise BadRequest("this server has no policy (start it with --policy FILE)", "model", 404,
+                                     "model_not_found")
             except BadRequest as e:
                 return self._error(e)
             worker.submit(job)
