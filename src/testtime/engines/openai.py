@@ -245,6 +245,8 @@ class OpenAIEngine:
                         except StopIteration:
                             exhausted = True
                             break
+                        if req.continuation and req.prompt is None and self.continuation_mode == "completions":
+                            self._template()  # resolved here, never inside the event loop
                         if self.n_per_request:
                             pending.append((req, list(range(req.n))))
                         else:
