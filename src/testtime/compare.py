@@ -77,9 +77,13 @@ class CompareConfig:
             raise ValueError("at least one seed is needed")
 
     @property
+    def every_budget(self) -> list[int]:
+        return [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
+
+    @property
     def budgets(self) -> list[int]:
-        every = [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
-        return every if self.only is None else [n for n in every if n in self.only]
+        """The budgets searches run at (`only`, if given, restricts them)."""
+        return self.every_budget if self.only is None else [n for n in self.every_budget if n in self.only]
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,8 +155,8 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
         drawn = None  # best-of-N samples of this seed, shared by best_of_n and majority
         for strategy in cfg.strategies:
             step_of = cfg.sequential if strategy == "revision" else cfg.width
-            budgets = [2 ** i for i in range(int(np.log2(cfg.n_max)) + 1)] if strategy in SAMPLED else \
-                [n for n in cfg.budgets if n % step_of == 0]
+            # every N of a sampled strategy is a subset of one draw, so all of them come at no cost
+            budgets = cfg.every_budget if strategy in SAMPLED else [n for n in cfg.budgets if n % step_of == 0]
             if all((strategy, n, seed) in cells for n in budgets):
                 continue
             t = time.perf_counter()
@@ -219,13 +223,25 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
     return compare_id, list(cells.values())
 
 
-def _cell_flops(c: Cell, shapes: dict[str, Any] | None) -> float | None:
-    if not shapes or not c.usage:
-        return None
-    known = [(shapes.get(r), u) for r, u in c.usage.items() if any(u.values())]  # a role that computed something
-    if any(s is None for s, _ in known):
-        return None
-    return sum(s.flops(Usage.from_dict(u)) for s, u in known)
+def cell_cost(c: Cell, shapes: dict[str, Any] | None, prices: dict[str, Any] | None = None
+              ) -> tuple[float, float, list[str]]:
+    """FLOPs and dollars a cell computed over all its problems, summed over the roles
+    ("policy", "prm") whose model shape (and price) is known; and the roles that
+    computed something with no shape known, which the FLOPs leave out."""
+    flops = dollars = 0.0
+    unknown = []
+    for role, u in c.usage.items():
+        if not any(u.values()):
+            continue
+        usage = Usage.from_dict(u)
+        shape = (shapes or {}).get(role)
+        if shape is None:
+            unknown.append(role)
+        else:
+            flops += shape.flops(usage)
+        if (prices or {}).get(role) is not None:
+            dollars += prices[role].dollars(usage)
+    return flops, dollars, unknown
 
 
 def summarise(cells: list[Cell], problems: list[Problem], shapes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -246,8 +262,8 @@ def summarise(cells: list[Cell], problems: list[Problem], shapes: dict[str, Any]
             row = table.setdefault(c.strategy, {}).setdefault(c.n, {"acc": [], "tok": [], "oracle": [], "flops": []})
             row["acc"].append(float(np.mean([c.correct[i] for i in ids])))
             row["tok"].append(float(np.mean([c.tokens[i] for i in ids])))
-            fl = _cell_flops(c, shapes)
-            if fl is not None:
+            fl, _, unknown = cell_cost(c, shapes)
+            if shapes and c.usage and not unknown:  # FLOPs only when every role's are known
                 row["flops"].append(fl / max(1, len(c.correct)))
             if c.oracle:
                 row["oracle"].append(float(np.mean([c.oracle[i] for i in ids])))
@@ -322,13 +338,7 @@ def cost_curves(cells: list[Cell], problems: int, shapes: dict[str, Any], prices
     dollars per problem (policy model plus reward model, from each cell's usage)."""
     out: dict[str, dict[int, dict[str, list[float]]]] = {}
     for c in cells:
-        flops = dollars = 0.0
-        for role, u in c.usage.items():
-            usage = Usage.from_dict(u)
-            if shapes.get(role) is not None:
-                flops += shapes[role].flops(usage)
-            if prices.get(role) is not None:
-                dollars += prices[role].dollars(usage)
+        flops, dollars, _ = cell_cost(c, shapes, prices)
         row = out.setdefault(c.strategy, {}).setdefault(c.n, {"accuracy": [], "oracle": [], "flops": [], "dollars": []})
         row["accuracy"].append(float(np.mean(list(c.correct.values()))))
         if c.oracle:

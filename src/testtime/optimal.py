@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .compare import TREE, Cell, CompareConfig, run_compare
+from .compare import TREE, Cell, CompareConfig, cell_cost, run_compare
 from .difficulty import fit_difficulty
 from .engines.base import Engine
 from .flops import ModelShape, Usage
@@ -103,16 +103,8 @@ def collect(store: Store, task: Task, problems: list[Problem], engine: Engine, p
 
 
 def _flops_per_problem(cells: list[Cell], shapes: dict[str, ModelShape | None], problems: int) -> dict[tuple[str, int], float]:
-    """Mean FLOPs per problem of each (config, N): policy model plus reward model."""
-    out = {}
-    for c in cells:
-        total = 0.0
-        for role, u in c.usage.items():
-            shape = shapes.get(role)
-            if shape is not None:
-                total += shape.flops(Usage.from_dict(u))
-        out[(c.strategy, c.n)] = total / max(1, problems)
-    return out
+    """Mean FLOPs per problem of each (config, N): policy model plus reward model (where its shape is known)."""
+    return {(c.strategy, c.n): cell_cost(c, shapes)[0] / max(1, problems) for c in cells}
 
 
 def fit_policy(cells: list[Cell], train: list[str], test: list[str], kind: str = "oracle",
