@@ -19,14 +19,37 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 API_KEY = "sk-canary-" + secrets.token_hex(8)
 
 
-@pytest.fixture(scope="module")
-def sb():
+def _patched_server(directory: Path, name: str, patch: str) -> Path:
+    """The real server, with `patch` (Python run on its module `_server`) applied first."""
+    import testtime.sandbox as sandbox_mod
+
+    wrapper = directory / f"{name}.py"
+    wrapper.write_text("import sys\n"
+                       f"sys.path.insert(0, {str(Path(sandbox_mod.__file__).parent)!r})\n"
+                       "import _server\n"
+                       f"{patch}\n"
+                       "_server.main()\n")
+    return wrapper
+
+
+@pytest.fixture(scope="module", params=["clone", "leader"])
+def sb(request, tmp_path_factory):
+    """Both ways to a PID namespace per program: one clone() straight into it, and
+    (where the raw clone is not available) a leader process that unshares it."""
+    import testtime.sandbox as sandbox_mod
+
+    mp = pytest.MonkeyPatch()
+    if request.param == "leader":
+        mp.setattr(sandbox_mod, "SERVER", _patched_server(tmp_path_factory.mktemp("server"), "server_leader",
+                                                          "_server._SYS_CLONE = None"))
     os.environ["OPENAI_API_KEY"] = API_KEY  # the host has a secret in its environment
     try:
         with Sandbox(workers=2, limits=Limits(timeout_s=2.0, mem_mb=512)) as s:
+            s.mode = request.param
             yield s
     finally:
         del os.environ["OPENAI_API_KEY"]
+        mp.undo()
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -66,6 +89,7 @@ def test_isolation_is_reported(sb):
     if os.geteuid() == 0:  # this machine: everything is available to root
         assert iso["network"].startswith("namespace")
         assert iso["pid_namespace"] is True
+        assert iso["pid_namespace_by"] == sb.mode
         assert iso["user"].startswith("uid ")
 
 
@@ -267,19 +291,14 @@ def test_a_dead_worker_is_replaced(sb):
 @pytest.fixture
 def no_namespaces(monkeypatch, tmp_path):
     """Workers whose kernel refuses every namespace: the real server, with its
-    unshare() call failing as it does in a locked-down container."""
+    unshare() and clone() calls failing as they do in a locked-down container."""
     import testtime.sandbox as sandbox_mod
 
-    wrapper = tmp_path / "server_without_namespaces.py"
-    wrapper.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(sandbox_mod.SERVER.parent)!r})\n"
-        "import _server\n"
-        "def deny(flags):\n"
-        "    raise OSError(1, 'unshare: Operation not permitted')\n"
-        "_server._unshare = deny\n"
-        "_server.main()\n")
-    monkeypatch.setattr(sandbox_mod, "SERVER", wrapper)
+    patch = ("def deny(flags):\n"
+             "    raise OSError(1, 'Operation not permitted')\n"
+             "_server._unshare = deny\n"
+             "_server.clone_fork = deny\n")
+    monkeypatch.setattr(sandbox_mod, "SERVER", _patched_server(tmp_path, "server_without_namespaces", patch))
 
 
 def test_required_network_isolation_refuses_to_start_without_it(no_namespaces):
@@ -290,7 +309,7 @@ def test_required_network_isolation_refuses_to_start_without_it(no_namespaces):
 def test_without_namespaces_the_report_says_so_and_limits_still_hold(no_namespaces):
     with Sandbox(workers=1, limits=Limits(timeout_s=1.5)) as s:
         assert s.isolation["network"].startswith("host network")
-        assert s.isolation["pid_namespace"] is False
+        assert s.isolation["pid_namespace"] is False and s.isolation["pid_namespace_by"] is None
         assert "not isolated" in s.summary()
         assert s.run("x = 1\n").ok
         assert s.run("x = bytearray(2**40)\n").exception == "MemoryError"
