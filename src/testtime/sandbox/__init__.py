@@ -109,12 +109,18 @@ class _Worker:
         except OSError as e:
             raise SandboxError(f"cannot start a sandbox worker with {sys.executable}: {e}") from None
         self._buf = b""
+        self.isolation: dict[str, Any] = {}
+
+    def wait_ready(self) -> "_Worker":
+        """Wait for the server's hello (workers start in parallel: start them all,
+        then wait for each)."""
         hello = self._read(deadline=time.monotonic() + 30)
         if hello is None or not hello.get("ready"):
             self.kill()
             why = hello.get("error") if hello else "it exited before reporting ready"
-            raise SandboxError(f"sandbox worker {index} did not start: {why}")
-        self.isolation: dict[str, Any] = hello["isolation"]
+            raise SandboxError(f"sandbox worker {self.index} did not start: {why}")
+        self.isolation = hello["isolation"]
+        return self
 
     def _read(self, deadline: float) -> dict | None:
         """Next protocol line, or None at EOF or when the deadline passes."""
@@ -234,21 +240,18 @@ class Sandbox:
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
-        for i in range(self.workers):
-            self._add(i)
-        self.isolation: dict[str, Any] = self._all[0].isolation
-
-    def _add(self, index: int) -> _Worker:
-        uid = self.uid_base + index if os.geteuid() == 0 else None
         try:
-            w = _Worker(index, self.limits, self.network, uid)
+            for i in range(self.workers):  # all start at once...
+                self._all.append(_Worker(i, self.limits, self.network, self._uid(i)))
+            for w in self._all:  # ...and are waited for in turn
+                self._idle.put(w.wait_ready())
         except SandboxError:
             self.close()
             raise
-        with self._lock:
-            self._all.append(w)
-        self._idle.put(w)
-        return w
+        self.isolation: dict[str, Any] = self._all[0].isolation
+
+    def _uid(self, index: int) -> int | None:
+        return self.uid_base + index if os.geteuid() == 0 else None
 
     def summary(self) -> str:
         """The isolation in force, in one line for reports."""
@@ -283,8 +286,7 @@ class Sandbox:
         dead.kill()
         with self._lock:
             self._all.remove(dead)
-        uid = self.uid_base + dead.index if os.geteuid() == 0 else None
-        w = _Worker(dead.index, self.limits, self.network, uid)
+        w = _Worker(dead.index, self.limits, self.network, self._uid(dead.index)).wait_ready()
         with self._lock:
             self._all.append(w)
         return w
