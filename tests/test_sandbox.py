@@ -338,6 +338,62 @@ def test_bad_limits_are_rejected():
         Sandbox(workers=1, network="off")
 
 
+def test_closing_the_sandbox_mid_program_leaves_nothing_behind():
+    """close() kills the workers; a program they were running dies with them."""
+    import threading
+
+    marker = f"{5000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    s = Sandbox(workers=1, limits=Limits(timeout_s=60.0))
+    results = []
+    t = threading.Thread(target=lambda: results.append(
+        s.run(f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])\n")), daemon=True)
+    t.start()
+    deadline = time.time() + 10
+    while not _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker), "the program never started"
+    s.close()
+    t.join(timeout=15)
+    assert results and results[0].status == "infra_error", results
+    deadline = time.time() + 5
+    while _processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker) == []
+    with pytest.raises(SandboxError, match="closed"):
+        s.run("pass\n")
+
+
+def test_worker_killed_mid_program_takes_the_program_with_it():
+    """The program dies with its worker even when the host cannot act (stopped)."""
+    import signal
+    import subprocess
+
+    marker = f"{6000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    script = ("from testtime.sandbox import Sandbox, Limits\n"
+              "s = Sandbox(workers=1, limits=Limits(timeout_s=60.0))\n"
+              "print(s._all[0].proc.pid, flush=True)\n"
+              f"s.run(\"import os\\nos.execv('/bin/sleep', ['sleep', '{marker}'])\\n\")\n")
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        server_pid = int(host.stdout.readline())
+        def program() -> list[int]:  # the host's own command line holds the marker too
+            return [p for p in _processes_with(marker) if p != host.pid]
+
+        deadline = time.time() + 10
+        while not program() and time.time() < deadline:
+            time.sleep(0.05)
+        assert program(), "the program never started"
+        host.send_signal(signal.SIGSTOP)
+        os.kill(server_pid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while program() and time.time() < deadline:
+            time.sleep(0.05)
+        assert program() == []
+    finally:
+        host.kill()
+        host.wait()
+
+
 def test_host_killed_mid_program_leaves_nothing_behind():
     """kill -9 of the process that owns the sandbox: the worker's own backstop kills
     the running program, and the worker exits when its stdin closes."""

@@ -2,8 +2,8 @@
 
 Each worker is a Python process (`_server.py`) started with an empty environment,
 in its own network and mount namespaces where the kernel allows them (as root,
-or as any user through a user namespace). Per program it forks a process group
-leader in a fresh PID namespace whose init runs the program, so:
+or as any user through a user namespace). Per program it clones one process
+into a new session and a new PID namespace, whose init it is (see `_server`), so:
 
 - the wall-clock limit is enforced here, from outside, by killing the group, and
   the PID namespace takes every descendant with it, those that called setsid() too;
@@ -123,13 +123,20 @@ class _Worker:
         return self
 
     def _read(self, deadline: float) -> dict | None:
-        """Next protocol line, or None at EOF or when the deadline passes."""
-        fd = self.proc.stdout.fileno()
+        """Next protocol line, or None at EOF, when the deadline passes, or when the
+        worker was closed meanwhile."""
+        try:
+            fd = self.proc.stdout.fileno()
+        except ValueError:  # closed
+            return None
         while b"\n" not in self._buf:
             wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+            try:
+                if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                    return None
+                chunk = os.read(fd, 65536)
+            except (OSError, ValueError):  # closed by Sandbox.close() from another thread
                 return None
-            chunk = os.read(fd, 65536)
             if not chunk:
                 return None
             self._buf += chunk
@@ -164,7 +171,7 @@ class _Worker:
         if msg is None and self.alive():
             timed_out = True
             try:
-                os.killpg(pgid, signal.SIGKILL)  # the leader, the namespace's init, everything in the group
+                os.killpg(pgid, signal.SIGKILL)  # the namespace's init and everything in its group
             except ProcessLookupError:
                 pass
             msg = self._read(deadline=time.monotonic() + 10)
@@ -240,6 +247,7 @@ class Sandbox:
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
+        self._closed = False
         try:
             for i in range(self.workers):  # all start at once...
                 self._all.append(_Worker(i, self.limits, self.network, self._uid(i)))
@@ -271,10 +279,12 @@ class Sandbox:
         """Run one program on an idle worker. A worker that failed (died, or stopped
         answering) is replaced and the program tried once more on the new one
         before giving up with infra_error."""
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
         w = self._idle.get()
         try:
             res = w.run(code, self.limits)
-            if res.status == "infra_error":
+            if res.status == "infra_error" and not self._closed:
                 # dead, or out of step with its protocol: either way a fresh worker
                 w = self._replace(w)
                 res = w.run(code, self.limits)
@@ -300,6 +310,9 @@ class Sandbox:
             return list(ex.map(self.run, programs))
 
     def close(self) -> None:
+        """Stop every worker. A program still running dies with its worker, and its
+        run() returns infra_error."""
+        self._closed = True
         with self._lock:
             workers, self._all = self._all, []
         for w in workers:

@@ -39,10 +39,12 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 # clone(2) as fork() into new namespaces: flags | SIGCHLD and no new stack, so the
@@ -280,6 +282,10 @@ def _enter_program(job: dict, cfg: dict, workdir: str, out_r: int, out_w: int, s
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        # If the server dies (the host's close() kills it), so does the program. Set
+        # after the uid change, which clears it.
+        if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         # sys.stdout and sys.stderr are the server's, which write to fds 1 and 2,
         # now the output pipe; their buffers are empty (the server flushes each
         # reply) and main() set errors="replace". Building new ones here cost more
@@ -319,6 +325,7 @@ def _start(job: dict, cfg: dict, workdir: str, pipes: tuple[int, ...], pid_ns: s
     leader = os.fork()
     if leader == 0:  # the leader: own session and process group, then the namespace's init
         try:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the server, and the program with it
             os.setsid()
             if pid_ns == "leader":
                 _unshare(CLONE_NEWPID)
