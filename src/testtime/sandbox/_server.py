@@ -180,15 +180,14 @@ def setup(cfg: dict) -> tuple[dict, str]:
     # Probe the PID namespace in a throwaway child, so the report is what happens:
     # a raw clone into it where that works, else a leader process that unshares it.
     iso["pid_namespace"] = False
-    if cfg.get("clone", True):
-        try:
-            pid = clone_fork(CLONE_NEWPID)
-            if pid == 0:
-                os._exit(0 if os.getpid() == 1 else 1)
-            _, status = os.waitpid(pid, 0)
-            iso["pid_namespace"] = os.waitstatus_to_exitcode(status) == 0
-        except (OSError, NotImplementedError):
-            pass
+    try:
+        pid = clone_fork(CLONE_NEWPID)
+        if pid == 0:
+            os._exit(0 if os.getpid() == 1 else 1)
+        _, status = os.waitpid(pid, 0)
+        iso["pid_namespace"] = os.waitstatus_to_exitcode(status) == 0
+    except (OSError, NotImplementedError):
+        pass
     iso["pid_namespace_by"] = "clone" if iso["pid_namespace"] else None
     if not iso["pid_namespace"]:
         pid = os.fork()
