@@ -77,6 +77,12 @@ def _sandbox_uid_processes(sb: Sandbox) -> list[int]:
     return found
 
 
+def _wait_until(condition, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def _still_works(sb: Sandbox) -> None:
     assert sb.run("assert sum(range(10)) == 45\n").ok
 
@@ -120,9 +126,7 @@ def test_fork_bomb(sb):
     assert r.status in {"timeout", "signal", "exception"} and not r.ok
     assert time.perf_counter() - t < sb.limits.timeout_s + 5
     if os.geteuid() == 0:
-        deadline = time.time() + 3
-        while _sandbox_uid_processes(sb) and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_until(lambda: not _sandbox_uid_processes(sb), 3)
         assert _sandbox_uid_processes(sb) == []
     _still_works(sb)
 
@@ -247,9 +251,7 @@ def test_grandchild_left_running_is_killed(sb):
             "import time\ntime.sleep(0.3)\n")
     r = sb.run(code)
     assert r.ok, r
-    deadline = time.time() + 3
-    while _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until(lambda: not _processes_with(marker), 3)
     assert _processes_with(marker) == []
 
 
@@ -262,9 +264,7 @@ def test_timeout_leaves_no_process_behind(sb):
             "time.sleep(60)\n")
     r = sb.run(code)
     assert r.status == "timeout"
-    deadline = time.time() + 3
-    while _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until(lambda: not _processes_with(marker), 3)
     assert _processes_with(marker) == []
 
 
@@ -348,47 +348,47 @@ def test_closing_the_sandbox_mid_program_leaves_nothing_behind():
     t = threading.Thread(target=lambda: results.append(
         s.run(f"import os\nos.execv('/bin/sleep', ['sleep', '{marker}'])\n")), daemon=True)
     t.start()
-    deadline = time.time() + 10
-    while not _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until(lambda: _processes_with(marker), 10)
     assert _processes_with(marker), "the program never started"
     s.close()
     t.join(timeout=15)
     assert results and results[0].status == "infra_error", results
-    deadline = time.time() + 5
-    while _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until(lambda: not _processes_with(marker), 5)
     assert _processes_with(marker) == []
     with pytest.raises(SandboxError, match="closed"):
         s.run("pass\n")
 
 
+def _host_running_sleep(timeout_s: float):
+    """A separate host process whose sandbox is running `sleep MARKER` (the script
+    goes in on stdin, so only the program's command line holds the marker):
+    (host, its worker's pid, marker)."""
+    import subprocess
+
+    marker = f"{4000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
+    script = ("from testtime.sandbox import Sandbox, Limits\n"
+              f"s = Sandbox(workers=1, limits=Limits(timeout_s={timeout_s}))\n"
+              "print(s._all[0].proc.pid, flush=True)\n"
+              f"s.run(\"import os\\nos.execv('/bin/sleep', ['sleep', '{marker}'])\\n\")\n")
+    host = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    host.stdin.write(script.encode())
+    host.stdin.close()
+    server_pid = int(host.stdout.readline())
+    _wait_until(lambda: _processes_with(marker), 10)
+    assert _processes_with(marker), "the program never started"
+    return host, server_pid, marker
+
+
 def test_worker_killed_mid_program_takes_the_program_with_it():
     """The program dies with its worker even when the host cannot act (stopped)."""
     import signal
-    import subprocess
 
-    marker = f"{6000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
-    script = ("from testtime.sandbox import Sandbox, Limits\n"
-              "s = Sandbox(workers=1, limits=Limits(timeout_s=60.0))\n"
-              "print(s._all[0].proc.pid, flush=True)\n"
-              f"s.run(\"import os\\nos.execv('/bin/sleep', ['sleep', '{marker}'])\\n\")\n")
-    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    host, server_pid, marker = _host_running_sleep(60.0)
     try:
-        server_pid = int(host.stdout.readline())
-        def program() -> list[int]:  # the host's own command line holds the marker too
-            return [p for p in _processes_with(marker) if p != host.pid]
-
-        deadline = time.time() + 10
-        while not program() and time.time() < deadline:
-            time.sleep(0.05)
-        assert program(), "the program never started"
         host.send_signal(signal.SIGSTOP)
         os.kill(server_pid, signal.SIGKILL)
-        deadline = time.time() + 5
-        while program() and time.time() < deadline:
-            time.sleep(0.05)
-        assert program() == []
+        _wait_until(lambda: not _processes_with(marker), 5)
+        assert _processes_with(marker) == []
     finally:
         host.kill()
         host.wait()
@@ -397,24 +397,10 @@ def test_worker_killed_mid_program_takes_the_program_with_it():
 def test_host_killed_mid_program_leaves_nothing_behind():
     """kill -9 of the process that owns the sandbox: the worker's own backstop kills
     the running program, and the worker exits when its stdin closes."""
-    import subprocess
-
-    marker = f"{4000 + secrets.randbelow(1000)}.{secrets.randbelow(10 ** 6)}"
-    script = ("from testtime.sandbox import Sandbox, Limits\n"
-              "s = Sandbox(workers=1, limits=Limits(timeout_s=1.0))\n"
-              "print(s._all[0].proc.pid, flush=True)\n"
-              f"s.run(\"import os\\nos.execv('/bin/sleep', ['sleep', '{marker}'])\\n\")\n")
-    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    server_pid = int(host.stdout.readline())
-    deadline = time.time() + 10
-    while not _processes_with(marker) and time.time() < deadline:
-        time.sleep(0.05)
-    assert _processes_with(marker), "the program never started"
+    host, server_pid, marker = _host_running_sleep(1.0)
     host.kill()
     host.wait()
-    deadline = time.time() + 20
-    while (_processes_with(marker) or Path(f"/proc/{server_pid}").exists()) and time.time() < deadline:
-        time.sleep(0.1)
+    _wait_until(lambda: not (_processes_with(marker) or Path(f"/proc/{server_pid}").exists()), 20)
     assert _processes_with(marker) == []
     assert not Path(f"/proc/{server_pid}").exists() or \
         Path(f"/proc/{server_pid}/stat").read_text().split()[2] == "Z"
