@@ -19,8 +19,8 @@ graded twice:
 
 Samples are drawn with testtime into the workspace on the first run (resumable;
 on 2 CPU cores about an hour for the code set and 15 minutes for the math set)
-and reused afterwards. GSM8K comes
-from ../shared/data/gsm8k/train.jsonl; without it the arithmetic task stands in.
+and reused afterwards. GSM8K comes from ../shared/data/gsm8k/train.jsonl;
+without it the arithmetic task stands in.
 
 Last line: code_ratio=<x> math_ratio=<y> disagreements=<n>
 
