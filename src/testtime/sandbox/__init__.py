@@ -11,8 +11,9 @@ into a new session and a new PID namespace, whose init it is (see `_server`), so
 - the program runs as an unprivileged uid (when we are root), in a fresh work
   directory on a size-capped tmpfs, with home directories and /tmp hidden;
 - output is captured up to a cap and the rest drained;
-- a pass needs a sentinel that only a program that ran to its last line can
-  write (see `_server._program`).
+- a pass needs a sentinel that the harness writes after the program's last
+  line (see `_server._program`), so a program that exits early never passes.
+  It runs in the program's own process: code written to forge it can.
 
 What was in force is `Sandbox.isolation`, and it goes into every report. If a
 worker cannot start at all, `SandboxError` is raised: code never runs unprotected

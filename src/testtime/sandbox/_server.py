@@ -246,8 +246,9 @@ def _program(code: str, status_fd: int, nonce_fd: int) -> None:
             msg = "<unprintable>"
         report = {"exc": type(e).__name__, "msg": msg, "line": line}
     else:
-        # The sentinel: a secret the program never saw, read only now that every
-        # line ran. An early sys.exit()/os._exit() never gets here.
+        # The sentinel: a secret read only now that every line ran, so an early
+        # sys.exit()/os._exit() never gets here. (The program could have read the
+        # pipe itself: this catches programs that end early, not forgers.)
         report = {"done": read(nonce_fd, 64).decode()}
     try:
         flush_out()
