@@ -308,6 +308,9 @@ def test_required_network_isolation_refuses_to_start_without_it(no_namespaces):
 
 def test_without_namespaces_the_report_says_so_and_limits_still_hold(no_namespaces):
     with Sandbox(workers=1, limits=Limits(timeout_s=1.5)) as s:
+        work_root = Path(s.isolation["work_root"])  # in the host's temporary directory, removed on close
+        assert work_root.is_dir()
+        assert s.run("open('left_behind.txt', 'w').write('x')\nimport os\nos.mkdir('sub')\n").ok
         assert s.isolation["network"].startswith("host network")
         assert s.isolation["pid_namespace"] is False and s.isolation["pid_namespace_by"] is None
         assert "not isolated" in s.summary()
@@ -321,6 +324,7 @@ def test_without_namespaces_the_report_says_so_and_limits_still_hold(no_namespac
             assert r.ok
             time.sleep(0.2)
             assert _processes_with(marker) == []
+    assert not work_root.exists()
 
 
 def test_sandbox_that_cannot_start_is_an_error_not_a_host_run(monkeypatch, tmp_path):

@@ -152,7 +152,7 @@ class _Worker:
         try:
             self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
+        except (OSError, ValueError) as e:  # a broken pipe, or closed by Sandbox.close()
             return ExecResult("infra_error", message=f"sandbox worker {self.index} is gone: {e}")
         started = self._read(deadline=time.monotonic() + 10)
         if not started or "started" not in started:
@@ -200,10 +200,11 @@ class _Worker:
         return res
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if self.proc.poll() is None:  # not yet reaped, so its pid is still its own
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -316,7 +317,19 @@ class Sandbox:
         self._closed = True
         with self._lock:
             workers, self._all = self._all, []
+        # An idle worker exits at the end of its input and cleans up after itself;
+        # one still running a program (or stuck) is killed after a second.
         for w in workers:
+            try:
+                w.proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 1.0
+        for w in workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
             w.kill()
 
     def __enter__(self) -> "Sandbox":

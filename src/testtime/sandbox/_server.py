@@ -176,6 +176,8 @@ def setup(cfg: dict) -> tuple[dict, str]:
     iso["hidden_paths"] = hidden
     iso["read_only_inside_hidden"] = kept
     iso["workdir"] = ("tmpfs, %d MiB" % cfg["tmpfs_mb"]) if "/tmp" in hidden else "host temporary directory"
+    if "/tmp" not in hidden:
+        iso["work_root"] = work_root  # removed when the server stops (a tmpfs goes with its namespace)
 
     # Probe the PID namespace in a throwaway child, so the report is what happens:
     # a raw clone into it where that works, else a leader process that unshares it.
@@ -480,17 +482,21 @@ def main() -> None:
     gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when workers stop
     reply({"ready": True, "isolation": iso})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        try:
-            result = run_job(job, cfg, work_root, iso["pid_namespace_by"], reply)
-        except OSError as e:
-            if e.errno == errno.EPIPE:
-                return
-            result = {"infra_error": f"{type(e).__name__}: {e}"}
-        reply({"result": result})
+    try:
+        for line in sys.stdin:  # until the host closes it (Sandbox.close) or dies
+            if not line.strip():
+                continue
+            job = json.loads(line)
+            try:
+                result = run_job(job, cfg, work_root, iso["pid_namespace_by"], reply)
+            except OSError as e:
+                if e.errno == errno.EPIPE:
+                    return
+                result = {"infra_error": f"{type(e).__name__}: {e}"}
+            reply({"result": result})
+    finally:
+        if "work_root" in iso:
+            shutil.rmtree(work_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
