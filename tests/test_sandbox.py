@@ -268,6 +268,30 @@ def test_timeout_leaves_no_process_behind(sb):
     assert _processes_with(marker) == []
 
 
+def test_a_long_runner_yields_the_cpu(sb):
+    """After NICE_AFTER_S a program runs at nice 19, and so does its session's
+    scheduler autogroup where the kernel has them (else the nice would count only
+    inside the program's own session)."""
+    import threading
+
+    from testtime.sandbox import NICE_AFTER_S
+
+    marker = f"busy-{secrets.token_hex(6)}"
+    t = threading.Thread(target=sb.run, args=(f"import os\nos.execv('/bin/sh', ['sh', '-c', 'while :; do :; done', "
+                                              f"'{marker}'])\n",), daemon=True)
+    t.start()
+    _wait_until(lambda: _processes_with(marker), 5)
+    (pid,) = _processes_with(marker)
+    time.sleep(NICE_AFTER_S + 0.3)
+    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == 19
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    if autogroup.exists():
+        assert autogroup.read_text().split()[-1] == "19", autogroup.read_text()
+    t.join(timeout=sb.limits.timeout_s + 5)
+    assert _processes_with(marker) == []
+
+
 def test_a_batch_of_hostile_programs_goes_on(sb):
     programs = ["while True: pass\n", "x = bytearray(2**40)\n", "import os\nos._exit(3)\n",
                 "def f(): return f()\nf()\n", "assert 2 + 2 == 4\n"]

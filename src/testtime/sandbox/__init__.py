@@ -94,6 +94,24 @@ class ExecResult:
 NICE_AFTER_S = 0.25
 """A program still running after this long is reniced to 19 (see `_Worker.run`)."""
 
+
+def _lower_priority(pgid: int) -> None:
+    """Nice 19 for the program's process group, and for its session's autogroup.
+    A program is its own session, and where the kernel groups sessions for the
+    scheduler (sched_autogroup_enabled) a process's nice counts only inside its
+    session's group: without the second step a busy loop kept a fair share of a
+    core (measured: 13 time-outs among 2624 HumanEval samples took 3.6 s of the
+    run's 12 s)."""
+    try:
+        os.setpriority(os.PRIO_PGRP, pgid, 19)
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pgid}/autogroup", "w") as f:
+            f.write("19")
+    except OSError:  # no autogroups here, or the program is gone
+        pass
+
 HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run/user", "/mnt", "/media")
 
 
@@ -163,10 +181,7 @@ class _Worker:
         if msg is None and self.alive() and limits.timeout_s > NICE_AFTER_S:
             # A long runner (often a busy loop waiting out its limit) yields the CPU to
             # the other workers' programs; its wall-clock limit is unchanged.
-            try:
-                os.setpriority(os.PRIO_PGRP, pgid, 19)
-            except OSError:
-                pass
+            _lower_priority(pgid)
             msg = self._read(deadline)
         timed_out = False
         if msg is None and self.alive():
