@@ -269,12 +269,10 @@ def test_timeout_leaves_no_process_behind(sb):
 
 
 def test_a_long_runner_yields_the_cpu(sb):
-    """After NICE_AFTER_S a program runs at nice 19, and so does its session's
-    scheduler autogroup where the kernel has them (else the nice would count only
-    inside the program's own session)."""
+    """After NICE_AFTER_S of CPU a program runs at nice 19, and so does its
+    session's scheduler autogroup where the kernel has them (else the nice would
+    count only inside the program's own session)."""
     import threading
-
-    from testtime.sandbox import NICE_AFTER_S
 
     marker = f"busy-{secrets.token_hex(6)}"
     t = threading.Thread(target=sb.run, args=(f"import os\nos.execv('/bin/sh', ['sh', '-c', 'while :; do :; done', "
@@ -282,14 +280,24 @@ def test_a_long_runner_yields_the_cpu(sb):
     t.start()
     _wait_until(lambda: _processes_with(marker), 5)
     (pid,) = _processes_with(marker)
-    time.sleep(NICE_AFTER_S + 0.3)
-    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    assert nice == 19
+
+    def nice() -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    assert nice() == 0
+    _wait_until(lambda: nice() == 19, sb.limits.timeout_s - 0.5)
+    assert nice() == 19
     autogroup = Path(f"/proc/{pid}/autogroup")
     if autogroup.exists():
         assert autogroup.read_text().split()[-1] == "19", autogroup.read_text()
     t.join(timeout=sb.limits.timeout_s + 5)
     assert _processes_with(marker) == []
+
+
+def test_a_program_that_waits_is_not_reniced(sb):
+    """Renicing follows CPU used, not time waited: a sleeper keeps its priority."""
+    r = sb.run("import os, time\ntime.sleep(0.6)\nassert os.getpriority(os.PRIO_PROCESS, 0) == 0\n")
+    assert r.ok, r
 
 
 def test_a_batch_of_hostile_programs_goes_on(sb):

@@ -92,7 +92,28 @@ class ExecResult:
 
 
 NICE_AFTER_S = 0.25
-"""A program still running after this long is reniced to 19 (see `_Worker.run`)."""
+"""A program whose processes have used this much CPU is reniced to 19 (see
+`_Worker.run`)."""
+
+_POLL_S = 0.05
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds that the live processes of a process group have used themselves
+    (a leader's waiting costs nothing, so its program is what counts)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
+    return total / _TICK
 
 
 def _lower_priority(pgid: int) -> None:
@@ -177,12 +198,17 @@ class _Worker:
             return ExecResult("infra_error", message=f"sandbox worker {self.index} did not start the program")
         pgid = started["started"]
         deadline = time.monotonic() + limits.timeout_s
-        msg = self._read(min(deadline, time.monotonic() + NICE_AFTER_S))
-        if msg is None and self.alive() and limits.timeout_s > NICE_AFTER_S:
-            # A long runner (often a busy loop waiting out its limit) yields the CPU to
-            # the other workers' programs; its wall-clock limit is unchanged.
-            _lower_priority(pgid)
-            msg = self._read(deadline)
+        # A program that has used NICE_AFTER_S of CPU (often a busy loop waiting out
+        # its limit) yields the CPU to the other workers' programs; its wall-clock
+        # limit is unchanged. CPU, not wall time: under load a short program takes
+        # longer on the wall clock, and must not be starved for it.
+        msg = self._read(min(deadline, time.monotonic() + _POLL_S))
+        while msg is None and time.monotonic() < deadline and self.alive():
+            if _group_cpu_seconds(pgid) >= NICE_AFTER_S:
+                _lower_priority(pgid)
+                msg = self._read(deadline)
+                break
+            msg = self._read(min(deadline, time.monotonic() + _POLL_S))
         timed_out = False
         if msg is None and self.alive():
             timed_out = True
