@@ -109,3 +109,16 @@ def test_last_match_window_agrees_with_a_full_scan():
     assert extract_answer(numbers) == ("123456789", "last_number")
     straddle = "7" * 2000  # one number longer than the search window
     assert extract_answer(straddle) == (straddle, "last_number")
+
+
+@pytest.mark.parametrize("gold, answer, verdict, reason", [
+    ("624", "4π", "fail", "a constant of another value"),  # no SymPy simplification needed
+    ("10", "20:20", "fail", "a constant of another value"),
+    ("3", "\\sqrt{9}", "pass", "math-verify"),  # equal: math-verify decides
+    ("0.5", "\\frac{\\pi}{2\\pi}", "pass", "math-verify"),
+    ("12", "2\\pi^{2} + x", "fail", ""),  # a variable: never evaluated as a constant
+])
+def test_constant_answers_against_a_numeric_reference(gold, answer, verdict, reason):
+    v = MathAnswerVerifier()
+    out = v.verify(Problem("c", "q", gold), f"The answer is ${answer}$.")
+    assert out.verdict == verdict and reason in out.reason, out

@@ -23,6 +23,7 @@ runs under math-verify's own timeouts.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from fractions import Fraction
 
@@ -241,9 +242,9 @@ class MathAnswerVerifier:
         if gold_num is not None and "\\" not in answer and _VARIABLE_RE.search(answer):
             # "2x + 20 = 3x + 30": an expression in a variable is not the number asked for
             return Verdict("fail", f"numeric reference, answer in a variable ({rule})", answer)
-        return self._math_verify(problem, answer, rule)
+        return self._math_verify(problem, answer, rule, gold_num)
 
-    def _math_verify(self, problem: Problem, answer: str, rule: str) -> Verdict:
+    def _math_verify(self, problem: Problem, answer: str, rule: str, gold_num: Fraction | None = None) -> Verdict:
         try:
             from math_verify import parse, verify
         except ImportError as e:  # the harness is broken, not the model
@@ -257,12 +258,46 @@ class MathAnswerVerifier:
                 return Verdict("infra_error", f"reference answer {problem.answer!r} does not parse", answer)
             if not pred:
                 return Verdict("fail", f"answer does not parse ({rule})", answer)
+            if gold_num is not None and _far_from(gold_num, gold, pred, self.timeout_s):
+                return Verdict("fail", f"numeric reference, a constant of another value ({rule})", answer)
             ok = verify(gold, pred, timeout_seconds=self.timeout_s)
         except TimeoutError:
             return Verdict("timeout", "math-verify timed out", answer)
         except Exception as e:  # noqa: BLE001 - SymPy raises anything on hostile input
             return Verdict("fail", f"answer could not be compared: {type(e).__name__}", answer)
         return Verdict("pass" if ok else "fail", f"math-verify ({rule})", answer)
+
+
+def _far_from(gold_num: Fraction, gold: list, pred: list, timeout_s: int) -> bool:
+    """Whether every parsed form of the answer is a real constant (`4π`, `20:20`,
+    no variables) whose value is far from the numeric reference, taken as it is or
+    as a percentage either way. math-verify could then only say no, after a SymPy
+    simplification that costs ~10 ms per answer. Anything else (a variable, a
+    set, a complex value, a value near the reference) is left to math-verify."""
+    import sympy
+    from math_verify.errors import TimeoutException
+    from math_verify.utils import timeout
+
+    if any(isinstance(p, str) and p in gold for p in pred):
+        return False
+    exprs = [p for p in pred if not isinstance(p, str)]
+    if not exprs or not all(isinstance(e, sympy.Expr) and not e.free_symbols for e in exprs):
+        return False
+    g = float(gold_num)
+    targets = (g, g * 100, g / 100)
+
+    @timeout(timeout_seconds=timeout_s)
+    def values() -> list[complex]:
+        return [complex(e.evalf(15)) for e in exprs]
+
+    try:
+        vals = values()
+    except TimeoutException:  # 9^{9^{9^9}}: math-verify would time out on it too
+        raise TimeoutError("evaluating the answer timed out") from None
+    except Exception:  # noqa: BLE001 - SymPy on hostile input: let math-verify judge
+        return False
+    return all(v.imag == 0 and math.isfinite(v.real)
+               and all(abs(v.real - t) > max(1e-4 * abs(t), 1e-5) for t in targets) for v in vals)
 
 
 def _as_latex(s: str) -> str:
