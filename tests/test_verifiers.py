@@ -122,3 +122,16 @@ def test_constant_answers_against_a_numeric_reference(gold, answer, verdict, rea
     v = MathAnswerVerifier()
     out = v.verify(Problem("c", "q", gold), f"The answer is ${answer}$.")
     assert out.verdict == verdict and reason in out.reason, out
+
+
+@pytest.mark.parametrize("gold, answer, verdict", [
+    ("25", "25%", "pass"), ("0.25", "25%", "pass"), ("0.25", "25\\%", "pass"),
+    ("6.24", "624%", "pass"), ("624", "62400%", "pass"),
+    ("0.25", "25", "fail"), ("25", "2500", "fail"), ("3", "25%", "fail"),
+])
+def test_a_percent_answers_its_number_and_its_hundredth(gold, answer, verdict):
+    """As math-verify's percent rules have it (checked against it here)."""
+    from math_verify import parse, verify
+
+    assert MathAnswerVerifier().verify(Problem("p", "q", gold), f"The answer is ${answer}$.").verdict == verdict
+    assert bool(verify(parse(f"${gold}$"), parse(f"${answer}$"))) == (verdict == "pass")

@@ -233,7 +233,8 @@ class MathAnswerVerifier:
             numbers = _NUMBER_RE.findall(answer)
             cand_num = as_number(numbers[-1]) if numbers else None
         if gold_num is not None and cand_num is not None:
-            ok = gold_num == cand_num
+            # "25%" answers 25 and 0.25 alike, as math-verify's percent rules have it
+            ok = gold_num == cand_num or (_PERCENT_END_RE.search(answer) is not None and gold_num == cand_num / 100)
             return Verdict("pass" if ok else "fail", f"numeric ({rule})", answer)
         if gold_num is not None and not any(ch.isdigit() for ch in answer):
             # "N", "x", "the total": no digit, so not the number asked for; SymPy
@@ -298,6 +299,9 @@ def _far_from(gold_num: Fraction, gold: list, pred: list, timeout_s: int) -> boo
         return False
     return all(v.imag == 0 and math.isfinite(v.real)
                and all(abs(v.real - t) > max(1e-4 * abs(t), 1e-5) for t in targets) for v in vals)
+
+
+_PERCENT_END_RE = re.compile(r"\\?%\s*$")
 
 
 def _as_latex(s: str) -> str:
