@@ -132,3 +132,17 @@ def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None
     if note:
         out["dollars_error"] = note
     return out
+
+
+def format_check(store: Store, run_id: str, examples: int = 3) -> dict[str, Any]:
+    """Samples that ran to max tokens while writing a chat format's control text
+    (`<|im_end|>`, `<end_of_turn>`, ...) as plain text: the sign of a model prompted
+    in a format it does not know, which never ends its turn and is graded on noise."""
+    from .engines.chat import control_text
+
+    rows = store.samples(run_id)
+    length = [r for r in rows if r.finish_reason == "length"]
+    flagged = [(r, m) for r in length if (m := control_text(r.text)) is not None]
+    return {"samples": len(rows), "ran_to_max_tokens": len(length), "control_text_at_max_tokens": len(flagged),
+            "examples": [{"problem_id": r.problem_id, "sample_index": r.sample_index, "marker": m}
+                         for r, m in flagged[:examples]]}

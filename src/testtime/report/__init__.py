@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis import analyse_run, run_cost
+from ..analysis import analyse_run, format_check, run_cost
 from ..store import Store
 from . import html, plots
 from .files import write_json
@@ -30,6 +30,7 @@ def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: 
         "forecast": [f.__dict__ for f in a.forecast],
         "cost": {k: v for k, v in run_cost(store, run_id, prices).items() if k != "per_problem_flops"},
         "infra_errors": a.infra_errors,
+        "format": format_check(store, run_id),
         "grading": store.grading_info(run_id, a.verifier),
     }
     write_json(out / "summary.json", summary)

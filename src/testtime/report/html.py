@@ -57,10 +57,20 @@ def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], ou
             + f"<p>Model {html.escape(str(cost.get('model')))} ({html.escape(str(cost.get('shape_source')))}); "
             f"per sample {fl['total'] / max(1, cost['tokens']['sequences']):.3g} FLOPs. Prices: "
             f"{html.escape(str(dl.get('rule', 'none')))} from {html.escape(str(cost.get('price_table')))}.</p>")
+        if cost["tokens"].get("cache_unknown"):
+            cost_html += (f"<p>Cached prompt tokens are <b>unknown</b> for {cost['tokens']['cache_unknown']} samples "
+                          "(the server did not report them); their prompts are counted as computed.</p>")
     elif cost.get("error"):
         cost_html = f"<h2>Compute</h2><p>{html.escape(cost['error'])}</p>"
     infra = (f"<p><b>{a.infra_errors} samples had infrastructure errors</b> and are left out of every "
              "figure (a broken harness is not a wrong answer).</p>") if a.infra_errors else ""
+    fmt = summary.get("format") or {}
+    if fmt.get("control_text_at_max_tokens"):
+        markers = ", ".join(sorted({e["marker"] for e in fmt["examples"]}))
+        infra += (f"<p><b>Chat format warning: {fmt['control_text_at_max_tokens']} of {fmt['samples']} samples ran "
+                  f"to max tokens while writing chat control text as plain text</b> ({html.escape(markers)}). The "
+                  "model was probably prompted in a chat format it does not know; check the chat template "
+                  "(<code>--chat-template</code>).</p>")
     grading = summary.get("grading") or {}
     sandbox = ""
     if "sandbox" in grading:
