@@ -51,3 +51,19 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert r.exit_code == 2 and "model file not found" in r.output
     r = runner.invoke(app, ["report", "nope", "-w", str(tmp_path)])
     assert r.exit_code == 2 and "no run" in r.output
+
+
+@requires_model
+@pytest.mark.model
+def test_env_says_what_runs_here():
+    info = json.loads(invoke("env", "--json"))
+    assert set(info) == {"versions", "llama_cpp", "default_model", "sandbox"}
+    assert info["versions"]["llama-cpp-python"] and info["versions"]["testtime"]
+    llama = info["llama_cpp"]
+    assert "error" not in llama, llama
+    assert llama["features_in_use"] and isinstance(llama["use_extra_bufts"], bool)
+    assert "CPU" in llama["system_info"]
+    assert info["default_model"]["exists"] is True
+    assert "error" not in info["sandbox"] and info["sandbox"]["summary"]
+    text = invoke("env")
+    assert "variant_loaded" in text and "features_in_use" in text

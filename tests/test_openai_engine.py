@@ -23,13 +23,38 @@ from testtime.spec import SamplingParams
 from testtime.store import Store
 
 
-class FakeServer:
-    """Answers like an OpenAI-compatible server: text is a pure function of the prompt and seed.
-    `fail_first` requests get 503 (or 429), `single_choice` ignores n (as llama.cpp's server does)."""
+GENERATION_CONFIG = {"top_k": 20, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8}
+"""Qwen2.5-Instruct's generation_config.json: what vLLM uses for every field a request leaves out."""
 
-    def __init__(self, fail_first=0, status=503, single_choice=False, props=True, models=("fake-model",)):
+
+class FakeServer:
+    """Answers as vLLM's OpenAI-compatible server does, where it matters here:
+
+    - text is a pure function of the prompt and the seed; with n > 1, choice j gets
+      seed + j (vLLM's fan-out);
+    - a sampling field the request leaves out is filled from GENERATION_CONFIG, and
+      the parameters in effect are recorded per request (`effective`);
+    - prompts are tokenized (one token per word) with BOS added unless the body says
+      `add_special_tokens: false` (its default is true on /v1/completions), so a
+      template that prints BOS shows a doubled one (`tokens`);
+    - greedy with n > 1, and temperature > 2, are rejected with HTTP 400;
+    - `usage.prompt_tokens_details` is null unless started with details=True
+      (vLLM's --enable-prompt-tokens-details);
+    - `/tokenize` (at the root, as vLLM serves it) renders a chat with a ChatML
+      template or tokenizes a prompt;
+    - `finish` forces a finish reason (e.g. 'abort'); `reasoning` is put in
+      `message.reasoning`, as a `--reasoning-parser` server does.
+
+    `fail_first` requests get 503 (or 429); `single_choice` ignores n (as llama.cpp's
+    server does)."""
+
+    def __init__(self, fail_first=0, status=503, single_choice=False, props=True, models=("fake-model",),
+                 details=True, finish=None, bos_template=False, reasoning=None):
         self.requests, self.fail_first, self.status = [], fail_first, status
         self.single_choice, self.props, self.models = single_choice, props, models
+        self.details, self.finish, self.effective, self.tokens = details, finish, [], []
+        self.reasoning = reasoning
+        self.template = ("<s>" if bos_template else "") + CHATML
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,23 +73,46 @@ class FakeServer:
                 if self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]})
                 elif self.path == "/props" and fake.props:
-                    self._send(200, {"chat_template": CHATML})
+                    self._send(200, {"chat_template": fake.template, "bos_token": "<s>"})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body))
+                if self.path == "/tokenize":
+                    if "messages" in body:
+                        text = ChatTemplate(fake.template).render(body["messages"], body.get("add_generation_prompt", True))
+                        toks = _tokens(text, body.get("add_special_tokens", False))
+                    else:
+                        toks = _tokens(body["prompt"], body.get("add_special_tokens", True))
+                    return self._send(200, {"count": len(toks), "max_model_len": 4096, "tokens": toks})
                 if len(fake.requests) <= fake.fail_first:
                     return self._send(fake.status, {"error": {"message": "busy"}})
                 if body.get("model") not in fake.models:
                     return self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
+                eff = {k: body.get(k, GENERATION_CONFIG.get(k, d)) for k, d in
+                       (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
+                        ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))}
+                fake.effective.append(eff)
+                n = body.get("n", 1)
+                if eff["temperature"] > 2:
+                    return self._send(400, {"error": {"message": f"temperature must be in [0, 2], got {eff['temperature']}."}})
+                if eff["temperature"] < 1e-5 and n > 1:
+                    return self._send(400, {"error": {"message": f"n must be 1 when using greedy sampling, got {n}."}})
                 chat = self.path.endswith("/chat/completions")
-                prompt = json.dumps(body["messages"]) if chat else body["prompt"]
-                n = 1 if fake.single_choice else body.get("n", 1)
+                if chat:
+                    prompt = json.dumps(body["messages"])
+                elif isinstance(body["prompt"], list):  # token ids
+                    prompt = " ".join(map(str, body["prompt"]))
+                    fake.tokens.append(list(body["prompt"]))
+                else:
+                    prompt = body["prompt"]
+                    fake.tokens.append(_tokens(prompt, body.get("add_special_tokens", True)))
                 choices = []
-                for i in range(n):
-                    h = int(hashlib.sha256(f"{prompt}|{body['seed']}|{i}".encode()).hexdigest()[:8], 16)
+                for i in range(1 if fake.single_choice else n):
+                    seed = body["seed"] + i
+                    h = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:8], 16)
                     text = f"step {h % 97}\n\nThe answer is {h % 10}."
                     stop, reason = body.get("stop") or [], "stop"
                     for s in stop:
@@ -73,9 +121,11 @@ class FakeServer:
                     words = text.split(" ")
                     if len(words) > body["max_tokens"]:
                         text, reason = " ".join(words[:body["max_tokens"]]), "length"
-                    c = {"index": i, "finish_reason": reason}
+                    c = {"index": i, "finish_reason": fake.finish or reason}
                     if chat:
                         c["message"] = {"role": "assistant", "content": text}
+                        if fake.reasoning:
+                            c["message"]["reasoning"] = fake.reasoning
                         if body.get("logprobs"):
                             c["logprobs"] = {"content": [{"token": "Yes", "logprob": -0.1, "bytes": None,
                                                           "top_logprobs": [{"token": "Yes", "logprob": -0.1, "bytes": None},
@@ -87,7 +137,7 @@ class FakeServer:
                                              "top_logprobs": [{"Yes": -0.1, "No": -2.4}]}
                     choices.append(c)
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": 5 * len(choices),
-                         "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 2}}
+                         "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 2} if fake.details else None}
                 self._send(200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
                                  "created": 0, "model": body["model"], "choices": choices, "usage": usage})
 
@@ -98,6 +148,13 @@ class FakeServer:
     def close(self):
         self.srv.shutdown()
         self.srv.server_close()
+
+
+def _tokens(text, add_special):
+    """One token per whitespace-separated word, numbered by a hash; BOS is 1 ('<s>')."""
+    words = text.replace("<s>", " <s> ").split()
+    ids = [1 if w == "<s>" else 2 + int(hashlib.sha256(w.encode()).hexdigest()[:6], 16) for w in words]
+    return ([1] if add_special else []) + ids
 
 
 @pytest.fixture
@@ -172,12 +229,14 @@ def test_continuation_goes_to_the_completions_endpoint_verbatim(fake, tmp_path):
     assert path.endswith("/completions") and not path.endswith("/chat/completions")
     assert body["prompt"] == ChatTemplate(CHATML).render(list(msgs)) + "Step 1: x\n\n"
     eng.close()
-    # a vLLM server: the chat endpoint with continue_final_message
+    # a vLLM server: token ids of the chat from its /tokenize, then the continuation's, sent as ids
     eng = _engine(srv.url, continuation="vllm")
     list(eng.generate([req]))
-    path, body = srv.requests[-1]
-    assert path.endswith("/chat/completions") and body["continue_final_message"] is True
-    assert body["messages"][-1] == {"role": "assistant", "content": "Step 1: x\n\n"}
+    (p1, chat), (p2, cont), (path, body) = srv.requests[-3:]
+    assert (p1, p2) == ("/tokenize", "/tokenize") and chat["add_generation_prompt"] is True
+    assert cont == {"model": "fake-model", "prompt": "Step 1: x\n\n", "add_special_tokens": False}
+    rendered = ChatTemplate(CHATML).render(list(msgs))
+    assert path.endswith("/v1/completions") and body["prompt"] == _tokens(rendered, False) + _tokens("Step 1: x\n\n", False)
     eng.close()
     # no template anywhere: a clear error, not a silently re-templated chat
     bare = fake(props=False)
@@ -194,6 +253,121 @@ def test_continuation_goes_to_the_completions_endpoint_verbatim(fake, tmp_path):
     eng.close()
     with pytest.raises(ValueError, match="Jinja source or a path"):
         _engine(bare.url, chat_template="model.bin")
+
+
+def test_every_sampling_field_is_sent_so_the_server_defaults_never_apply(fake):
+    """vLLM fills unsent fields from generation_config.json (top_k=20, repetition_penalty
+    1.05 for Qwen2.5-Instruct); what the server used must be what the run records."""
+    srv = fake()
+    eng = _engine(srv.url)
+    params = SamplingParams(temperature=0.6, top_p=0.9, top_k=0, min_p=0.0, max_tokens=20)
+    list(eng.generate([Request(key=0, seeds=(1,), params=params, messages=({"role": "user", "content": "x"},)),
+                       Request(key=1, seeds=(1,), params=params, prompt="raw")]))
+    for eff in srv.effective:
+        assert eff == {"temperature": 0.6, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                       "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    assert all(b["repeat_penalty"] == 1.0 for _, b in srv.requests)  # llama-cpp-python's name (default 1.1)
+    eng.close()
+
+
+def test_a_template_that_prints_bos_is_sent_without_a_second_one(fake):
+    """/v1/completions adds BOS unless told not to; a rendered Llama-3-style template
+    already starts with it."""
+    srv = fake(bos_template=True)
+    eng = _engine(srv.url)
+    req = Request(key=0, seeds=(1,), params=SamplingParams(max_tokens=20),
+                  messages=({"role": "user", "content": "Solve it."},), continuation="Step 1:")
+    list(eng.generate([req]))
+    [toks] = srv.tokens
+    assert toks[0] == 1 and toks.count(1) == 1, toks
+    # a raw prompt (a base model) still gets the server's BOS
+    list(eng.generate([Request(key=1, seeds=(1,), params=SamplingParams(max_tokens=5), prompt="1, 2, 3,")]))
+    assert srv.tokens[-1][0] == 1
+    eng.close()
+
+
+def test_greedy_never_asks_for_several_choices_in_one_call(fake):
+    srv = fake()
+    eng = _engine(srv.url, n_per_request=True)
+    req = Request(key=0, seeds=(5, 6, 7), params=SamplingParams(temperature=0.0, max_tokens=20),
+                  messages=({"role": "user", "content": "x"},))
+    got = list(eng.generate([req]))
+    assert sorted(c.index for c in got) == [0, 1, 2]
+    assert [b["n"] for _, b in srv.requests] == [1, 1, 1]
+    eng.close()
+
+
+def test_n_per_request_records_the_seeds_vllm_used(fake):
+    """vLLM gives choice j of a request with seed s the seed s + j; each stored seed must
+    reproduce its sample alone."""
+    srv = fake()
+    eng = _engine(srv.url, n_per_request=True)
+    msgs = ({"role": "user", "content": "x"},)
+    req = Request(key=0, seeds=(100, 900, 901), params=SamplingParams(max_tokens=20), messages=msgs)
+    got = sorted(eng.generate([req]), key=lambda c: c.index)
+    assert [c.seed for c in got] == [100, 101, 102]
+    alone = _engine(srv.url)
+    again = list(alone.generate([Request(key=0, seeds=(101,), params=SamplingParams(max_tokens=20), messages=msgs)]))
+    assert again[0].text == got[1].text
+    eng.close()
+    alone.close()
+
+
+def test_temperature_above_two_is_refused_before_anything_is_sent(fake):
+    from testtime.spec import SpecError
+
+    srv = fake()
+    eng = _engine(srv.url)
+    req = Request(key=0, seeds=(1,), params=SamplingParams(temperature=2.5), messages=({"role": "user", "content": "x"},))
+    with pytest.raises(SpecError, match=r"temperature must be in \[0, 2\].*got 2.5"):
+        list(eng.generate([req]))
+    assert srv.requests == []
+    eng.close()
+
+
+def test_cached_tokens_are_unknown_when_the_server_does_not_report_them(fake, tmp_path):
+    srv = fake(details=False)
+    eng = _engine(srv.url)
+    [c] = eng.generate([Request(key=0, seeds=(1,), params=SamplingParams(max_tokens=20),
+                                messages=({"role": "user", "content": "x"},))])
+    assert c.cached_tokens is None
+    r = api.sample("arithmetic", n=2, limit=2, engine=eng, workspace=tmp_path, task_args={"levels": [1]})
+    with Store(tmp_path) as store:
+        assert all(s.cached_tokens is None for s in store.samples(r.run_id))
+        assert sum(u["cache_unknown"] for u in store.usage(r.run_id).values()) == 4
+    eng.close()
+
+
+def test_samples_the_server_aborted_are_not_stored_as_answers(fake, tmp_path):
+    for reason in ("abort", "error", "repetition"):
+        srv = fake(finish=reason)
+        eng = _engine(srv.url)
+        r = api.sample("arithmetic", n=2, limit=2, engine=eng, workspace=tmp_path / reason, task_args={"levels": [1]})
+        assert r.drawn == 0 and r.engine_ended == 4
+        with Store(tmp_path / reason) as store:
+            assert store.samples(r.run_id) == []
+        eng.close()
+        srv.finish = None  # the server recovers: a rerun draws exactly those samples
+        eng = _engine(srv.url)
+        again = api.sample("arithmetic", n=2, limit=2, engine=eng, workspace=tmp_path / reason, task_args={"levels": [1]})
+        assert again.run_id == r.run_id and again.drawn == 4 and again.engine_ended == 0
+        eng.close()
+
+
+def test_a_reasoning_parser_s_text_is_kept_apart_from_the_answer(fake, tmp_path):
+    srv = fake(reasoning="First, 2 + 3 = 5.")
+    eng = _engine(srv.url)
+    r = api.sample("arithmetic", n=1, limit=1, engine=eng, workspace=tmp_path, task_args={"levels": [1]})
+    with Store(tmp_path) as store:
+        [s] = store.samples(r.run_id)
+    assert s.reasoning == "First, 2 + 3 = 5." and s.text.startswith("step ")
+    eng.close()
+    from types import SimpleNamespace
+
+    from testtime.engines.openai import _reasoning
+
+    old = SimpleNamespace(content="5", model_extra={"reasoning_content": "2 + 3 = 5"})  # before vLLM 0.17
+    assert _reasoning(old) == "2 + 3 = 5"
 
 
 def test_n_per_request_falls_back_when_the_server_answers_one_choice(fake):
@@ -239,7 +413,7 @@ def _free_port():
 
 
 def _start_server(model_path, port):
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "testtime.engines.llama_server", "--model", str(model_path), "--port", str(port),
                              "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

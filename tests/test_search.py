@@ -292,11 +292,20 @@ def prm_server():
                 self.send_response(503)
                 self.end_headers()
                 return
-            if self.path == "/pooling":
-                steps = body["input"].split("<tag>")[:-1]
-                rows = [[0.1, 0.9] if "good" in s else [0.8, 0.2] for s in steps]
-                out = {"data": [{"index": 0, "data": rows}], "model": body.get("model"),
-                       "usage": {"prompt_tokens": len(body["input"].split())}}
+            if self.path == "/pooling":  # vLLM: a string or a list of them, one result each
+                inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                state.setdefault("batches", []).append(len(inputs))
+                data = [{"index": i, "object": "pooling",
+                         "data": [[0.1, 0.9] if "good" in s else [0.8, 0.2] for s in text.split("<tag>")[:-1]]}
+                        for i, text in enumerate(inputs)]
+                out = {"data": data[::-1], "model": body.get("model"),  # order by index, not position
+                       "usage": {"prompt_tokens": sum(len(t.split()) for t in inputs)}}
+            elif self.path == "/v1/completions":  # a generate server: top logprobs of the next token
+                bad = "bad" in body["prompt"].rsplit("<tag>", 1)[0].split("<tag>")[-1]  # the step just tagged
+                top = {" -": -0.1, " +": -2.4, "x": -5.0} if bad else {" +": -0.2, " -": -1.9}
+                out = {"choices": [{"index": 0, "text": "+", "logprobs": {"tokens": ["+"], "token_logprobs": [-0.2],
+                                                                          "top_logprobs": [top]}}],
+                       "usage": {"prompt_tokens": len(body["prompt"].split())}}
             else:
                 out = {"scores": [0.7 if "good" in s else 0.3 for s in body["steps"]]}
             data = json.dumps(out).encode()
@@ -319,11 +328,39 @@ def test_served_prm_vllm_pooling_format(prm_server):
     prm = ServedPRM(url, model="prm", wire="vllm", step_tag="<tag>", good_index=1)
     items = [Scoring("q", ("a good step", "a bad step", "good again")), Scoring("q", ("good", "bad"), known=1)]
     assert prm.score(items) == [[0.9, 0.2, 0.9], [0.2]]
-    assert state["requests"] == 3  # one 503, retried
+    assert state["requests"] == 2 and state["batches"] == [2]  # one 503, retried; both items in one request
     # the tokens the server says it scored are counted (here: words of each input)
     assert prm.usage.prompt == len("q\na good step<tag>a bad step<tag>good again<tag>".split()) + \
         len("q\ngood<tag>bad<tag>".split())
     assert prm.usage.sequences == 2 and prm.unmetered == 0
+
+
+def test_served_prm_batches_items_per_request(prm_server):
+    from testtime.rewards.served import ServedPRM
+
+    url, state = prm_server
+    prm = ServedPRM(url, wire="vllm", step_tag="<tag>", good_index=1, batch=3)
+    items = [Scoring("q", ("good", "bad")[: 1 + i % 2]) for i in range(7)]
+    assert prm.score(items) == [[0.9], [0.9, 0.2]] * 3 + [[0.9]]
+    assert sorted(state["batches"]) == [1, 3, 3] and prm.usage.sequences == 7
+
+
+def test_served_prm_reads_good_and_bad_tokens_from_a_generate_server(prm_server):
+    """Math-Shepherd's recipe: after each step tag, P(+) / (P(+) + P(-)) from the top
+    logprobs of one generated token."""
+    import math
+
+    from testtime.rewards.served import RewardServerError, ServedPRM
+
+    url, state = prm_server
+    state["requests"] = 1  # no 503 this time
+    prm = ServedPRM(url, wire="logprobs", step_tag="<tag>\n", good_token="+", bad_token="-")
+    [scores] = prm.score([Scoring("q", ("a good step", "a bad step", "good"), known=1)])
+    assert scores == pytest.approx([1 / (1 + math.exp(-0.1 + 2.4)), 1 / (1 + math.exp(-1.9 + 0.2))])
+    assert prm.usage.sequences == 2
+    with pytest.raises(RewardServerError, match="neither 'yes' nor 'no' is among the top"):
+        ServedPRM(url, wire="logprobs", step_tag="<tag>", good_token="yes", bad_token="no").score(
+            [Scoring("q", ("a",))])
 
 
 def test_served_prm_scores_format_and_errors(prm_server):

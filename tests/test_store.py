@@ -100,3 +100,29 @@ def test_a_failed_transaction_leaves_nothing(workspace):
         with pytest.raises(sqlite3.IntegrityError):
             s.add_samples(bad)
         assert s.samples(rid) == []
+
+
+V1_SAMPLES = """CREATE TABLE samples (
+    run_id TEXT NOT NULL, problem_id TEXT NOT NULL, sample_index INTEGER NOT NULL, seed INTEGER NOT NULL,
+    text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, finish_reason TEXT NOT NULL, latency_s REAL, created REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index)) WITHOUT ROWID"""
+
+
+def test_a_workspace_from_the_previous_version_is_migrated_in_place(workspace):
+    workspace.mkdir()
+    db = sqlite3.connect(workspace / "testtime.db")
+    db.execute(V1_SAMPLES)
+    db.execute("INSERT INTO samples VALUES ('r', 'a', 0, 7, 'old text', 5, 2, 3, 'stop', 0.1, 1.0)")
+    db.commit()
+    db.close()
+    with Store(workspace) as s:
+        [old] = s.samples("r")
+        assert (old.text, old.seed, old.cached_tokens, old.reasoning) == ("old text", 7, 2, None)
+        # what the new schema allows: an unknown cached count, and a reasoning parser's text
+        s.add_samples([SampleRow("r", "a", 1, 8, "5", 5, None, 3, "stop", 0.1, reasoning="2 + 3 = 5")])
+        new = s.samples("r")[1]
+        assert new.cached_tokens is None and new.reasoning == "2 + 3 = 5"
+        assert s.usage("r")["a"]["cache_unknown"] == 1
+    with Store(workspace) as s:  # reopening does not migrate again
+        assert len(s.samples("r")) == 2

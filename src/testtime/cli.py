@@ -98,6 +98,11 @@ def _print_table(run: api.Run, title: str) -> None:
         out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
     if a.infra_errors:
         out.print(f"[yellow]{a.infra_errors} samples had infrastructure errors and are excluded[/]")
+    fmt = api.format_check(run.run_id, run.workspace)
+    if fmt["control_text_at_max_tokens"]:
+        markers = ", ".join(sorted({e["marker"] for e in fmt["examples"]}))
+        out.print(f"[yellow]{fmt['control_text_at_max_tokens']} of {fmt['samples']} samples ran to max tokens writing "
+                  f"chat control text ({markers}): check the chat template (--chat-template)[/]", highlight=False)
     info = api.grading_info(run.run_id, a.verifier, run.workspace)
     if info and "sandbox" in info:
         out.print(f"sandbox: {info['sandbox']['summary']}")
@@ -123,6 +128,9 @@ def _verifier_args(allow_code_execution: bool, code_timeout: Optional[float]) ->
 AllowCodeOpt = typer.Option(False, "--allow-code-execution",
                             help="Run generated code for a custom code task (the bundled code tasks opt in themselves)")
 CodeTimeoutOpt = typer.Option(None, "--code-timeout", help="Seconds per program for the code verifier [default: 5]")
+ChatTemplateOpt = typer.Option(None, "--chat-template",
+                               help="NAME of a llama.cpp built-in chat format (chatml, llama3, gemma, ...) or FILE "
+                                    "(Jinja, tokenizer_config.json, .gguf) [default: the model file's own]")
 
 
 def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
@@ -135,14 +143,22 @@ def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: st
                          progress=update, on_plan=plan, verifier_args=verifier_args)
     console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
                   f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
+    _warn_engine_ended(run)
     return run
+
+
+def _warn_engine_ended(run: api.Run) -> None:
+    if run.engine_ended:
+        console.print(f"[yellow]infrastructure: the engine ended {run.engine_ended} samples itself (abort or error); "
+                      "they were not stored, and running the same command again draws them[/]")
 
 
 @app.command()
 def run(workspace: Optional[Path] = WorkspaceOpt,
         problems: int = typer.Option(api.QUICKSTART["limit"], help="Problems (levels 1-3, interleaved)"),
         n: int = typer.Option(api.QUICKSTART["n"], "-n", help="Samples per problem"),
-        model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+        model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
+        chat_template: Optional[str] = ChatTemplateOpt,
         policy: Optional[Path] = typer.Option(None, help="Apply this compute-optimal policy (from `testtime optimal`)"),
         budget: int = typer.Option(16, help="With --policy: generations per problem"),
         arg: List[str] = typer.Option([], "--arg", help="With --policy: task argument key=value overriding the "
@@ -167,8 +183,11 @@ def run(workspace: Optional[Path] = WorkspaceOpt,
                       "reward model included)")
             return
         q = api.QUICKSTART
-        r = _sample(q["task"], n, problems, dict(q["task_args"]), "llamacpp",
-                    {"model": str(model)} if model else {}, q["params"], None, 0, workspace, None)
+        eargs = {"model": str(model)} if model else {}
+        if chat_template:
+            eargs["chat_template"] = chat_template
+        r = _sample(q["task"], n, problems, dict(q["task_args"]), "llamacpp", eargs, q["params"], None, 0,
+                    workspace, None)
         _print_table(r, f"arithmetic levels 1-3, {problems} problems x {n} samples")
         out.print(f"report: {api.report(r.run_id, workspace=r.workspace)}")
     except USER_ERRORS as e:
@@ -193,7 +212,7 @@ def optimal(task: str = typer.Option("arithmetic", "--task", "-t"),
             iterations: int = typer.Option(4, help="Most search steps"),
             step_tokens: int = typer.Option(48, help="Most tokens per step"),
             out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the policy here too"),
-            model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+            model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
             workspace: Optional[Path] = WorkspaceOpt):
     """Fit a compute-optimal policy (strategy and N per difficulty bin and budget) on a
     training split, evaluate it on held-out problems against fixed strategies, and write it."""
@@ -226,7 +245,8 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            n: int = typer.Option(16, "-n", help="Samples per problem"),
            limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems [default: all]"),
            engine: str = typer.Option("llamacpp", help="Engine name"),
-           model: Optional[Path] = typer.Option(None, help="GGUF file [default: SmolLM2-135M-Instruct]"),
+           model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
+           chat_template: Optional[str] = ChatTemplateOpt,
            slots: int = typer.Option(16, help="Sequences decoded together"),
            threads: Optional[int] = typer.Option(None, help="CPU threads [default: all]"),
            seq_ctx: int = typer.Option(1024, help="KV cells per sequence (prompt + max tokens)"),
@@ -254,6 +274,8 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
             eargs = {"slots": slots, "n_threads": threads, "seq_ctx": seq_ctx}
             if model:
                 eargs["model"] = str(model)
+        if chat_template:
+            eargs["chat_template"] = chat_template
         eargs.update(_task_args(engine_arg, None))
         if ray_actors:
             if engine == "llamacpp" and threads is None:
@@ -262,10 +284,13 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
                            params=params, template=template, seed=seed, workspace=workspace, label=label,
                            verifier_args=_verifier_args(allow_code_execution, code_timeout), ray_actors=ray_actors,
                            ray_address=ray_address, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+            _warn_engine_ended(r)
         else:
             r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
                         _verifier_args(allow_code_execution, code_timeout))
         _print_table(r, f"{task}: run {r.run_id}")
+        if r.engine_ended:
+            raise typer.Exit(3)
     except (*USER_ERRORS, SandboxError) as e:
         _fail(e)
 
@@ -364,6 +389,10 @@ def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefi
     out.print(f"{tok['sequences']:,} samples; {fl['total'] / max(1, tok['sequences']):.3e} FLOPs per sample"
               + (f"; prices: {c['dollars']['rule']} ({c['price_table']})" if "dollars" in c
                  else f"; no dollars: {c.get('dollars_error')}"))
+    if tok.get("cache_unknown"):
+        out.print(f"[yellow]cached prompt tokens: unknown for {tok['cache_unknown']:,} samples[/] (the server did not "
+                  "report them; a vLLM server does with --enable-prompt-tokens-details); their prompts are counted "
+                  "as computed, so prefill and the saving are upper and lower bounds")
 
 
 @app.command()
@@ -411,6 +440,7 @@ def export(run_id: str, path: Path,
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
           model: Optional[Path] = typer.Option(None, help="GGUF file for the embedded engine [default: SmolLM2-135M-Instruct]"),
+          chat_template: Optional[str] = ChatTemplateOpt,
           upstream: Optional[str] = typer.Option(None, help="An OpenAI-compatible server to draw samples from "
                                                            "instead, e.g. http://gpu-box:8000/v1"),
           upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name [default: its only one]"),
@@ -427,11 +457,11 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
         if upstream:
             from .engines.openai import OpenAIEngine
 
-            engine: Any = OpenAIEngine(upstream, model=upstream_model)
+            engine: Any = OpenAIEngine(upstream, model=upstream_model, chat_template=chat_template)
         else:
             from .engines.llamacpp import LlamaCppEngine
 
-            engine = LlamaCppEngine(**({"model": str(model)} if model else {}))
+            engine = LlamaCppEngine(**({"model": str(model)} if model else {}), chat_template=chat_template)
         from .policy import Policy
 
         srv = make_server(engine, host, port, judge=JudgePRM(engine) if judge else None, max_n=max_n,
@@ -446,6 +476,28 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
     finally:
         srv.server_close()
         engine.close()
+
+
+@app.command()
+def env(as_json: bool = typer.Option(False, "--json", help="Print JSON (for bug reports)")):
+    """What this installation runs on: versions, llama.cpp's build and the CPU variant
+    it chose, the default model, and the sandbox's isolation."""
+    import json
+
+    from .environment import collect
+
+    info = collect()
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    for section, values in info.items():
+        out.print(f"[bold]{section}[/]")
+        for k, v in values.items():
+            if isinstance(v, list):
+                v = ", ".join(map(str, v)) or "none"
+            if isinstance(v, str) and "\n" in v:
+                v = v.replace("\n", "\n    ")
+            out.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

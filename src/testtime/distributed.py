@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 from .engines.base import Request
 from .prompts import get_template
-from .runner import SampleResult
+from .runner import SampleResult, store_completion
 from .spec import RunSpec, SamplingParams, sample_seed
-from .store import SampleRow, Store
+from .store import Store
 from .tasks.base import Task
 
 
@@ -106,7 +106,7 @@ def run_sharded(store: Store, task: Task, engine: str, engine_args: dict[str, An
     queue = deque(ids[i:i + unit] for i in range(0, len(ids), unit))
     running: dict[Any, tuple[Any, list[str]]] = {}  # generator -> (actor, its problems)
     idle = list(pool)
-    restarts = drawn = tokens = 0
+    restarts = drawn = tokens = ended = 0
     start = time.perf_counter()
     if on_actors:
         on_actors(list(pool))
@@ -148,12 +148,13 @@ def run_sharded(store: Store, task: Task, engine: str, engine_args: dict[str, An
                 on_actors(list(pool))
             continue
         pid, indices = c.key
-        store.add_samples([SampleRow(run_id, pid, indices[c.index], c.seed, c.text, c.prompt_tokens, c.cached_tokens,
-                                     c.completion_tokens, c.finish_reason, c.latency_s)])
+        if not store_completion(store, run_id, pid, indices[c.index], c):
+            ended += 1
+            continue
         drawn += 1
         tokens += c.completion_tokens
         if progress:
             progress(1, c.completion_tokens)
     for a in pool:
         ray.kill(a)
-    return SampleResult(run_id, drawn, tokens, time.perf_counter() - start)
+    return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended)

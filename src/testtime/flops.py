@@ -60,16 +60,21 @@ class Usage:
     decode: int = 0
     """Generated tokens."""
     decode_ctx: int = 0
+    cache_unknown: int = 0
+    """Sequences whose cached prompt tokens the engine could not tell (a server that
+    does not report them); their whole prompt is counted as computed."""
 
     @classmethod
-    def of(cls, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, cached_tokens: int | None, completion_tokens: int) -> "Usage":
         """One sample: `prompt_tokens` of context, the first `cached_tokens` of them
-        served from a cache, then `completion_tokens` generated."""
-        p, c, g = int(prompt_tokens), int(cached_tokens), int(completion_tokens)
+        served from a cache (None: unknown, counted as computed), then
+        `completion_tokens` generated."""
+        p, g = int(prompt_tokens), int(completion_tokens)
+        c = 0 if cached_tokens is None else int(cached_tokens)
         if min(p, c, g) < 0 or c > p:
             raise ValueError(f"token counts must satisfy 0 <= cached <= prompt and generated >= 0, "
                              f"got prompt={p}, cached={c}, generated={g}")
-        return cls(1, p - c, _tri(p) - _tri(c), p, _tri(p), g, _tri(p + g) - _tri(p))
+        return cls(1, p - c, _tri(p) - _tri(c), p, _tri(p), g, _tri(p + g) - _tri(p), int(cached_tokens is None))
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

@@ -26,6 +26,24 @@ DB_NAME = "testtime.db"
 ENV_WORKSPACE = "TESTTIME_WORKSPACE"
 DEFAULT_WORKSPACE = "testtime-runs"
 
+_SAMPLES_TABLE = """
+CREATE TABLE IF NOT EXISTS samples (
+    run_id          TEXT NOT NULL,
+    problem_id      TEXT NOT NULL,
+    sample_index    INTEGER NOT NULL,
+    seed            INTEGER NOT NULL,
+    text            TEXT NOT NULL,
+    prompt_tokens   INTEGER NOT NULL,
+    cached_tokens   INTEGER,
+    completion_tokens INTEGER NOT NULL,
+    finish_reason   TEXT NOT NULL,
+    latency_s       REAL,
+    created         REAL NOT NULL,
+    reasoning       TEXT,
+    PRIMARY KEY (run_id, problem_id, sample_index)
+) WITHOUT ROWID;
+"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
@@ -44,20 +62,7 @@ CREATE TABLE IF NOT EXISTS problems (
     meta        TEXT,
     PRIMARY KEY (run_id, problem_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS samples (
-    run_id          TEXT NOT NULL,
-    problem_id      TEXT NOT NULL,
-    sample_index    INTEGER NOT NULL,
-    seed            INTEGER NOT NULL,
-    text            TEXT NOT NULL,
-    prompt_tokens   INTEGER NOT NULL,
-    cached_tokens   INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    finish_reason   TEXT NOT NULL,
-    latency_s       REAL,
-    created         REAL NOT NULL,
-    PRIMARY KEY (run_id, problem_id, sample_index)
-) WITHOUT ROWID;
+""" + _SAMPLES_TABLE + """
 CREATE TABLE IF NOT EXISTS verdicts (
     run_id       TEXT NOT NULL,
     problem_id   TEXT NOT NULL,
@@ -95,11 +100,14 @@ class SampleRow:
     seed: int
     text: str
     prompt_tokens: int
-    cached_tokens: int
-    """Prompt tokens served from a shared KV cache instead of being computed."""
+    cached_tokens: int | None
+    """Prompt tokens served from a shared KV cache instead of being computed; None when
+    the engine could not tell (a server that does not report it)."""
     completion_tokens: int
     finish_reason: str
     latency_s: float | None = None
+    reasoning: str | None = None
+    """Text a server's reasoning parser split off (the answer is graded from `text`)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ class ProblemCounts:
 
 def _sample_row(r: sqlite3.Row) -> SampleRow:
     return SampleRow(r["run_id"], r["problem_id"], r["sample_index"], r["seed"], r["text"], r["prompt_tokens"],
-                     r["cached_tokens"], r["completion_tokens"], r["finish_reason"], r["latency_s"])
+                     r["cached_tokens"], r["completion_tokens"], r["finish_reason"], r["latency_s"], r["reasoning"])
 
 
 def resolve_workspace(workspace: str | os.PathLike | None = None) -> Path:
@@ -148,6 +156,29 @@ class Store:
         # (the WAL is in the OS page cache); only a power cut can lose the last ones.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a workspace written by an earlier version up to this schema, in one
+        transaction (a crash leaves the old table whole). Version 1 had no `reasoning`
+        column and no room for an unknown cached-token count (NULL)."""
+        v1 = "SELECT count(*) = 0 FROM pragma_table_info('samples') WHERE name = 'reasoning'"
+        if not self.db.execute(v1).fetchone()[0]:
+            return
+        cols = ("run_id, problem_id, sample_index, seed, text, prompt_tokens, cached_tokens, completion_tokens, "
+                "finish_reason, latency_s, created")
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute(v1).fetchone()[0]:  # another process may have migrated meanwhile
+                cur.execute("ALTER TABLE samples RENAME TO samples_v1")
+                cur.execute(_SAMPLES_TABLE)
+                cur.execute(f"INSERT INTO samples({cols}) SELECT {cols} FROM samples_v1")
+                cur.execute("DROP TABLE samples_v1")
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -265,10 +296,10 @@ class Store:
         return self._tx(
             # only an existing key is skipped; a malformed row (NULL text...) still fails loudly
             "INSERT INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
-            "cached_tokens, completion_tokens, finish_reason, latency_s, created) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
+            "cached_tokens, completion_tokens, finish_reason, latency_s, created, reasoning) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
             [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
-              r.completion_tokens, r.finish_reason, r.latency_s, now) for r in rows],
+              r.completion_tokens, r.finish_reason, r.latency_s, now, r.reasoning) for r in rows],
         )
 
     def samples(self, run_id: str, n: int | None = None) -> list[SampleRow]:
@@ -323,8 +354,11 @@ class Store:
         limit = "AND sample_index < ?" if n is not None else ""
         rows = self.db.execute(
             "SELECT problem_id, count(*) AS sequences, "
-            "  sum(prompt_tokens - cached_tokens) AS prefill, "
-            "  sum(prompt_tokens * (prompt_tokens + 1) / 2 - cached_tokens * (cached_tokens + 1) / 2) AS prefill_ctx, "
+            # an unknown cached count (NULL) is counted as computed, and counted apart
+            "  sum(prompt_tokens - coalesce(cached_tokens, 0)) AS prefill, "
+            "  sum(prompt_tokens * (prompt_tokens + 1) / 2 "
+            "      - coalesce(cached_tokens, 0) * (coalesce(cached_tokens, 0) + 1) / 2) AS prefill_ctx, "
+            "  sum(cached_tokens IS NULL) AS cache_unknown, "
             "  sum(prompt_tokens) AS prompt, sum(prompt_tokens * (prompt_tokens + 1) / 2) AS prompt_ctx, "
             "  sum(completion_tokens) AS decode, "
             "  sum((prompt_tokens + completion_tokens) * (prompt_tokens + completion_tokens + 1) / 2 "
@@ -386,7 +420,7 @@ class Store:
                 "seed": s.seed, "question": p.get("question"), "reference": p.get("answer"),
                 "difficulty": p.get("difficulty"), "text": s.text, "prompt_tokens": s.prompt_tokens,
                 "cached_tokens": s.cached_tokens, "completion_tokens": s.completion_tokens,
-                "finish_reason": s.finish_reason, "latency_s": s.latency_s,
+                "finish_reason": s.finish_reason, "latency_s": s.latency_s, "reasoning": s.reasoning,
                 "flops": shape.flops(u) if shape else None,
                 "flops_unshared": shape.flops(u, shared=False) if shape else None,
                 "verdicts": verdicts.get((s.problem_id, s.sample_index), {}),

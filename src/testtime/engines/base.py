@@ -69,10 +69,12 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    cached_tokens: int
-    """Prompt tokens this sample did not compute itself (served from a shared KV cache)."""
+    cached_tokens: int | None
+    """Prompt tokens this sample did not compute itself (served from a shared KV cache);
+    None when the engine cannot tell (a server that does not report it)."""
     finish_reason: str
-    """'stop' (EOS or a stop string) or 'length' (max_tokens reached)."""
+    """'stop' (EOS or a stop string) or 'length' (max_tokens reached); 'abort', 'error' or
+    'repetition' when the engine, not the model, ended the sample."""
     logprobs: list[TokenLogprob] | None = None
     latency_s: float = 0.0
     stop_hit: str | None = None
@@ -80,6 +82,8 @@ class Completion:
     finished step from a finished solution this way)."""
     n_tokens: int | None = None
     """Generated tokens, for engines that report a count but not the ids (servers)."""
+    reasoning: str | None = None
+    """Text a server's reasoning parser split off from `text` (vLLM's `message.reasoning`)."""
 
     @property
     def completion_tokens(self) -> int:

@@ -6,23 +6,42 @@ backoff on connection errors, timeouts, 408, 409, 429 and 5xx. On top of it:
 
 - **Bounded concurrency**: at most `concurrency` calls in flight; requests are
   read lazily, so a long stream never builds a backlog in memory.
+- **Every sampling field the run records is sent**, neutral values included
+  (top_k 0, min_p 0, no repetition penalty). A server fills what a request
+  leaves out from its own defaults: vLLM from the model's
+  `generation_config.json` (Qwen2.5-Instruct ships top_k=20 and
+  repetition_penalty=1.05), llama-cpp-python from its own (top_k=40,
+  min_p=0.05, repeat_penalty=1.1); the stored settings would then not be the
+  ones used.
 - **One call per sample by default**, each with its own seed, so sample i is
   reproducible alone and a resumed run draws exactly what is missing (the
-  protocol's promise). `n_per_request=True` asks for n samples in one call
-  (a single seed for all, so samples then depend on their batch); a server
-  that answers with fewer choices (llama.cpp's) gets the rest asked one by one.
+  protocol's promise). `n_per_request=True` asks for n samples in one call;
+  vLLM then seeds choice j with `seed + j`, and that is the seed stored with
+  it (samples then depend on their batch). Greedy requests always go one per
+  call (vLLM rejects n > 1 at temperature 0). A server that answers with fewer
+  choices (llama.cpp's) gets the rest asked one by one.
 - **Continuing a partial assistant message** (step-wise search) without
   re-templating: `continuation="completions"` renders the chat with the
   model's chat template (given, or read from llama.cpp's `/props`) and sends
-  the text plus the continuation to the completions endpoint;
-  `continuation="vllm"` sends the chat with vLLM's `continue_final_message`.
+  the text plus the continuation to the completions endpoint with
+  `add_special_tokens: false`, since a rendered template already holds the
+  BOS it wants (Llama 3, Gemma and Mistral templates print it);
+  `continuation="vllm"` asks a vLLM server's `/tokenize` for the token ids of
+  the chat (its own template, generation prompt added) and of the
+  continuation, and sends the ids. Nothing is re-templated or trimmed: vLLM's
+  `continue_final_message` drops trailing whitespace when a template trims
+  message content, so a step ending in its delimiter would stop at once.
 - **Clear errors**: an unreachable server, or a model name the server does not
   serve (with the names it does), stop the run with an `EngineError`. Samples
-  already returned are stored by the caller, so a rerun resumes.
+  already returned are stored by the caller, so a rerun resumes. Finish
+  reasons `abort`, `error` and `repetition` (vLLM's) are passed on as they are;
+  the runner treats them as infrastructure failures, never as answers.
 
-Token counts come from the server's `usage` (prompt, cached prompt tokens when
-reported, completion). Which stop string ended a sample is read from vLLM's
-`stop_reason` when present.
+Token counts come from the server's `usage` (prompt, completion, and cached
+prompt tokens when reported: vLLM reports them only with
+`--enable-prompt-tokens-details`; otherwise they are unknown, not 0). Which
+stop string ended a sample is read from vLLM's `stop_reason` when present. A
+`--reasoning-parser` server's `message.reasoning` is kept with the sample.
 """
 
 from __future__ import annotations
@@ -34,11 +53,16 @@ import os
 import queue
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any, Iterable, Iterator
 
+from ..spec import SpecError
 from .base import ENGINES, Completion, Request, TokenLogprob
-from .chat import ChatTemplate
+from .chat import ChatTemplate, TemplateError, read_template
+
+MAX_TEMPERATURE = 2.0
+"""The OpenAI API's bound, which vLLM enforces ("temperature must be in [0, 2]")."""
 
 
 class EngineError(RuntimeError):
@@ -74,7 +98,10 @@ class OpenAIEngine:
         self.concurrency, self.n_per_request, self.continuation_mode = concurrency, n_per_request, continuation
         self.max_retries, self.timeout_s = max_retries, timeout_s
         self._openai = openai
-        self._template_source = _template_source(chat_template) if chat_template else None
+        self._template_source, self._bos = None, ""
+        if chat_template:
+            self._template_source, self._bos = _template_source(chat_template)
+        self._token_ids: dict[Any, list[int]] = {}  # continuation="vllm": /tokenize results
         self._shape = shape
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
@@ -126,51 +153,81 @@ class OpenAIEngine:
                 with urllib.request.urlopen(f"{root}/props", timeout=10) as r:
                     props = json.loads(r.read())
                 self._template_source = props.get("chat_template") or None
+                self._bos = props.get("bos_token") or ""
             except (OSError, ValueError):
                 self._template_source = None
             if not self._template_source:
                 raise EngineError(f"continuing a partial assistant message needs the model's chat template: pass "
                                   f"chat_template=..., or continuation='vllm' for a vLLM server ({self.base_url} "
                                   "has no llama.cpp /props to read it from)")
-        return ChatTemplate(self._template_source)
+        return ChatTemplate(self._template_source, bos_token=self._bos)
 
     # -- one call -------------------------------------------------------------------
 
     def _body(self, req: Request, seed: int, n: int) -> tuple[str, dict[str, Any]]:
         p = req.params
         body: dict[str, Any] = {"model": self.model, "temperature": p.temperature, "top_p": p.top_p,
-                                "max_tokens": p.max_tokens, "seed": seed, "n": n}
+                                "max_tokens": p.max_tokens, "seed": seed, "n": n,
+                                "presence_penalty": 0.0, "frequency_penalty": 0.0}
         if p.stop:
             body["stop"] = list(p.stop)
-        extra = {}
-        if p.top_k:
-            extra["top_k"] = p.top_k
-        if p.min_p:
-            extra["min_p"] = p.min_p
+        # vLLM's names, then llama.cpp's for the same penalty: unsent, each server uses its own default
+        extra: dict[str, Any] = {"top_k": p.top_k, "min_p": p.min_p, "repetition_penalty": 1.0,
+                                 "repeat_penalty": 1.0}
         if req.prompt is not None or (req.continuation and self.continuation_mode == "completions"):
-            prompt = req.prompt if req.prompt is not None else \
-                self._template().render(req.messages, add_generation_prompt=True) + req.continuation
-            body["prompt"] = prompt
+            if req.prompt is not None:
+                body["prompt"] = req.prompt
+            else:
+                body["prompt"] = self._template().render(req.messages, add_generation_prompt=True) + req.continuation
+                extra["add_special_tokens"] = False  # the rendered template holds its own BOS
+            if p.logprobs is not None:
+                body["logprobs"] = max(1, p.logprobs)
+            kind = "completions"
+        elif req.continuation:  # continuation="vllm": token ids from the server's own tokenizer
+            body["prompt"] = self._token_ids[_ids_key(req)]
             if p.logprobs is not None:
                 body["logprobs"] = max(1, p.logprobs)
             kind = "completions"
         else:
-            messages = [dict(m) for m in req.messages]
-            if req.continuation:  # vLLM: continue the final assistant message as is
-                messages.append({"role": "assistant", "content": req.continuation})
-                extra.update(continue_final_message=True, add_generation_prompt=False)
-            body["messages"] = messages
+            body["messages"] = [dict(m) for m in req.messages]
             if p.logprobs is not None:
                 body["logprobs"] = True
                 body["top_logprobs"] = p.logprobs
             kind = "chat"
-        if extra:
-            body["extra_body"] = extra
+        body["extra_body"] = extra
         return kind, body
+
+    async def _tokenize(self, req: Request) -> None:
+        """Token ids of a chat (the server's template, generation prompt added) followed
+        by the continuation tokenized on its own, from a vLLM server's /tokenize."""
+        key = _ids_key(req)
+        if key in self._token_ids:
+            return
+        root = self.base_url.removesuffix("/v1")
+        chat = await asyncio.to_thread(self._tokenize_call, root, {
+            "model": self.model, "messages": [dict(m) for m in req.messages], "add_generation_prompt": True})
+        cont = await asyncio.to_thread(self._tokenize_call, root, {
+            "model": self.model, "prompt": req.continuation, "add_special_tokens": False})
+        self._token_ids[key] = chat + cont
+
+    def _tokenize_call(self, root: str, body: dict[str, Any]) -> list[int]:
+        req = urllib.request.Request(f"{root}/tokenize", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self.api_key}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                return [int(t) for t in json.loads(r.read())["tokens"]]
+        except urllib.error.HTTPError as e:
+            raise EngineError(f"continuation='vllm' needs a vLLM server's /tokenize; {root}/tokenize answered "
+                              f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"server at {root} did not answer /tokenize usably: {e}") from None
 
     async def _sample(self, req: Request, indices: list[int]) -> list[Completion]:
         """Samples `indices` of a request in one call (one seed: the first's)."""
         seed = req.seeds[indices[0]]
+        if req.continuation and req.prompt is None and self.continuation_mode == "vllm":
+            await self._tokenize(req)
         kind, body = self._body(req, seed, len(indices))
         t = time.perf_counter()
         o = self._openai
@@ -194,15 +251,14 @@ class OpenAIEngine:
         usage = resp.usage
         prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
         details = getattr(usage, "prompt_tokens_details", None)
-        cached = min(prompt_tokens, getattr(details, "cached_tokens", 0) or 0) if details else 0
+        reported = getattr(details, "cached_tokens", None) if details is not None else None
+        cached = None if reported is None else min(prompt_tokens, int(reported))  # None: the server did not say
         total_completion = getattr(usage, "completion_tokens", 0) or 0
         out = []
         choices = sorted(resp.choices, key=lambda c: c.index)[:len(indices)]
         for j, (choice, i) in enumerate(zip(choices, indices)):
-            text = choice.message.content if kind == "chat" else choice.text
-            text = text or ""
-            if kind == "chat" and req.continuation and text.startswith(req.continuation):
-                text = text[len(req.continuation):]  # some servers echo the continued message whole
+            message = choice.message if kind == "chat" else None
+            text = (message.content if message is not None else choice.text) or ""
             stop_reason = getattr(choice, "stop_reason", None)
             if stop_reason is None:
                 stop_reason = (getattr(choice, "model_extra", None) or {}).get("stop_reason")
@@ -210,11 +266,12 @@ class OpenAIEngine:
             if hit is None and choice.finish_reason == "stop" and len(req.params.stop) == 1 and stop_reason is None:
                 hit = req.params.stop[0]  # the server does not say; assume the one stop string (see module doc)
             n_tokens = total_completion // len(choices) if len(choices) > 1 else total_completion
-            out.append(Completion(key=req.key, index=i, seed=req.seeds[i], text=text, token_ids=[],
-                                  prompt_tokens=prompt_tokens, cached_tokens=cached if j == 0 else prompt_tokens,
-                                  finish_reason="length" if choice.finish_reason == "length" else "stop",
+            out.append(Completion(key=req.key, index=i, seed=seed + j, text=text, token_ids=[],
+                                  prompt_tokens=prompt_tokens,
+                                  cached_tokens=(cached if j == 0 else prompt_tokens),
+                                  finish_reason=_finish(choice.finish_reason),
                                   logprobs=_logprobs(choice, kind), latency_s=latency, stop_hit=hit,
-                                  n_tokens=n_tokens))
+                                  n_tokens=n_tokens, reasoning=_reasoning(message)))
         return out
 
     # -- the stream -----------------------------------------------------------------
@@ -245,9 +302,10 @@ class OpenAIEngine:
                         except StopIteration:
                             exhausted = True
                             break
+                        _check_params(req)
                         if req.continuation and req.prompt is None and self.continuation_mode == "completions":
                             self._template()  # resolved here, never inside the event loop
-                        if self.n_per_request:
+                        if self.n_per_request and not req.params.greedy:
                             pending.append((req, list(range(req.n))))
                         else:
                             pending += [(req, [i]) for i in range(req.n)]
@@ -278,27 +336,53 @@ class OpenAIEngine:
             self._thread.join(timeout=5)
 
 
-def _template_source(value: str) -> str:
-    """Jinja source as given, or read from a .gguf file or a tokenizer_config.json."""
+def _template_source(value: str) -> tuple[str, str]:
+    """Jinja source and the BOS text it prints (from a tokenizer_config.json), read
+    from `value`: the source itself or a Jinja, tokenizer_config.json or .gguf file."""
     from pathlib import Path
 
-    if "{%" in value or "{{" in value:
-        return value
+    try:
+        source = read_template(value)
+    except TemplateError as e:
+        raise ValueError(f"chat_template must be Jinja source or a path to a .gguf or tokenizer_config.json: "
+                         f"{e}") from None
+    bos = ""
     p = Path(value)
-    if p.suffix == ".gguf":
-        from ..flops import read_gguf_header
+    if source != value and p.name.endswith(".json"):
+        tok = json.loads(p.read_text()).get("bos_token") or ""
+        bos = tok.get("content", "") if isinstance(tok, dict) else str(tok)
+    return source, bos
 
-        source = read_gguf_header(p)[0].get("tokenizer.chat_template")
-    elif p.name.endswith(".json"):
-        try:
-            source = json.loads(p.read_text()).get("chat_template")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read a chat template from {p}: {e}") from None
-    else:
-        raise ValueError(f"chat_template must be Jinja source or a path to a .gguf or tokenizer_config.json, got {value!r}")
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"{p} holds no chat template")
-    return source
+
+def _ids_key(req: Request) -> Any:
+    return tuple(tuple(sorted(m.items())) for m in req.messages), req.continuation
+
+
+def _check_params(req: Request) -> None:
+    """What an OpenAI-compatible server would reject, refused before anything is sent."""
+    t = req.params.temperature
+    if t > MAX_TEMPERATURE:
+        raise SpecError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] for an OpenAI-compatible server "
+                        f"(vLLM rejects more), got {t!r}")
+
+
+def _finish(reason: str | None) -> str:
+    """'length' and 'stop' as the store knows them; anything that says the server ended
+    the sample ('abort', 'error', 'repetition', or none at all) is passed on as such."""
+    if reason == "length":
+        return "length"
+    if reason in ("stop", "tool_calls", "eos", "stop_sequence", "end_turn"):
+        return "stop"
+    return reason or "error"
+
+
+def _reasoning(message: Any) -> str | None:
+    """A reasoning parser's text: vLLM's `reasoning` field (`reasoning_content` before 0.17)."""
+    if message is None:
+        return None
+    extra = getattr(message, "model_extra", None) or {}
+    value = getattr(message, "reasoning", None) or extra.get("reasoning") or extra.get("reasoning_content")
+    return value or None
 
 
 def _logprobs(choice: Any, kind: str) -> list[TokenLogprob] | None:

@@ -1,21 +1,32 @@
-"""vLLM in-process on GPUs (`pip install 'testtime[vllm]'`).
+"""vLLM in-process on GPUs (`pip install 'testtime[vllm]'`, vLLM 0.33).
 
-A thin layer over vLLM's offline API, `LLM.generate(prompts, sampling_params)`:
+A thin layer over vLLM's engine loop (`LLM.llm_engine`: `add_request`, `step`):
 
-- every sample is its own prompt with its own `SamplingParams(n=1, seed=...)`,
+- every sample is its own request with its own `SamplingParams(n=1, seed=...)`,
   so sample i of a problem is reproducible alone, as with the other engines;
   automatic prefix caching (on) computes a prompt shared by many samples once;
-- chats are rendered with the model's tokenizer chat template
-  (`add_generation_prompt=True`) and a partial assistant message is appended
-  verbatim, so step-wise search never re-templates;
+- the engine's queue is kept full: up to `max_in_flight` samples (four times
+  the scheduler's `max_num_seqs` by default) are queued, a new one is added as
+  soon as one finishes, and each is yielded (so stored) the moment it
+  finishes; the GPU never idles at the tail of a chunk;
+- prompts go in as token ids: the chat is rendered with the model's template
+  and tokenized without special tokens (the template prints the BOS it wants:
+  Llama 3, Gemma and Mistral templates do), and a partial assistant message is
+  tokenized on its own and appended, so step-wise search never re-templates
+  and no BOS is doubled; a raw prompt (base models) is tokenized with the
+  tokenizer's own special tokens;
 - `tensor_parallel_size` spreads one replica over GPUs; run one replica per GPU
   group and shard problems across them with the Ray runner for more.
 
-Requests are taken in chunks of `chunk` samples; each chunk is one
-`LLM.generate` call (vLLM batches it continuously inside), and its completions
-are yielded when it returns.
+Every sampling field is set explicitly (vLLM fills only what a request leaves
+out from generation_config.json, and only on its server). vLLM rejects
+temperature > 2, checked here before anything is queued. A fixed seed
+reproduces a sample only within the same batch composition unless vLLM runs
+with `VLLM_BATCH_INVARIANT=1` (Hopper-class GPUs): kernels reduce in a
+batch-dependent order. Finish reasons `abort`, `error` and `repetition` are
+passed on; the runner treats them as infrastructure failures.
 
-On a GPU machine:
+On a GPU machine, first `python benchmarks/gpu_smoke.py`, then:
 
     pip install 'testtime[vllm]'
     testtime sample --engine vllm --engine-arg model=Qwen/Qwen2.5-Math-1.5B-Instruct \\
@@ -25,9 +36,16 @@ On a GPU machine:
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections import deque
 from typing import Any, Iterable, Iterator
 
+from ..spec import SpecError
 from .base import ENGINES, Completion, Request, TokenLogprob
+from .chat import read_template
+
+MAX_TEMPERATURE = 2.0
+"""vLLM's SamplingParams: "temperature must be in [0, 2]"."""
 
 
 @ENGINES.register("vllm")
@@ -35,25 +53,36 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, dtype: str = "auto", chunk: int = 1024, shape: Any = None,
-                 **llm_kwargs: Any):
+                 max_model_len: int | None = None, dtype: str = "auto", max_in_flight: int | None = None,
+                 chat_template: str | None = None, shape: Any = None, **llm_kwargs: Any):
+        """
+        model: a Hugging Face model id or local folder.
+        max_in_flight: samples queued in the engine at once [default: 4 x max_num_seqs].
+        chat_template: Jinja source or a file overriding the tokenizer's template.
+        llm_kwargs: passed to `vllm.LLM` (e.g. max_num_seqs, enable_chunked_prefill).
+        """
         try:
             import vllm
         except ImportError:
             raise ImportError("the vllm engine needs vLLM and a GPU: pip install 'testtime[vllm]' "
                               "(or use the llamacpp engine on a CPU, or the openai engine against a vLLM server)") from None
         self._vllm = vllm
-        self.model_name, self.chunk = model, chunk
+        self.model_name = model
         kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
                   "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype, **llm_kwargs}
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         self.llm = vllm.LLM(**kwargs)
+        self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
+        self._template = read_template(chat_template) if chat_template else None
+        sched = getattr(getattr(self.engine, "vllm_config", None), "scheduler_config", None)
+        self.max_in_flight = max_in_flight or 4 * int(getattr(sched, "max_num_seqs", 256))
         self._shape = shape
+        self._ids = itertools.count()
 
     def identity(self) -> dict[str, Any]:
-        template = getattr(self.tokenizer, "chat_template", None) or ""
+        template = self._template or getattr(self.tokenizer, "chat_template", None) or ""
         return {"engine": "vllm", "model": self.model_name,
                 "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:12]}
 
@@ -66,48 +95,71 @@ class VLLMEngine:
                 self._shape = ModelShape.from_hf_config(cfg.to_dict(), name=self.model_name)
         return self._shape
 
-    def prompt(self, req: Request) -> str:
+    def prompt_ids(self, req: Request) -> list[int]:
+        """Token ids of a request's prefix: template rendered once, its own BOS only,
+        the continuation tokenized on its own and appended."""
         if req.prompt is not None:
-            return req.prompt
-        text = self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
-        return text + req.continuation
+            return list(self.tokenizer.encode(req.prompt))
+        kwargs = {"chat_template": self._template} if self._template else {}
+        text = self.tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True,
+                                                  **kwargs)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if req.continuation:
+            ids += self.tokenizer.encode(req.continuation, add_special_tokens=False)
+        return ids
 
     def params(self, req: Request, seed: int) -> Any:
         p = req.params
-        return self._vllm.SamplingParams(n=1, seed=seed, temperature=p.temperature, top_p=p.top_p,
-                                         top_k=p.top_k if p.top_k > 0 else -1, min_p=p.min_p,
-                                         max_tokens=p.max_tokens, stop=list(p.stop) or None,
-                                         logprobs=p.logprobs)
+        if p.temperature > MAX_TEMPERATURE:
+            raise SpecError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] for the vllm engine (vLLM rejects "
+                            f"more), got {p.temperature!r}")
+        return self._vllm.SamplingParams(n=1, seed=seed, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                         min_p=p.min_p, repetition_penalty=1.0, presence_penalty=0.0,
+                                         frequency_penalty=0.0, max_tokens=p.max_tokens,
+                                         stop=list(p.stop) or None, logprobs=p.logprobs)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
-        batch: list[tuple[Request, int]] = []
-        for req in requests:
-            batch += [(req, i) for i in range(req.n)]
-            while len(batch) >= self.chunk:
-                yield from self._run(batch[:self.chunk])
-                batch = batch[self.chunk:]
-        if batch:
-            yield from self._run(batch)
+        source = iter(requests)
+        waiting: deque[tuple[Request, int, list[int]]] = deque()
+        live: dict[str, tuple[Request, int]] = {}
+        exhausted = False
+        try:
+            while True:
+                while len(live) < self.max_in_flight:  # keep the engine's queue full
+                    if not waiting:
+                        req = None if exhausted else next(source, None)
+                        if req is None:
+                            exhausted = True
+                            break
+                        ids = self.prompt_ids(req)
+                        waiting.extend((req, i, ids) for i in range(req.n))
+                    req, i, ids = waiting.popleft()
+                    rid = f"tt-{next(self._ids)}"
+                    self.engine.add_request(rid, {"prompt_token_ids": ids}, self.params(req, req.seeds[i]))
+                    live[rid] = (req, i)
+                if not live:
+                    return
+                for out in self.engine.step():
+                    if out.finished and out.request_id in live:
+                        req, i = live.pop(out.request_id)
+                        yield self._completion(req, i, out)
+        finally:
+            if live:  # closed early: free the GPU of what nobody will read
+                self.engine.abort_request(list(live))
 
-    def _run(self, batch: list[tuple[Request, int]]) -> Iterator[Completion]:
-        prompts = {}
-        for req, _ in batch:
-            if id(req) not in prompts:
-                prompts[id(req)] = self.prompt(req)
-        outs = self.llm.generate([prompts[id(r)] for r, _ in batch], [self.params(r, r.seeds[i]) for r, i in batch],
-                                 use_tqdm=False)
-        for (req, i), out in zip(batch, outs):
-            o = out.outputs[0]
-            stop_reason = getattr(o, "stop_reason", None)
-            yield Completion(key=req.key, index=i, seed=req.seeds[i], text=o.text, token_ids=list(o.token_ids),
-                             prompt_tokens=len(out.prompt_token_ids or []),
-                             cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
-                             finish_reason="length" if o.finish_reason == "length" else "stop",
-                             logprobs=_logprobs(o, self.tokenizer) if req.params.logprobs is not None else None,
-                             stop_hit=stop_reason if isinstance(stop_reason, str) else None)
+    def _completion(self, req: Request, i: int, out: Any) -> Completion:
+        o = out.outputs[0]
+        stop_reason = getattr(o, "stop_reason", None)
+        cached = getattr(out, "num_cached_tokens", None)
+        return Completion(key=req.key, index=i, seed=req.seeds[i], text=o.text, token_ids=list(o.token_ids),
+                          prompt_tokens=len(out.prompt_token_ids or []),
+                          cached_tokens=None if cached is None else int(cached),
+                          finish_reason=str(o.finish_reason or "error"),
+                          logprobs=_logprobs(o, self.tokenizer) if req.params.logprobs is not None else None,
+                          stop_hit=stop_reason if isinstance(stop_reason, str) else None)
 
     def close(self) -> None:
-        self.llm = None
+        self.llm = self.engine = None
 
 
 def _logprobs(o: Any, tokenizer: Any) -> list[TokenLogprob] | None:
