@@ -24,7 +24,8 @@ examples across problems shows as a prefill_ratio below 1.
 Last line: ratio=<engine tok/s / raw tok/s> prefill_ratio=<prompt tokens
 computed / unique prompt tokens>.
 
-    python benchmarks/engine_throughput.py [--batch 16] [--prompts 12] [--max-tokens 128]
+    python benchmarks/engine_throughput.py [--batch 16] [--prompts 12] [--max-tokens 128] [--quick]
+        [--temperature T --top-k K --top-p P --min-p M]   # default: the engine's default sampler
 """
 
 from __future__ import annotations
@@ -81,16 +82,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    d = SamplingParams()  # the engine's default sampler (truncated), unless told otherwise
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--top-p", type=float, default=d.top_p)
+    ap.add_argument("--top-k", type=int, default=d.top_k)
+    ap.add_argument("--min-p", type=float, default=d.min_p)
+    ap.add_argument("--quick", action="store_true", help="6 prompts (about 2 minutes on 2 cores)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seq-ctx", type=int, default=1024, help="engine KV cells per sequence")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts = 6
     path = default_model_path()
 
     task = load_task("arithmetic", levels=(1, 2, 3, 4, 5))
     tmpl = get_template(task.template)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            max_tokens=args.max_tokens)
+    print(f"sampler: temperature {params.temperature}, top-k {params.top_k}, top-p {params.top_p}, "
+          f"min-p {params.min_p}; batch {args.batch}, {args.prompts} prompts, max {args.max_tokens} tokens")
     problems = task.problems(args.prompts + 1)
     reqs = [Request(key=p.id, messages=tuple(tmpl.messages(p.question)), params=params,
                     seeds=tuple(range(i * 1000, i * 1000 + args.batch))) for i, p in enumerate(problems)]

@@ -132,7 +132,7 @@ def test_gemma_3_270m_gets_its_own_format_and_answers_in_it():
     from testtime.engines.llamacpp import LlamaCppEngine
     from testtime.prompts import get_template
     from testtime.tasks import load_task
-    from testtime.verifiers import load_verifier
+    from testtime.verifiers.math_answer import extract_answer
 
     e = LlamaCppEngine("gemma3-270m", slots=8, max_prefixes=4)
     try:
@@ -151,5 +151,4 @@ def test_gemma_3_270m_gets_its_own_format_and_answers_in_it():
     finally:
         e.close()
     assert not any(control_text(c.text) for c in out), [c.text for c in out if control_text(c.text)]
-    verifier, by_id = load_verifier(task.verifier), {p.id: p for p in problems}
-    assert sum(verifier.verify(by_id[c.key], c.text).verdict == "pass" for c in out) >= 1
+    assert sum(extract_answer(c.text)[0] is not None for c in out) >= len(out) // 2

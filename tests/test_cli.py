@@ -67,3 +67,41 @@ def test_env_says_what_runs_here():
     assert "error" not in info["sandbox"] and info["sandbox"]["summary"]
     text = invoke("env")
     assert "variant_loaded" in text and "features_in_use" in text
+
+
+@requires_model
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_beam_search_run_on_the_embedded_model_is_a_run_like_any_other(tmp_path):
+    """beam search with the judge PRM, stored as a run: then grade with another
+    verifier setting, report, export DPO pairs and cost it, with nothing re-generated."""
+    ws = tmp_path / "ws"
+    out = invoke("sample", "--task", "arithmetic", "--arg", "levels=1", "--limit", 2, "-n", 4, "--strategy",
+                 "beam_search", "--width", 2, "--max-steps", 3, "--step-tokens", 40, "--prm", "judge",
+                 "--slots", 8, "-w", ws)
+    assert "accuracy (weighted best-of-N)" in out and "coverage (any candidate)" in out
+    from testtime.store import Store
+
+    with Store(ws) as store:
+        rid = store.latest_run()
+        spec = store.run_spec(rid).to_dict()
+        rows = store.samples(rid)
+        assert spec["strategy"]["name"] == "beam_search" and spec["strategy"]["reward_model"]["reward_model"] == "judge"
+        assert len(store.finished_problems(rid)) == 2 and rows
+        assert store.scorers(rid) and store.model_shape(rid, "prm") is not None
+        texts = [s.text for s in rows]
+    page = invoke("report", rid, "-w", ws).strip().splitlines()[-1]
+    summary = json.loads(open(page.replace("report.html", "summary.json")).read())
+    assert summary["search"]["problems"] == 2 and summary["search"]["tokens_per_problem"] > 0
+    assert summary["cost"]["prm"]["flops"]["total"] > 0
+    cost = invoke("cost", rid, "-w", ws)
+    assert "reward model" in cost and "FLOPs" in cost
+    target = tmp_path / "dpo.jsonl"
+    invoke("export", rid, target, "--format", "dpo", "-w", ws)  # pairs only where a problem has both kinds
+    # the same command again resumes a complete run: nothing is drawn
+    again = invoke("sample", "--task", "arithmetic", "--arg", "levels=1", "--limit", 2, "-n", 4, "--strategy",
+                   "beam_search", "--width", 2, "--max-steps", 3, "--step-tokens", 40, "--prm", "judge",
+                   "--slots", 8, "-w", ws)
+    assert "accuracy" in again
+    with Store(ws) as store:
+        assert [s.text for s in store.samples(rid)] == texts

@@ -39,6 +39,9 @@ class CoverageAnalysis:
     infra_errors: int = 0
     forecast: list[metrics.ForecastPoint] = field(default_factory=list)
     """Coverage forecast at 4K and 16K (K = the fit's largest k), measured where n allows."""
+    selection: list["SelectionCurve"] = field(default_factory=list)
+    """maj@k (and weighted best-of-N@k where steps were scored) at the table's k, beside
+    pass@k: what a selector picks against what a verifier could find."""
 
 
 def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None = None,
@@ -97,7 +100,10 @@ def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: i
                 n: int | None = None) -> CoverageAnalysis:
     """Analyse a stored run with one of its verifiers (the only one, if it has one)."""
     verifier = pick_verifier(store, run_id, verifier)
-    return analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
+    a = analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
+    if verifier == "math_answer":  # answers that can be compared, so voted on
+        a.selection = selection_curves(store, run_id, verifier, a.table_ks)
+    return a
 
 
 def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None = None,
@@ -131,6 +137,19 @@ def run_cost(store: Store, run_id: str, prices: str | None = None, n: int | None
                 "per_problem_flops": {pid: shape.flops(u) for pid, u in per_problem.items()}})
     if note:
         out["dollars_error"] = note
+    prm_usage = sum((Usage.from_dict(u) for u in store.usage(run_id, role="prm").values()), Usage())
+    if prm_usage.sequences:  # a search run's reward model, counted apart
+        prm_d = store.model_shape(run_id, "prm")
+        if prm_d is None:
+            out["prm"] = {"tokens": prm_usage.to_dict(), "error": "the reward model's shape is unknown: FLOPs "
+                                                                    "count the policy only"}
+        else:
+            prm_shape = ModelShape.from_dict(prm_d)
+            try:
+                prm_price = table.price(prm_shape.name, prm_shape.params)
+            except ValueError:
+                prm_price = None
+            out["prm"] = cost_summary(prm_shape, prm_usage, prm_price)
     return out
 
 
@@ -146,3 +165,111 @@ def format_check(store: Store, run_id: str, examples: int = 3) -> dict[str, Any]
     return {"samples": len(rows), "ran_to_max_tokens": len(length), "control_text_at_max_tokens": len(flagged),
             "examples": [{"problem_id": r.problem_id, "sample_index": r.sample_index, "marker": m}
                          for r, m in flagged[:examples]]}
+
+
+# -- selection without an oracle, next to coverage ---------------------------------
+
+@dataclass
+class SelectionCurve:
+    """Mean over problems of an unbiased selector@k, with a 95% bootstrap interval."""
+
+    method: str
+    ks: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def is_strategy_run(spec: dict[str, Any]) -> bool:
+    """A run of a search strategy (stored per problem), not of independent samples."""
+    from .strategies import STRATEGIES
+
+    name = (spec.get("strategy") or {}).get("name")
+    return name in STRATEGIES and not getattr(STRATEGIES.get(name), "independent", False)
+
+
+def _graded(store: Store, run_id: str, verifier: str) -> dict[str, list[tuple[int, str, bool]]]:
+    """Per problem, (sample index, text, passed) of the samples with a usable verdict."""
+    verdicts = {(v["problem_id"], v["sample_index"]): v["verdict"] for v in store.db.execute(
+        "SELECT problem_id, sample_index, verdict FROM verdicts WHERE run_id = ? AND verifier = ?", (run_id, verifier))}
+    out: dict[str, list[tuple[int, str, bool]]] = {}
+    for s in store.samples(run_id):
+        v = verdicts.get((s.problem_id, s.sample_index))
+        if v is not None and v != "infra_error":
+            out.setdefault(s.problem_id, []).append((s.sample_index, s.text, v == "pass"))
+    return out
+
+
+def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], aggregation: str = "last",
+                     n_boot: int = 1000) -> list[SelectionCurve]:
+    """maj@k for a sampling run, and weighted best-of-N@k where a reward model scored
+    its samples' steps: each the expectation over k-subsets of a problem's samples
+    (`metrics.selection_at_k`), never the first k."""
+    from .select import AnswerKeys, aggregate
+
+    graded = _graded(store, run_id, verifier)
+    if not graded:
+        return []
+    keys = AnswerKeys()
+    scorers = store.scorers(run_id)
+    scores = store.step_scores(run_id, scorers[0]) if scorers else {}
+    methods = ["majority"] + (["weighted"] if scores else [])
+    curves = []
+    for method in methods:
+        rows = []
+        for pid, items in graded.items():
+            ans = [keys.of_text(t) for _, t, _ in items]
+            ok = [p for _, _, p in items]
+            sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
+            rows.append([metrics.selection_at_k(ans, ok, k, method, sc if method == "weighted" else None,
+                                                seed=k).mean if k <= len(ans) else np.nan for k in ks])
+        per_problem = np.asarray(rows)
+        lo, hi = metrics.bootstrap_ci(per_problem, n_boot=n_boot)
+        label = "maj@k" if method == "majority" else f"best-of-N@k ({scorers[0].split(':')[0]}, weighted)"
+        curves.append(SelectionCurve(label, list(ks), [float(x) for x in np.nanmean(per_problem, axis=0)],
+                                     [float(x) for x in lo], [float(x) for x in hi]))
+    return curves
+
+
+def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = "last",
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """What a search run bought, per problem: the selected answer's accuracy (weighted
+    by aggregated step scores over the final candidates; majority without scores),
+    the oracle coverage of its candidates, candidates, tokens and FLOPs."""
+    from .select import AnswerKeys, aggregate
+
+    graded = _graded(store, run_id, verifier)
+    problems = store.problems(run_id)
+    scorers = store.scorers(run_id)
+    scores = store.step_scores(run_id, scorers[0]) if scorers else {}
+    keys = AnswerKeys()
+    acc, cov, level = [], [], []
+    diff = {p["problem_id"]: p["difficulty"] for p in problems}
+    for pid, items in graded.items():
+        ans = [keys.of_text(t) for _, t, _ in items]
+        ok = [p for _, _, p in items]
+        sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
+        method = "weighted" if scores else "majority"
+        acc.append(metrics.selection_at_k(ans, ok, len(ans), method, sc if scores else None).mean)
+        cov.append(float(any(ok)))
+        level.append(diff.get(pid))
+    tab = np.asarray([acc, cov]).T if acc else np.zeros((0, 2))
+    lo, hi = metrics.bootstrap_ci(tab, n_boot=n_boot) if acc else (np.zeros(2), np.zeros(2))
+    cost = run_cost(store, run_id)
+    per_problem = store.role_usage(run_id)
+    tokens = [roles.get("policy", {}).get("decode", 0) for roles in per_problem.values()]
+    by_level: dict[int, list[float]] = {}
+    for a, lv in zip(acc, level):
+        if lv is not None and lv >= 0:
+            by_level.setdefault(int(lv), []).append(a)
+    return {
+        "problems": len(graded), "selection": "weighted best-of-N" if scores else "majority",
+        "accuracy": float(np.mean(acc)) if acc else None, "accuracy_ci": [float(lo[0]), float(hi[0])],
+        "coverage": float(np.mean(cov)) if cov else None, "coverage_ci": [float(lo[1]), float(hi[1])],
+        "candidates_per_problem": float(np.mean([len(v) for v in graded.values()])) if graded else 0.0,
+        "tokens_per_problem": float(np.mean(tokens)) if tokens else 0.0,
+        "flops_per_problem": (cost.get("flops", {}).get("total", 0.0) + cost.get("prm", {}).get("flops", {}).get("total", 0.0))
+        / max(1, len(per_problem)) if "flops" in cost else None,
+        "accuracy_by_level": {lv: float(np.mean(v)) for lv, v in sorted(by_level.items())},
+        "scorer": scorers[0] if scorers else None,
+    }

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
 from .report import write_report
-from .runner import ProgressFn, draw_samples, grade
+from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
+from .searchspec import DEFAULT_STRATEGY, SearchSpec
 from .spec import SamplingParams
 from .store import Store
 from .tasks import load_task
@@ -27,7 +28,7 @@ QUICKSTART = {
     "task_args": {"levels": [1, 2, 3]},
     "limit": 21,
     "n": 16,
-    "params": SamplingParams(temperature=0.7, max_tokens=128),
+    "params": SamplingParams(max_tokens=128),
 }
 """`testtime run` with no arguments: 21 arithmetic problems (7 per level, levels 1-3)
 x 16 samples on the embedded model: about 16k generated tokens, under 4 minutes on
@@ -59,48 +60,63 @@ class Run:
 def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
            task_args: dict[str, Any] | None = None, engine: str | Engine = "llamacpp",
            engine_args: dict[str, Any] | None = None, params: SamplingParams | None = None,
+           strategy: str = DEFAULT_STRATEGY, strategy_args: dict[str, Any] | None = None,
+           prm: str | None = None, prm_args: dict[str, Any] | None = None,
            template: str | None = None, seed: int = 0, verifier: str | None = None,
            verifier_args: dict[str, Any] | None = None, workspace: str | Path | None = None, label: str | None = None,
            progress: ProgressFn | None = None, on_plan: Callable[[int], None] | None = None,
            ray_actors: int | None = None, ray_address: str | None = None, actor_cpus: float = 1.0,
            actor_gpus: float = 0.0) -> Run:
-    """Draw n samples for each of a task's first `limit` problems, store them and grade them.
+    """Run a strategy (default: n independent samples) on a task's first `limit`
+    problems, store its candidates and grade them.
 
-    Idempotent and resumable: samples already stored are kept, only missing ones
-    are drawn, and a larger n or limit extends the same run. `on_plan` is called
-    once with the number of samples this call will draw, before drawing any.
+    Idempotent and resumable. Repeated sampling draws only the missing samples, and a
+    larger n or limit extends the same run; with a reward model (`prm`) the samples'
+    steps are scored into the run too, for best-of-N. Any other strategy (beam_search,
+    dvts, lookahead, revision; `strategy_args` are its parameters, n its budget) is a
+    run of its own, stored a problem at a time. `on_plan` is called once with the
+    number of samples this call will draw (repeated sampling), before drawing any.
     """
+    spec = SearchSpec.build(strategy, {"n": n, **(strategy_args or {})}, params, prm, prm_args)
     the_task = load_task(task, **(task_args or {}))
     the_verifier = load_verifier(verifier or the_task.verifier, **(verifier_args or {}))
     if ray_actors:
+        if not spec.independent or prm is not None:
+            raise ValueError("the Ray runner draws independent samples only (no search strategy or reward model yet)")
         if not isinstance(engine, str):
             raise ValueError("with ray_actors, name the engine (each actor builds its own)")
         from .distributed import run_sharded
 
         try:
             with Store(workspace) as store:
-                result = run_sharded(store, the_task, engine, dict(engine_args or {}), n, params or SamplingParams(),
+                result = run_sharded(store, the_task, engine, dict(engine_args or {}), n, spec.sampling,
                                      actors=ray_actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, limit=limit,
                                      template=template, seed=seed, label=label, ray_address=ray_address,
                                      progress=progress)
                 grade(store, result.run_id, the_verifier)
                 return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens,
-                       result.engine_ended)
+                           result.engine_ended)
         finally:
             _close(the_verifier)
     own_engine = isinstance(engine, str)
     eng = load_engine(engine, **(engine_args or {})) if own_engine else engine
+    the_prm, prm_engines = spec.reward_model.build(engine if own_engine else eng, engine_args)
     try:
         with Store(workspace) as store:
-            result = draw_samples(store, the_task, eng, n, params or SamplingParams(), limit=limit,
-                                  template=template, seed=seed, label=label, progress=progress,
-                                  on_plan=on_plan)
+            if spec.independent:
+                result = draw_samples(store, the_task, eng, n, spec.sampling, limit=limit, template=template,
+                                      seed=seed, label=label, progress=progress, on_plan=on_plan)
+                if the_prm is not None:
+                    score_samples(store, result.run_id, the_prm, spec.params.delimiter)
+            else:
+                result = run_strategy(store, the_task, eng, spec.strategy, spec.params, spec.sampling, the_prm,
+                                      limit=limit, template=template, seed=seed, label=label, progress=progress)
             grade(store, result.run_id, the_verifier)
             return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens,
                        result.engine_ended)
     finally:
-        if own_engine:
-            eng.close()
+        for e in ([eng] if own_engine else []) + prm_engines:
+            e.close()
         _close(the_verifier)
 
 
@@ -130,6 +146,21 @@ def grading_info(run_id: str, verifier: str, workspace: str | Path | None = None
     """What a verifier recorded about grading a run (for code: the sandbox's isolation)."""
     with Store(workspace) as store:
         return store.grading_info(store.resolve_run(run_id), verifier)
+
+
+def summary(run_id: str, workspace: str | Path | None = None, verifier: str | None = None) -> dict[str, Any]:
+    """A run at a glance: for a search run its accuracy, coverage, tokens and FLOPs per
+    problem (`analysis.search_summary`); for a sampling run, {"strategy": ...} only
+    (its analysis is `Run.analysis()`)."""
+    from .analysis import is_strategy_run, pick_verifier, search_summary
+
+    with Store(workspace) as store:
+        rid = store.resolve_run(run_id)
+        spec = store.run_spec(rid).to_dict()
+        if not is_strategy_run(spec):
+            return {"strategy": spec["strategy"]}
+        agg = spec["strategy"].get("aggregation", "last")
+        return {"strategy": spec["strategy"], **search_summary(store, rid, pick_verifier(store, rid, verifier), agg)}
 
 
 def format_check(run_id: str, workspace: str | Path | None = None) -> dict[str, Any]:

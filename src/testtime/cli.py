@@ -17,7 +17,9 @@ from . import api
 from .engines._llama import ModelError
 from .registry import UnknownNameError
 from .sandbox import SandboxError
+from .searchspec import DEFAULT_STRATEGY
 from .spec import SamplingParams, SpecError
+from .strategies import STRATEGIES
 from .tasks import DatasetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -27,6 +29,8 @@ out = Console()
 
 USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError,
                PermissionError)
+
+_SP = SamplingParams()  # the sampler's defaults, defined once in SamplingParams
 
 PricesOpt = typer.Option(None, "--prices", envvar="TESTTIME_PRICES",
                          help="Price table JSON (dollars per million tokens) [default: bundled]")
@@ -86,23 +90,50 @@ def _task_args(args: list[str], data: Path | None) -> dict[str, Any]:
 
 
 def _print_table(run: api.Run, title: str) -> None:
-    a = run.analysis()
-    t = Table(title=title)
-    t.add_column("k", justify="right")
-    t.add_column("pass@k", justify="right")
-    t.add_column("95% CI", justify="right")
-    for row in a.table:
-        t.add_row(str(row["k"]), f"{row['pass_at_k']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
-    out.print(t)
-    for level, curve in sorted(a.levels.items()):
-        out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
-    if a.infra_errors:
-        out.print(f"[yellow]{a.infra_errors} samples had infrastructure errors and are excluded[/]")
+    s = api.summary(run.run_id, run.workspace)
+    if "accuracy" in s:
+        _print_search(s, title)
+    else:
+        _print_coverage(run, title)
     fmt = api.format_check(run.run_id, run.workspace)
     if fmt["control_text_at_max_tokens"]:
         markers = ", ".join(sorted({e["marker"] for e in fmt["examples"]}))
         out.print(f"[yellow]{fmt['control_text_at_max_tokens']} of {fmt['samples']} samples ran to max tokens writing "
                   f"chat control text ({markers}): check the chat template (--chat-template)[/]", highlight=False)
+
+
+def _print_search(s: dict[str, Any], title: str) -> None:
+    t = Table(title=f"{title}: {s['strategy']['name']}, {s['problems']} problems")
+    for col in ("", "mean", "95% CI"):
+        t.add_column(col, justify="right")
+    lo, hi = s["accuracy_ci"]
+    t.add_row(f"accuracy ({s['selection']})", f"{s['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    lo, hi = s["coverage_ci"]
+    t.add_row("coverage (any candidate)", f"{s['coverage']:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    out.print(t)
+    flops = "unknown" if s["flops_per_problem"] is None else f"{s['flops_per_problem']:.3e}"
+    out.print(f"per problem: {s['candidates_per_problem']:.1f} candidates, {s['tokens_per_problem']:.0f} tokens "
+              f"generated, {flops} FLOPs (policy and reward model)")
+    for level, acc in s["accuracy_by_level"].items():
+        out.print(f"  level {level}: accuracy {acc:.3f}")
+
+
+def _print_coverage(run: api.Run, title: str) -> None:
+    a = run.analysis()
+    t = Table(title=title)
+    t.add_column("k", justify="right")
+    t.add_column("pass@k", justify="right")
+    t.add_column("95% CI", justify="right")
+    for sel in a.selection:
+        t.add_column(sel.method, justify="right")
+    for i, row in enumerate(a.table):
+        t.add_row(str(row["k"]), f"{row['pass_at_k']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
+                  *[f"{sel.mean[i]:.3f}" for sel in a.selection])
+    out.print(t)
+    for level, curve in sorted(a.levels.items()):
+        out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
+    if a.infra_errors:
+        out.print(f"[yellow]{a.infra_errors} samples had infrastructure errors and are excluded[/]")
     info = api.grading_info(run.run_id, a.verifier, run.workspace)
     if info and "sandbox" in info:
         out.print(f"sandbox: {info['sandbox']['summary']}")
@@ -135,12 +166,12 @@ ChatTemplateOpt = typer.Option(None, "--chat-template",
 
 def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
             params: SamplingParams, template: Optional[str], seed: int, workspace: Optional[Path],
-            label: Optional[str], verifier_args: Optional[dict] = None) -> api.Run:
+            label: Optional[str], verifier_args: Optional[dict] = None, **search: Any) -> api.Run:
     with _progress() as (plan, update):
         t = time.perf_counter()
         run = api.sample(task, n=n, limit=limit, task_args=task_args, engine=engine, engine_args=engine_args,
                          params=params, template=template, seed=seed, workspace=workspace, label=label,
-                         progress=update, on_plan=plan, verifier_args=verifier_args)
+                         progress=update, on_plan=plan, verifier_args=verifier_args, **search)
     console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
                   f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
     _warn_engine_ended(run)
@@ -252,9 +283,22 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            seq_ctx: int = typer.Option(1024, help="KV cells per sequence (prompt + max tokens)"),
            engine_arg: List[str] = typer.Option([], "--engine-arg", help="Engine argument key=value (repeatable), "
                                                 "e.g. base_url=http://host:8000/v1 for openai, model=... for vllm"),
-           temperature: float = typer.Option(0.7), top_p: float = typer.Option(1.0),
-           top_k: int = typer.Option(0), min_p: float = typer.Option(0.0),
-           max_tokens: int = typer.Option(256), stop: List[str] = typer.Option([], help="Stop string (repeatable)"),
+           temperature: float = typer.Option(_SP.temperature), top_p: float = typer.Option(_SP.top_p),
+           top_k: int = typer.Option(_SP.top_k), min_p: float = typer.Option(_SP.min_p),
+           max_tokens: int = typer.Option(_SP.max_tokens), stop: List[str] = typer.Option([], help="Stop string (repeatable)"),
+           strategy: str = typer.Option(DEFAULT_STRATEGY, help="Strategy: " + ", ".join(STRATEGIES.names())),
+           param: List[str] = typer.Option([], "--param", help="Strategy parameter key=value (repeatable)"),
+           width: Optional[int] = typer.Option(None, help="Tree search: children per expanded path (M)"),
+           max_steps: Optional[int] = typer.Option(None, help="Step-wise search: most steps"),
+           step_tokens: Optional[int] = typer.Option(None, help="Step-wise search: most tokens per step"),
+           delimiter: Optional[str] = typer.Option(None, help="What ends a step (escapes allowed: \\n\\n)"),
+           lookahead: Optional[int] = typer.Option(None, help="Lookahead search: greedy rollout steps"),
+           sequential: Optional[int] = typer.Option(None, help="Revision: attempts per chain"),
+           aggregation: Optional[str] = typer.Option(None, help="Step scores to one: last, min, prod, mean"),
+           prm: Optional[str] = typer.Option(None, help="Reward model: judge (the policy's model asked about each "
+                                                        "step) or served (a PRM behind HTTP)"),
+           prm_arg: List[str] = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), "
+                                                                   "e.g. base_url=http://gpu-box:8001 for served"),
            template: Optional[str] = typer.Option(None, help="Prompt template [default: the task's]"),
            seed: int = typer.Option(0, help="Root seed of the run"),
            label: Optional[str] = typer.Option(None, help="A name for the run"),
@@ -265,7 +309,9 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            actor_cpus: float = typer.Option(1.0, help="CPUs per Ray actor (also its engine's threads)"),
            actor_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (one vLLM replica per GPU)"),
            workspace: Optional[Path] = WorkspaceOpt):
-    """Draw n samples per problem (only the missing ones), store and grade them."""
+    """Run a strategy on a task and store its candidates, graded. By default n independent
+    samples per problem (only the missing ones are drawn); --strategy beam_search, dvts,
+    lookahead or revision search with a reward model (--prm) instead."""
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 max_tokens=max_tokens, stop=tuple(stop))
@@ -277,22 +323,34 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
         if chat_template:
             eargs["chat_template"] = chat_template
         eargs.update(_task_args(engine_arg, None))
+        sargs = _strategy_args(param, width=width, max_steps=max_steps, step_tokens=step_tokens, delimiter=delimiter,
+                               lookahead=lookahead, sequential=sequential, aggregation=aggregation)
+        search = dict(strategy=strategy, strategy_args=sargs, prm=prm, prm_args=_task_args(prm_arg, None))
         if ray_actors:
             if engine == "llamacpp" and threads is None:
                 eargs["n_threads"] = max(1, int(actor_cpus))
             r = api.sample(task, n, limit, task_args=_task_args(arg, data), engine=engine, engine_args=eargs,
                            params=params, template=template, seed=seed, workspace=workspace, label=label,
                            verifier_args=_verifier_args(allow_code_execution, code_timeout), ray_actors=ray_actors,
-                           ray_address=ray_address, actor_cpus=actor_cpus, actor_gpus=actor_gpus)
+                           ray_address=ray_address, actor_cpus=actor_cpus, actor_gpus=actor_gpus, **search)
             _warn_engine_ended(r)
         else:
             r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
-                        _verifier_args(allow_code_execution, code_timeout))
+                        _verifier_args(allow_code_execution, code_timeout), **search)
         _print_table(r, f"{task}: run {r.run_id}")
         if r.engine_ended:
             raise typer.Exit(3)
     except (*USER_ERRORS, SandboxError) as e:
         _fail(e)
+
+
+def _strategy_args(params: list[str], **flags: Any) -> dict[str, Any]:
+    """Strategy parameters from --param key=value and the named flags that were given."""
+    out = _task_args(params, None)
+    for k, v in flags.items():
+        if v is not None:
+            out[k] = v.encode().decode("unicode_escape") if k == "delimiter" else v
+    return out
 
 
 @app.command()
@@ -389,6 +447,14 @@ def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefi
     out.print(f"{tok['sequences']:,} samples; {fl['total'] / max(1, tok['sequences']):.3e} FLOPs per sample"
               + (f"; prices: {c['dollars']['rule']} ({c['price_table']})" if "dollars" in c
                  else f"; no dollars: {c.get('dollars_error')}"))
+    prm = c.get("prm")
+    if prm and "flops" in prm:
+        pf = prm["flops"]
+        out.print(f"reward model ({prm['model']}): {prm['tokens']['prompt']:,.0f} prompt tokens scored, "
+                  f"{pf['total']:.3e} FLOPs ({pf['total'] / max(1e-300, fl['total'] + pf['total']):.0%} of the run's "
+                  f"{fl['total'] + pf['total']:.3e})")
+    elif prm:
+        out.print(f"reward model: {prm['tokens']['prompt']:,.0f} prompt tokens scored; {prm['error']}")
     if tok.get("cache_unknown"):
         out.print(f"[yellow]cached prompt tokens: unknown for {tok['cache_unknown']:,} samples[/] (the server did not "
                   "report them; a vLLM server does with --enable-prompt-tokens-details); their prompts are counted "
@@ -399,11 +465,12 @@ def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefi
 def runs(workspace: Optional[Path] = WorkspaceOpt):
     """List the runs in a workspace."""
     t = Table()
-    for col in ("run", "label", "task", "model", "problems", "samples", "n", "tokens", "status"):
+    for col in ("run", "label", "task", "model", "strategy", "problems", "samples", "n", "tokens", "status"):
         t.add_column(col, overflow="fold")
     for r in api.runs(workspace):
         spec = r["spec"]
         t.add_row(r["run_id"], r["label"] or "", spec["task"]["name"], spec["model"].get("model", spec["model"]["engine"]).removesuffix(".gguf"),
+                  spec["strategy"]["name"],
                   str(r["problems"]), str(r["samples"]), str(r["n_target"]), str(r["completion_tokens"]),
                   "complete" if r["complete"] else "[yellow]incomplete[/]")
     out.print(t)

@@ -212,9 +212,8 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
                         ok = [judge(pid, x) for x in texts]
                         correct[pid] = selection_at_k(ks, ok, len(ks), "weighted",
                                                       [max(p.rank, 0.0) for p in paths]).mean if ks else 0.0
-                        tokens[pid] = float(sum(p.tokens for p in paths))
-                    share = res.stats.rollout_tokens / max(1, len(problems))
-                    tokens = {pid: v + share for pid, v in tokens.items()}
+                        # everything generated for the problem: pruned paths and rollouts included
+                        tokens[pid] = float(res.stats.by_problem.get(pid, {}).get("policy", Usage()).decode)
                     usage = {"policy": res.stats.usage.to_dict(), "prm": (prm_usage() + before.scaled(-1)).to_dict()}
                     cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, {}, usage)
                     _save_cell(store, compare_id, cell)

@@ -13,8 +13,10 @@ from typing import Callable
 
 from .engines.base import Engine, Request
 from .prompts import get_template
-from .spec import RunSpec, SamplingParams, sample_seed
+from .rewards.base import RewardModel
+from .spec import RunSpec, SamplingParams, SpecError, sample_seed, stable_hash
 from .store import SampleRow, Store, VerdictRow
+from .strategies.base import SearchContext, StrategyParams, load_strategy
 from .tasks.base import Problem, Task
 from .verifiers.base import Verifier, load_verifier
 
@@ -93,6 +95,77 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
         if progress:
             progress(1, c.completion_tokens)
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended)
+
+
+def scorer_name(prm) -> str:
+    """A reward model's key in the step-score table: its name and a hash of its identity."""
+    return f"{prm.name}:{stable_hash(prm.identity(), 8)}"
+
+
+def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params: StrategyParams,
+                 sampling: SamplingParams, prm: RewardModel | None = None, limit: int | None = None,
+                 template: str | None = None, seed: int = 0, label: str | None = None, chunk: int = 16,
+                 progress: Callable[[int, int], None] | None = None) -> SampleResult:
+    """Run a strategy over the task's first `limit` problems and store each problem's
+    result the moment it is final (candidates as samples, step scores, usage per role).
+
+    The strategy, its parameters and the reward model are part of the run id. A run
+    resumes at the problems it has not stored; problems go to the strategy `chunk` at
+    a time, so the engine sees a full batch and a kill loses at most one chunk's work.
+    """
+    impl = load_strategy(strategy)
+    if impl.needs_prm and prm is None:
+        raise SpecError(f"strategy {strategy!r} needs a reward model (--prm judge, or --prm served with its url)")
+    problems = task.problems(limit)
+    tmpl = get_template(template or task.template)
+    if tmpl.stop:
+        sampling = replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + tmpl.stop)))
+    spec = RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(), sampling=sampling,
+                   strategy={"name": strategy, **params.to_dict(),
+                             "reward_model": prm.identity() if prm is not None else None},
+                   seed=seed)
+    run_id = store.register_run(spec, params.n, problems, label=label)
+    for role, model in (("policy", engine), ("prm", prm)):
+        shape = getattr(model, "shape", None) if model is not None else None
+        shape = shape() if shape is not None else None
+        if shape is not None and store.model_shape(run_id, role) is None:
+            store.set_model_shape(run_id, shape.to_dict(), role)
+    done = store.finished_problems(run_id)
+    todo = [p for p in problems if p.id not in done]
+    scorer = scorer_name(prm) if prm is not None else ""
+    ctx = SearchContext(engine, prm, tmpl, sampling, seed, scorer)
+    drawn = tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(todo), chunk):
+        for res in impl.run(todo[i:i + chunk], ctx, params):
+            rows = [SampleRow(run_id, res.problem_id, j, c.seed, c.text, c.prompt_tokens, None, c.tokens,
+                              c.finish_reason) for j, c in enumerate(res.candidates)]
+            scores = {j: list(c.scores) for j, c in enumerate(res.candidates) if c.scores}
+            store.add_result(run_id, res.problem_id, rows, scores, scorer,
+                             {role: u.to_dict() for role, u in res.usage.items()})
+            generated = int(res.usage["policy"].decode) if "policy" in res.usage else 0  # pruned paths too
+            drawn += len(rows)
+            tokens += generated
+            if progress:
+                progress(len(rows), generated)
+    return SampleResult(run_id, drawn, tokens, time.perf_counter() - start)
+
+
+def score_samples(store: Store, run_id: str, prm: RewardModel, delimiter: str = "\n", chunk: int = 64) -> int:
+    """Score the steps of a run's stored samples that this reward model has not scored
+    (never re-generating); returns how many samples were scored."""
+    from .rewards.base import Scoring, split_steps
+
+    scorer = scorer_name(prm)
+    have = store.step_scores(run_id, scorer)
+    questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
+    todo = [s for s in store.samples(run_id) if (s.problem_id, s.sample_index) not in have]
+    for i in range(0, len(todo), chunk):
+        part = [(s, tuple(split_steps(s.text, delimiter))) for s in todo[i:i + chunk]]
+        part = [(s, steps) for s, steps in part if steps]
+        scores = prm.score([Scoring(questions[s.problem_id], steps) for s, steps in part]) if part else []
+        store.add_step_scores(run_id, scorer, [(s.problem_id, s.sample_index, sc) for (s, _), sc in zip(part, scores)])
+    return len(todo)
 
 
 def grade(store: Store, run_id: str, verifier: Verifier | str, chunk: int = 256) -> int:

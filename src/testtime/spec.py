@@ -27,15 +27,20 @@ def _check(cond: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How each token is drawn. Validated on construction."""
+    """How each token is drawn. Validated on construction.
 
-    temperature: float = 0.7
+    The defaults are a truncated sampler, chosen for the small models this runs on:
+    at temperature 0.8 with no truncation the embedded 135M model solved 0 of 96
+    GSM8K samples (its tail of unlikely tokens derails a solution within a few
+    tokens); with top-k 40, top-p 0.95 and min-p 0.05 it solved some."""
+
+    temperature: float = 0.8
     """Softmax temperature; 0 means greedy decoding (argmax)."""
-    top_p: float = 1.0
+    top_p: float = 0.95
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
-    top_k: int = 0
+    top_k: int = 40
     """Keep only the k most likely tokens; 0 disables."""
-    min_p: float = 0.0
+    min_p: float = 0.05
     """Drop tokens whose probability is below min_p times that of the most likely token."""
     max_tokens: int = 256
     """Generation stops after this many new tokens (finish reason 'length')."""

@@ -80,6 +80,22 @@ CREATE TABLE IF NOT EXISTS run_models (
     shape        TEXT NOT NULL,
     PRIMARY KEY (run_id, role)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_scores (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    scorer       TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    score        REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index, scorer, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    usage        TEXT NOT NULL,
+    PRIMARY KEY (run_id, problem_id, role)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gradings (
     run_id       TEXT NOT NULL,
     verifier     TEXT NOT NULL,
@@ -270,11 +286,16 @@ class Store:
                 "SELECT min(cnt) FROM (SELECT p.problem_id, count(s.sample_index) AS cnt FROM problems p "
                 "LEFT JOIN samples s ON s.run_id = p.run_id AND s.problem_id = p.problem_id "
                 "WHERE p.run_id = ? GROUP BY p.problem_id)", (run_id,)).fetchone()[0] or 0
+            finished = self.db.execute("SELECT count(*) FROM usage WHERE run_id = ? AND role = 'policy'",
+                                       (run_id,)).fetchone()[0]
+            # a strategy run is complete when every problem's result is stored (its
+            # candidates need not number n); a sampling run when every problem has n samples
+            complete = finished == n_problems if finished else min_per_problem >= r["n_target"]
             out.append({
                 "run_id": run_id, "label": r["label"], "created": r["created"],
                 "spec": json.loads(r["spec"]), "n_target": r["n_target"],
                 "problems": n_problems, "samples": n_samples, "completion_tokens": tokens,
-                "complete": n_problems > 0 and min_per_problem >= r["n_target"],
+                "complete": n_problems > 0 and complete,
             })
         return out
 
@@ -310,6 +331,66 @@ class Store:
             args = (run_id, n)
         rows = self.db.execute(sql + " ORDER BY problem_id, sample_index", args).fetchall()
         return [_sample_row(r) for r in rows]
+
+    # -- strategy results: candidates, step scores and usage, one problem at a time
+
+    def add_result(self, run_id: str, problem_id: str, samples: list[SampleRow],
+                   scores: dict[int, list[float]], scorer: str, usage: dict[str, dict[str, float]]) -> None:
+        """Store one problem's final candidates, their step scores and what they cost,
+        in one transaction: a problem is either wholly stored or not at all, so a
+        search killed at any moment resumes at the problems it had not finished."""
+        now = time.time()
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM usage WHERE run_id = ? AND problem_id = ? AND role = 'policy'",
+                           (run_id, problem_id)).fetchone():
+                cur.execute("COMMIT")  # stored by an earlier attempt; never overwritten
+                return
+            cur.executemany(
+                "INSERT INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, cached_tokens, "
+                "completion_tokens, finish_reason, latency_s, created, reasoning) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
+                  r.completion_tokens, r.finish_reason, r.latency_s, now, r.reasoning) for r in samples])
+            cur.executemany(
+                "INSERT INTO step_scores(run_id, problem_id, sample_index, scorer, step, score) VALUES (?,?,?,?,?,?)",
+                [(run_id, problem_id, i, scorer, k, float(v)) for i, vals in scores.items() for k, v in enumerate(vals)])
+            cur.executemany("INSERT INTO usage(run_id, problem_id, role, usage) VALUES (?,?,?,?)",
+                            [(run_id, problem_id, role, json.dumps(u)) for role, u in usage.items()])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def finished_problems(self, run_id: str) -> set[str]:
+        """Problems of a strategy run whose results are stored."""
+        return {r[0] for r in self.db.execute(
+            "SELECT problem_id FROM usage WHERE run_id = ? AND role = 'policy'", (run_id,))}
+
+    def add_step_scores(self, run_id: str, scorer: str, rows: list[tuple[str, int, list[float]]]) -> int:
+        """Scores of stored samples' steps, (problem id, sample index, scores), in one
+        transaction; a sample already scored by this scorer is left as it is."""
+        flat = [(run_id, pid, i, scorer, k, float(v)) for pid, i, vals in rows for k, v in enumerate(vals)]
+        return self._tx("INSERT INTO step_scores(run_id, problem_id, sample_index, scorer, step, score) "
+                        "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", flat)
+
+    def step_scores(self, run_id: str, scorer: str) -> dict[tuple[str, int], list[float]]:
+        out: dict[tuple[str, int], list[float]] = {}
+        for r in self.db.execute("SELECT problem_id, sample_index, score FROM step_scores WHERE run_id = ? AND "
+                                 "scorer = ? ORDER BY problem_id, sample_index, step", (run_id, scorer)):
+            out.setdefault((r[0], r[1]), []).append(r[2])
+        return out
+
+    def scorers(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT scorer FROM step_scores WHERE run_id = ? ORDER BY scorer", (run_id,))]
+
+    def role_usage(self, run_id: str) -> dict[str, dict[str, dict[str, float]]]:
+        """Recorded usage per problem and role (strategy runs): {problem: {role: usage}}."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for r in self.db.execute("SELECT problem_id, role, usage FROM usage WHERE run_id = ?", (run_id,)):
+            out.setdefault(r[0], {})[r[1]] = json.loads(r[2])
+        return out
 
     # -- verdicts ----------------------------------------------------------
 
@@ -349,8 +430,14 @@ class Store:
         row = self.db.execute("SELECT shape FROM run_models WHERE run_id = ? AND role = ?", (run_id, role)).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def usage(self, run_id: str, n: int | None = None) -> dict[str, dict[str, int]]:
-        """Per problem, the `flops.Usage` fields summed over its samples (the first n if given)."""
+    def usage(self, run_id: str, n: int | None = None, role: str = "policy") -> dict[str, dict[str, int]]:
+        """Per problem, the `flops.Usage` fields of a role: as a strategy run recorded them,
+        or for a sampling run summed over its samples (the first n if given)."""
+        recorded = self.role_usage(run_id)
+        if recorded:
+            return {pid: roles[role] for pid, roles in recorded.items() if role in roles}
+        if role != "policy":
+            return {}
         limit = "AND sample_index < ?" if n is not None else ""
         rows = self.db.execute(
             "SELECT problem_id, count(*) AS sequences, "

@@ -20,6 +20,13 @@ parameters:
   blocks of 256 tokens, then one block), because a cumulative sum over the
   whole block of rows costs more than everything else together.
 
+With top-k (the default sampler is truncated: top-k 40, top-p 0.95, min-p
+0.05) everything after the top-k selection happens on the k candidates of each
+row, vectorised over rows: no exp over the vocabulary, no nucleus search, a
+draw over k numbers. It keeps exactly the tokens the general path keeps and
+draws the same token for the same uniform number (tested against it); a row
+whose k-th value is tied with others goes the general way.
+
 Randomness is stateless: the uniform number for step t of a sample with seed s
 is a hash of (s, t). A sample's draws therefore do not depend on which other
 samples share its batch, on the order of completion, or on resuming.
@@ -88,6 +95,41 @@ def _draw(p: np.ndarray, seeds, steps) -> np.ndarray:
     return out
 
 
+def _top_k_candidates(z: np.ndarray, k: int) -> np.ndarray | None:
+    """Indices (rows, k) of each row's k largest values, or None when some row has
+    other values tied with its k-th (top-k then keeps more than k tokens)."""
+    vocab = z.shape[1]
+    idx = np.argpartition(z, vocab - k, axis=1)[:, vocab - k:]
+    kth = np.take_along_axis(z, idx, axis=1).min(axis=1)
+    if ((z >= kth[:, None]).sum(axis=1) != k).any():
+        return None
+    return idx
+
+
+def _sample_candidates(z: np.ndarray, idx: np.ndarray, params: SamplingParams, seeds, steps) -> np.ndarray:
+    """min-p, top-p and the draw over each row's top-k candidates (see the module doc)."""
+    rows, k = idx.shape
+    zc = np.take_along_axis(z, idx, axis=1)
+    pc = np.exp(zc)
+    if params.min_p > 0:
+        pc[zc < np.float32(math.log(params.min_p))] = 0.0
+    if params.top_p < 1.0:
+        order = np.lexsort((idx, -zc), axis=1)  # likeliest first; ties by token id
+        cum = np.cumsum(np.take_along_axis(pc, order, axis=1), axis=1, dtype=np.float64)
+        target = params.top_p * cum[:, -1]
+        cut = (cum < target[:, None]).sum(axis=1) + 1
+        drop = np.arange(k)[None, :] >= cut[:, None]
+        np.put_along_axis(pc, order, np.where(drop, 0.0, np.take_along_axis(pc, order, axis=1)), axis=1)
+    by_id = np.argsort(idx, axis=1)  # the draw walks tokens in id order, as the general path does
+    ids = np.take_along_axis(idx, by_id, axis=1)
+    cum = np.cumsum(np.take_along_axis(pc, by_id, axis=1), axis=1, dtype=np.float64)
+    out = np.empty(rows, dtype=np.int64)
+    for r in range(rows):
+        i = int(np.searchsorted(cum[r], uniform(int(seeds[r]), int(steps[r])) * cum[r, -1], side="right"))
+        out[r] = ids[r, min(i, k - 1)]
+    return out
+
+
 def sample_rows(logits: np.ndarray, params: SamplingParams, seeds, steps) -> np.ndarray:
     """Draw one token per row of raw logits (rows, vocab), all rows under `params`;
     row i uses uniform(seeds[i], steps[i])."""
@@ -95,6 +137,10 @@ def sample_rows(logits: np.ndarray, params: SamplingParams, seeds, steps) -> np.
         return np.argmax(logits, axis=1)
     z = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=1, keepdims=True)
     z *= np.float32(1.0 / params.temperature)
+    if 0 < params.top_k <= _NUCLEUS_CANDIDATES and params.top_k < z.shape[1]:
+        idx = _top_k_candidates(z, params.top_k)
+        if idx is not None:
+            return _sample_candidates(z, idx, params, seeds, steps)
     p = np.exp(z)
     if params.min_p > 0:
         p[z < np.float32(math.log(params.min_p))] = 0.0

@@ -30,7 +30,9 @@ def _rows(rows: list[list[Any]], head: list[str]) -> str:
 
 
 def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], out: Path) -> Path:
-    pass_rows = [[t["k"], f"{t['pass_at_k']:.3f}", f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]"] for t in a.table]
+    pass_rows = [[t["k"], f"{t['pass_at_k']:.3f}", f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]"]
+                 + [f"{sel.mean[i]:.3f} [{sel.low[i]:.3f}, {sel.high[i]:.3f}]" for sel in a.selection]
+                 for i, t in enumerate(a.table)]
     level_rows = [[lv, a.level_sizes[lv], f"{curve[0]:.3f}", f"{curve[-1]:.3f}"]
                   for lv, curve in sorted(a.levels.items())]
     fit = "no fit (too few values of k, or coverage 0)"
@@ -83,10 +85,54 @@ def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], ou
 pass@1 = {a.coverage[0]:.3f}, coverage at k = {a.n}: {a.coverage[-1]:.3f}.</p>{infra}
 <div class="figs">{''.join(_img(f) for f in figures)}</div>
 <h2>pass@k (unbiased estimator, 95% bootstrap interval over problems)</h2>
-{_rows(pass_rows, ["k", "pass@k", "95% CI"])}
+<p>Beside it, what a selector without an oracle picks from k samples (the expectation over k-subsets):
+the gap is what a better verifier could still buy.</p>
+{_rows(pass_rows, ["k", "pass@k", "95% CI"] + [f"{sel.method} [95% CI]" for sel in a.selection])}
 <h2>By difficulty level</h2>
 {_rows(level_rows, ["level", "problems", "pass@1", f"pass@{a.n}"]) if level_rows else "<p>No difficulty levels.</p>"}
 <h2>Power-law fit and forecast</h2><p>{fit}</p>{forecast}{cost_html}{sandbox}
+<h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
+</body></html>"""
+    return write_atomic(out, page)
+
+
+def render_search(summary: dict[str, Any], out: Path) -> Path:
+    """The page of a search run (beam search, DVTS, lookahead, revision)."""
+    s, spec = summary["search"], summary["spec"]
+    strat = spec.get("strategy") or {}
+    params = ", ".join(f"{k}={v!r}" for k, v in strat.items() if k not in ("name", "reward_model"))
+    ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]"  # noqa: E731
+    rows = [["accuracy of the selected answer", f"{s['accuracy']:.3f}" if s["accuracy"] is not None else "-",
+             ci(s["accuracy_ci"])],
+            ["coverage (any candidate correct)", f"{s['coverage']:.3f}" if s["coverage"] is not None else "-",
+             ci(s["coverage_ci"])]]
+    per = [["candidates", f"{s['candidates_per_problem']:.1f}"], ["tokens generated", f"{s['tokens_per_problem']:.0f}"],
+           ["FLOPs (policy and reward model)",
+            "unknown" if s["flops_per_problem"] is None else f"{s['flops_per_problem']:.3g}"]]
+    levels = [[lv, f"{acc:.3f}"] for lv, acc in s["accuracy_by_level"].items()]
+    cost = summary.get("cost") or {}
+    prm = cost.get("prm") or {}
+    cost_rows = []
+    if cost.get("flops"):
+        cost_rows.append(["policy", f"{cost['flops']['prefill']:.3g}", f"{cost['flops']['decode']:.3g}",
+                          f"{cost['flops']['total']:.3g}"])
+    if prm.get("flops"):
+        cost_rows.append(["reward model", f"{prm['flops']['prefill']:.3g}", f"{prm['flops']['decode']:.3g}",
+                          f"{prm['flops']['total']:.3g}"])
+    fmt = summary.get("format") or {}
+    warn = (f"<p><b>Chat format warning: {fmt['control_text_at_max_tokens']} candidates ran to max tokens writing "
+            "chat control text.</b></p>") if fmt.get("control_text_at_max_tokens") else ""
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>testtime report {summary['run_id']}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Run {html.escape(summary['run_id'])}: {html.escape(str(strat.get('name')))}</h1>
+<p>{s['problems']} problems; {html.escape(params)}; reward model {html.escape(str(s['scorer'] or 'none'))};
+verifier <code>{html.escape(summary['verifier'])}</code>. The answer is selected by {html.escape(s['selection'])}
+over each problem's final candidates.</p>{warn}
+{_rows(rows, ["", "mean over problems", "95% bootstrap CI"])}
+<h2>Per problem</h2>{_rows(per, ["", "mean"])}
+<h2>By difficulty level</h2>{_rows(levels, ["level", "accuracy"]) if levels else "<p>No difficulty levels.</p>"}
+<h2>Compute (FLOPs, all problems)</h2>{_rows(cost_rows, ["", "prefill", "decode", "total"]) if cost_rows else
+    "<p>" + html.escape(str(cost.get("error", "unknown"))) + "</p>"}
 <h2>Run</h2><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>
 </body></html>"""
     return write_atomic(out, page)

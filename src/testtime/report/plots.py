@@ -30,6 +30,10 @@ def coverage_plot(a: CoverageAnalysis, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.fill_between(a.ks, a.ci_low, a.ci_high, alpha=0.2, color="C0", label="95% bootstrap CI")
     ax.plot(a.ks, a.coverage, "o-", ms=3, color="C0", label="measured coverage (pass@k)")
+    for i, sel in enumerate(a.selection):  # what a selector picks, beside what a verifier could find
+        color = f"C{2 + i}"
+        ax.fill_between(sel.ks, sel.low, sel.high, alpha=0.15, color=color)
+        ax.plot(sel.ks, sel.mean, "s-", ms=3, color=color, label=sel.method)
     if a.fit is not None:
         k_fit = np.geomspace(1, a.fit.k_max_fit, 100)
         far = max([a.n * EXTRAPOLATE] + [f.k for f in a.forecast])

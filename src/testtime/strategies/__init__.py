@@ -1,5 +1,9 @@
-"""Search strategies over an engine and a reward model."""
+"""Strategies, registered by name: one file each, one signature (see `base`)."""
 
-from .search import STRATEGIES, Path, SearchConfig, SearchResult, best_of_n, tree_search
+from . import beam, dvts, lookahead, revision, sampling  # noqa: F401  (registers them)
+from .base import (STRATEGIES, Candidate, ProblemResult, SearchContext, Strategy, StrategyParams, load_strategy,
+                   strategy_params)
+from .search import Path, SearchConfig, SearchResult, best_of_n, tree_search  # the previous API, until callers move
 
-__all__ = ["STRATEGIES", "Path", "SearchConfig", "SearchResult", "best_of_n", "tree_search"]
+__all__ = ["STRATEGIES", "Candidate", "ProblemResult", "SearchContext", "Strategy", "StrategyParams", "load_strategy",
+           "strategy_params", "Path", "SearchConfig", "SearchResult", "best_of_n", "tree_search"]

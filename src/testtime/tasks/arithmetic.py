@@ -80,6 +80,8 @@ def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int =
                     template: str = "arithmetic_fewshot", verifier: str = "math_answer") -> Task:
     """Seeded arithmetic word problems; problems of the given levels are interleaved
     (one of each level in turn), so any limit gives a balanced mix."""
+    if isinstance(levels, (int, str)):  # one level, as `--arg levels=1` gives it
+        levels = [levels]
     levels = tuple(sorted({int(x) for x in levels}))
     bad = [x for x in levels if x not in LEVELS]
     if bad or not levels:

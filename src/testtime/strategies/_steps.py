@@ -1,0 +1,102 @@
+"""Step-wise generation shared by the search strategies: paths, expansion, scoring.
+
+A solution grows one step at a time: a step is what the model writes up to the
+delimiter. Each parent path asks for its children in one request (they share
+the parent's prefix, and `retain=True` lets the embedded engine keep each new
+step's KV cache, so continuing a path never prefills it again); every problem's
+requests go to the engine together, so it sees one large batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from ..engines.base import Request
+from ..prompts import PromptTemplate
+from ..rewards.base import Scoring
+from ..select import aggregate
+from ..spec import SamplingParams, sample_seed
+from ..tasks.base import Problem
+from .base import Candidate, Meter, SearchContext
+
+
+@dataclass
+class Path:
+    """A partial or finished solution: its steps and the reward model's score of each."""
+
+    steps: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    tokens: int = 0
+    """Tokens generated along this path (its own steps only)."""
+    rank: float | None = None
+    """What the search ranks the path by (lookahead: its rollout's score)."""
+    seed: int = 0
+    """The seed of its first step."""
+    prompt_tokens: int = 0
+
+    def text(self, delimiter: str) -> str:
+        return delimiter.join(self.steps)
+
+    def child(self, step: str, tokens: int, finished: bool, reason: str, seed: int, prompt_tokens: int) -> "Path":
+        steps = self.steps + [step] if step.strip() else list(self.steps)
+        return Path(steps, list(self.scores), finished, reason, self.tokens + tokens,
+                    seed=self.seed if self.steps else seed, prompt_tokens=self.prompt_tokens or prompt_tokens)
+
+    def candidate(self, delimiter: str) -> Candidate:
+        return Candidate(self.text(delimiter), self.seed, self.tokens, self.finish_reason, self.prompt_tokens,
+                         tuple(self.steps), tuple(self.scores))
+
+
+def request(key, problem: Problem, path: Path, template: PromptTemplate, params: SamplingParams,
+            seeds: tuple[int, ...], delimiter: str, final: bool) -> Request:
+    """Continue a path: the chat, then the steps so far as the assistant's partial answer."""
+    continuation = template.continuation(problem.question) + "".join(s + delimiter for s in path.steps)
+    stop = params.stop if final else tuple(dict.fromkeys((delimiter,) + params.stop))
+    return Request(key=key, seeds=seeds, params=replace(params, stop=stop), retain=not final,
+                   messages=tuple(template.messages(problem.question)), continuation=continuation)
+
+
+def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], parents: list[tuple[str, Path, int]],
+           params: SamplingParams, delimiter: str, it: int, final: bool, seed: int | None = None
+           ) -> list[tuple[str, Path, int]]:
+    """One generation round: parents (problem id, path, children wanted) to children
+    (problem id, child, index of its parent), in a stable order."""
+    seed = ctx.seed if seed is None else seed
+    requests = [request((pid, i), problems[pid], path, ctx.template, params,
+                        tuple(sample_seed(seed, f"{pid}/{it}/{i}", j) for j in range(count)), delimiter, final)
+                for i, (pid, path, count) in enumerate(parents)]
+    children = []
+    for c in ctx.engine.generate(requests):
+        pid, i = c.key
+        step_done = c.stop_hit == delimiter
+        child = parents[i][1].child(c.text, c.completion_tokens, not step_done, c.finish_reason, c.seed,
+                                    c.prompt_tokens)
+        children.append((pid, child, i))
+        meter.completion(pid, c)
+    children.sort(key=lambda t: t[2])  # whatever order the engine finished in
+    return children
+
+
+def score(meter: Meter, problems: dict[str, Problem], paths: Sequence[tuple[str, Path]]) -> int:
+    """Score the steps each path has no score for yet; returns how many were scored."""
+    todo = [(pid, p) for pid, p in paths if len(p.scores) < len(p.steps)]
+    items = [(pid, Scoring(problems[pid].question, tuple(p.steps), len(p.scores))) for pid, p in todo]
+    scored = 0
+    for (_, p), new in zip(todo, meter.score(items)):
+        p.scores.extend(new)
+        scored += len(new)
+    return scored
+
+
+def rank(paths: Sequence[Path], aggregation: str) -> None:
+    for p in paths:
+        if p.rank is None:
+            p.rank = aggregate(p.scores, aggregation)
+
+
+def step_sampling(ctx: SearchContext, step_tokens: int) -> SamplingParams:
+    """The context's sampler with at most `step_tokens` per step."""
+    return replace(ctx.sampling, max_tokens=step_tokens)
