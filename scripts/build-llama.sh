@@ -38,6 +38,7 @@ if ! compgen -G "$DIR/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
     CMAKE_ARGS="$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
         "$PIP" wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
         "llama-cpp-python==$VERSION" -w "$TMP" >&2
+    chmod 755 "$TMP"   # mktemp made it private; the cache may be shared
     rm -rf "$DIR"
     mv "$TMP" "$DIR"   # appears whole or not at all: an interrupted build is redone
     trap - EXIT
