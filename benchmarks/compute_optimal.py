@@ -57,7 +57,11 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--workspace", default=None)
     ap.add_argument("--collect-only", action="store_true", help="fill the cells and stop")
+    ap.add_argument("--quick", action="store_true", help="2 problems per level, best-of-N 8, search N <= 4 with "
+                    "width 2 (about 10 minutes; the ratio is then very noisy)")
     args = ap.parse_args()
+    if args.quick:
+        args.per_level, args.bon_max, args.n_max, args.width, args.iterations = 2, 8, 4, 2, 3
 
     task = load_task("arithmetic", levels=(1, 2, 3, 4, 5))
     problems = task.problems(5 * args.per_level)

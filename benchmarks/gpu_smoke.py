@@ -74,7 +74,10 @@ def main() -> None:
     ap.add_argument("--prm-url", default=None, help="a running PRM pooling server [default: start one]")
     ap.add_argument("--n", type=int, default=16, help="samples per problem")
     ap.add_argument("--max-tokens", type=int, default=384)
+    ap.add_argument("--quick", action="store_true", help="4 samples per problem, 192 tokens")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.max_tokens = 4, 192
     reason = no_gpu_reason()
     if reason:
         print(f"gpu_smoke: skipped: {reason}")

@@ -31,7 +31,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="4 problems x 8 samples, 1 round (about 2 minutes)")
     args = ap.parse_args()
+    if args.quick:
+        args.problems, args.n, args.rounds = 4, 8, 1
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     task = load_task("arithmetic", levels=(1, 2, 3))
     params = SamplingParams(temperature=0.7, max_tokens=args.max_tokens)
