@@ -25,8 +25,10 @@ the budget best-of-N needs to reach the oracle policy's test accuracy at N=16,
 divided by 16 (linear interpolation in log2 N between measured budgets; when
 best-of-N never reaches it within --bon-max, the line shows the lower bound
 bon_max/16 and says so).
-Every (strategy, N) cell is stored in the workspace as it finishes, so an
-interrupted run resumes.
+Every point is a stored run in the workspace (one sampling draw, one search
+run per N), so an interrupted run resumes and each run can be reported on.
+Sampling is testtime's default truncated sampler (T 0.8, top-k 40, top-p 0.95,
+min-p 0.05).
 
     python benchmarks/compute_optimal.py [--per-level 6] [--bon-max 32] [--workspace DIR]
 """
@@ -40,6 +42,7 @@ from collections import Counter
 from testtime.engines.llamacpp import LlamaCppEngine
 from testtime.optimal import Candidates, collect, fit_policy, split
 from testtime.rewards.judge import JudgePRM
+from testtime.spec import SamplingParams
 from testtime.store import Store
 from testtime.tasks import load_task
 from testtime.verifiers.math_answer import MathAnswerVerifier
@@ -66,22 +69,23 @@ def main() -> None:
     task = load_task("arithmetic", levels=(1, 2, 3, 4, 5))
     problems = task.problems(5 * args.per_level)
     train, test = split(problems, 0.5)
-    cands = Candidates(sampled=("best_of_n", "majority"), tree=tuple(args.tree), widths=(args.width,),
+    cands = Candidates(("best_of_n", "majority", *args.tree),
+                       {"width": args.width, "max_steps": args.iterations, "step_tokens": args.step_tokens,
+                        "delimiter": "\n", "aggregation": "last"},
                        n_max=args.n_max, bon_max=args.bon_max,
-                       search={"iterations": args.iterations, "delimiter": "\n", "aggregation": "last",
-                               "step_tokens": args.step_tokens, "temperature": 0.7, "probe": 4})
+                       sampling=SamplingParams(max_tokens=args.step_tokens * args.iterations), probe=4)
     policy_engine = LlamaCppEngine(slots=16, max_prefixes=64)
     judge_engine = LlamaCppEngine(slots=16, max_prefixes=32)
     verifier = MathAnswerVerifier()
     t0 = time.perf_counter()
     try:
         with Store(args.workspace) as store:
-            cells = collect(store, task, problems, policy_engine, JudgePRM(judge_engine), verifier, cands,
-                            progress=lambda m: print(f"  [{time.perf_counter() - t0:6.0f} s] {m}", flush=True))
+            cells, runs = collect(store, task, problems, policy_engine, JudgePRM(judge_engine), verifier, cands,
+                                  progress=lambda m: print(f"  [{time.perf_counter() - t0:6.0f} s] {m}", flush=True))
     finally:
         policy_engine.close()
         judge_engine.close()
-    print(f"cells ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"{len(runs)} stored runs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.collect_only:
         return
 

@@ -53,6 +53,38 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert r.exit_code == 2 and "no run" in r.output
 
 
+def _one_line(output):
+    """The error is one line (a progress bar may stand above it), and no traceback."""
+    return sum("error:" in x for x in output.splitlines()) == 1 and "Traceback" not in output
+
+
+def test_unreachable_servers_are_one_line_infrastructure_errors(tmp_path):
+    """A dead engine server or reward server: one line, exit 3, for every command that can search."""
+    dead = "http://127.0.0.1:9/v1"
+    for cmd in (["sample"], ["compare", "--n-max", "2", "--seeds", "1", "-s", "majority", "-s", "best_of_n"],
+                ["optimal", "--n-max", "2", "-s", "best_of_n", "-s", "majority"]):
+        r = runner.invoke(app, [*cmd, "--engine", "openai", "--engine-arg", f"base_url={dead}", "--engine-arg",
+                                "max_retries=0", "--limit", "2", "-w", str(tmp_path)], env={"COLUMNS": "300"})
+        assert r.exit_code == 3 and "unreachable" in r.output and _one_line(r.output), (cmd, r.output)
+    r = runner.invoke(app, ["sample", "--engine", "toy", "--strategy", "best_of_n", "--prm", "served", "--prm-arg",
+                            "base_url=http://127.0.0.1:9", "--prm-arg", "retries=1", "--limit", "1", "-n", "2",
+                            "-w", str(tmp_path)], env={"COLUMNS": "300"})
+    assert r.exit_code == 3 and "unreachable" in r.output and _one_line(r.output), r.output
+    r = runner.invoke(app, ["compare", "--engine", "toy", "--prm", "judeg", "-w", str(tmp_path)])
+    assert r.exit_code == 2 and "Did you mean 'judge'" in r.output
+
+
+def test_a_bug_is_never_disguised_as_a_user_error(tmp_path, monkeypatch):
+    from testtime import api
+
+    def broken(*a, **k):
+        return {}["a key the code forgot"]
+
+    monkeypatch.setattr(api, "sample", broken)
+    r = runner.invoke(app, ["sample", "--engine", "toy", "-w", str(tmp_path)])
+    assert r.exit_code == 1 and isinstance(r.exception, KeyError)  # a traceback, not "error: ..."
+
+
 @requires_model
 @pytest.mark.model
 def test_env_says_what_runs_here():

@@ -67,3 +67,38 @@ def test_llamacpp_actors(cluster, tmp_path):
     with Store(tmp_path) as store:
         assert store.model_shape(r.run_id)["n_layers"] == 30
         assert len(store.unverified(r.run_id, "math_answer")) == 0  # graded
+
+
+def test_a_search_strategy_sharded_over_actors_is_the_in_process_run(cluster, tmp_path):
+    """Beam search through the registry on 2 actors (one killed mid-run), each with its own
+    judge: the same run id and candidates as in-process, every problem stored once."""
+    from testtime.distributed import run_strategy_sharded
+    from testtime.engines.toy import ToyEngine
+    from testtime.rewards.judge import JudgePRM
+    from testtime.runner import run_strategy
+    from testtime.strategies import strategy_params
+
+    task = load_task("arithmetic", levels=[1, 2])
+    params = strategy_params("beam_search", {"n": 4, "width": 2, "max_steps": 2, "step_tokens": 8})
+    sampling = SamplingParams(max_tokens=32)
+    actors, seen = [], []
+
+    def kill_one(candidates, tokens):
+        seen.append(candidates)
+        if len(seen) == 2:
+            ray.kill(actors[0][0])
+
+    with Store(tmp_path / "ray") as store:
+        r = run_strategy_sharded(store, task, "toy", {"delay_s": 0.01}, "beam_search", params, sampling,
+                                 {"name": "judge", "args": {}}, actors=2, limit=8, unit=1, progress=kill_one,
+                                 on_actors=actors.append)
+        rows = store.samples(r.run_id)
+        assert store.finished_problems(r.run_id) == {p.id for p in task.problems(8)}
+        assert len(actors) >= 2 and actors[0][0] not in actors[-1]
+        got = {(s.problem_id, s.sample_index): s.text for s in rows}
+        assert store.scorers(r.run_id) and store.role_usage(r.run_id)
+    with Store(tmp_path / "local") as store:
+        engine = ToyEngine()
+        local = run_strategy(store, task, engine, "beam_search", params, sampling, JudgePRM(ToyEngine()), limit=8)
+        assert local.run_id == r.run_id
+        assert got == {(s.problem_id, s.sample_index): s.text for s in store.samples(local.run_id)}

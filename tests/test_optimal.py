@@ -58,9 +58,9 @@ def test_split_is_stratified_and_deterministic():
 def test_optimal_writes_a_policy_that_run_applies(tmp_path):
     args = {"levels": [1, 2]}
     engine, prm = _stack(args)
-    res = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, widths=(2,), iterations=3,
-                      strategies=("best_of_n", "majority", "beam_search"), out=tmp_path / "p.json",
-                      engine=engine, prm=prm, workspace=tmp_path / "ws")
+    res = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, grid={"width": [2]},
+                      params={"max_steps": 3}, strategies=("best_of_n", "majority", "beam_search"),
+                      out=tmp_path / "p.json", engine=engine, prm=prm, workspace=tmp_path / "ws")
     pol = Policy.load(tmp_path / "p.json")
     assert pol.budgets == [1, 2, 4] and pol.difficulty.kind == "oracle"
     assert set(res["curves"]) == {"best_of_n", "majority", "beam_search(width=2)"}
@@ -77,10 +77,20 @@ def test_optimal_writes_a_policy_that_run_applies(tmp_path):
                for pid in pol.meta["test"]]
         assert acc == pytest.approx(sum(per) / len(per))
 
+    # every point is a stored run that the run commands see: one sampling draw, beam search at N = 2 and 4
+    runs = {r["run_id"]: r for r in api.runs(tmp_path / "ws")}
+    assert {r["run_id"] for r in res["runs"]} == set(runs) and len(runs) == 3
+    names = sorted(r["spec"]["strategy"]["name"] for r in runs.values())
+    assert names == ["beam_search", "beam_search", "repeated_sampling"]
+    beam = next(r for r in res["runs"] if r["arm"] == "beam_search(width=2)" and r["n"] == 4)
+    s = api.summary(beam["run_id"], tmp_path / "ws")
+    assert s["strategy"]["width"] == 2 and s["strategy"]["max_steps"] == 3 and s["problems"] == 12
+    assert s["accuracy"] == pytest.approx(sum(res["table"].acc["beam_search(width=2)"][4].values()) / 12)
+    assert api.cost(beam["run_id"], tmp_path / "ws")["prm"]["tokens"]["prompt"] > 0  # the PRM's share is counted
     calls = prm.calls
-    again = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, widths=(2,), iterations=3,
-                        strategies=("best_of_n", "majority", "beam_search"), engine=engine, prm=prm,
-                        workspace=tmp_path / "ws")
+    again = api.optimal("arithmetic", 12, task_args=args, n_max=4, bon_max=8, grid={"width": [2]},
+                        params={"max_steps": 3}, strategies=("best_of_n", "majority", "beam_search"), engine=engine,
+                        prm=prm, workspace=tmp_path / "ws")
     assert prm.calls == calls  # every cell came from the store: nothing ran again
     assert again["policy_curve"] == res["policy_curve"]
 
@@ -92,6 +102,11 @@ def test_optimal_writes_a_policy_that_run_applies(tmp_path):
     for pid, r in applied["per_problem"].items():
         c = pol.choose(4, r["bin"])
         assert r["choice"] == f"{c.config} N={c.n}"
+    # the policy runs on any engine from the command line; a dead one is a one-line infrastructure error
+    r = CliRunner().invoke(app, ["run", "--policy", str(tmp_path / "p.json"), "--budget", "4", "--engine", "openai",
+                                 "--engine-arg", "base_url=http://127.0.0.1:9/v1", "--engine-arg", "max_retries=0",
+                                 "--problems", "2", "-w", str(tmp_path / "ws")])
+    assert r.exit_code == 3 and "unreachable" in r.output and "Traceback" not in r.output, r.output
     calls = prm.calls
     assert api.apply_policy(tmp_path / "p.json", 4, limit=10, task_args={"seed": 7}, engine=engine, prm=prm,
                             workspace=tmp_path / "ws")["accuracy"] == applied["accuracy"]
@@ -104,6 +119,11 @@ def test_cli_reports_bad_policy_files(tmp_path):
     assert res.exit_code == 2 and "not a testtime policy" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["optimal", "--strategy", "beam_search", "-w", str(tmp_path)])
     assert res.exit_code == 2 and "best_of_n must be among" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["optimal", "--param", "widht=2", "-w", str(tmp_path)])
+    assert res.exit_code == 2 and "no chosen strategy takes parameter 'widht'" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["compare", "--strategy", "beam_search", "--grid", "width=3", "--n-max", "2",
+                                   "-w", str(tmp_path)])
+    assert res.exit_code == 2 and "runs at no budget" in " ".join(res.output.split())
 
 
 def test_models_compared_at_matched_flops_and_dollars(tmp_path):

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from itertools import combinations
-from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pytest
 
-from dataclasses import replace
-
-from testtime.engines.base import Completion, Request
+from testtime.engines.base import Completion
 from testtime.metrics import selection_at_k
 from testtime.prompts import PromptTemplate
-from testtime.rewards.base import Scoring, split_steps
+from testtime.rewards.base import Scoring
 from testtime.rewards.judge import p_yes
 from testtime.select import (AnswerKeys, aggregate, best_of_n_naive, best_of_n_weighted, majority_vote)
 from testtime.spec import SamplingParams
-from testtime.strategies.search import SearchConfig, best_of_n, tree_search
+from testtime.strategies import SearchContext, load_strategy, strategy_params
 from testtime.tasks.base import Problem
 
 from doubles import MazeEngine, MazePRM
+
+
+def run_strategy(name, problems, engine, prm, template, sampling, seed=0, **params):
+    """A registered strategy's candidates per problem (no store involved)."""
+    ctx = SearchContext(engine, prm, template, sampling, seed)
+    return {r.problem_id: r for r in load_strategy(name).run(problems, ctx, strategy_params(name, params))}
 
 # ---------------------------------------------------------------- aggregation and selectors
 
@@ -71,7 +73,7 @@ def _brute(keys, correct, k, method, scores=None):
         if not present:
             vals.append(0.0)
             continue
-        if method == "majority":
+        if method == "vote":
             tot = {x: ks.count(x) for x in present}
         elif method == "weighted":
             tot = {x: sum(s for y, s in zip(ks, sc) if y == x) for x in present}
@@ -88,7 +90,7 @@ def _brute(keys, correct, k, method, scores=None):
     return float(np.mean(vals))
 
 
-@pytest.mark.parametrize("method", ["majority", "weighted", "naive"])
+@pytest.mark.parametrize("method", ["vote", "weighted", "naive"])
 @pytest.mark.parametrize("trial", range(6))
 def test_selection_estimators_match_brute_force(method, trial):
     rng = np.random.default_rng(trial)
@@ -106,9 +108,9 @@ def test_selection_monte_carlo_is_close_and_seeded():
     n, k = 40, 12  # C(40, 12) is far beyond exact enumeration
     keys = ["abc"[int(i)] for i in rng.integers(0, 3, n)]
     correct = [x == "b" for x in keys]
-    a = selection_at_k(keys, correct, k, "majority", draws=4000, seed=1)
-    b = selection_at_k(keys, correct, k, "majority", draws=4000, seed=1)
-    c = selection_at_k(keys, correct, k, "majority", draws=4000, seed=2)
+    a = selection_at_k(keys, correct, k, "vote", draws=4000, seed=1)
+    b = selection_at_k(keys, correct, k, "vote", draws=4000, seed=1)
+    c = selection_at_k(keys, correct, k, "vote", draws=4000, seed=2)
     assert not a.exact and a.mean == b.mean and a.se > 0
     assert abs(a.mean - c.mean) < 5 * math.hypot(a.se, c.se)
 
@@ -124,15 +126,6 @@ def test_naive_best_of_n_at_n_is_the_top_sample():
 TEMPLATE = PromptTemplate(name="maze", user="{question}")
 PROBLEMS = [Problem(f"p{i}", f"maze {i}", "1") for i in range(3)]
 PARAMS = SamplingParams(temperature=0.8, max_tokens=64)
-
-
-def _answers(paths, delimiter="\n\n"):
-    return [p.text(delimiter).rsplit("answer is ", 1)[-1].rstrip(".") for p in paths]
-
-
-def test_search_config_is_validated():
-    with pytest.raises(ValueError, match="width dividing n"):
-        SearchConfig(n=6, width=4)
 
 
 def test_p_yes():
@@ -255,33 +248,45 @@ def test_served_prm_scores_format_and_errors(prm_server):
 
 # ---------------------------------------------------------------- testtime compare
 
-def test_compare_sweeps_budgets_stores_cells_and_resumes(tmp_path):
-    from testtime.compare import CompareConfig, run_compare, summarise, write_report
+def test_compare_sweeps_budgets_as_stored_runs_and_resumes(tmp_path):
+    from testtime.analysis import search_summary
+    from testtime.compare import CompareConfig, make_arms, run_compare, summarise, write_report
     from testtime.store import Store
     from testtime.tasks.base import Task
     from testtime.verifiers.math_answer import MathAnswerVerifier
 
     problems = [Problem(f"p{i}", f"maze {i}", "1", difficulty=1 + i % 2) for i in range(4)]
     task = Task("maze", {"name": "maze"}, lambda limit: problems, "plain", "math_answer")
-    cfg = CompareConfig(n_max=4, width=2, seeds=(0, 1), iterations=6, delimiter="\n\n", aggregation="min")
+    arms = make_arms(("best_of_n", "beam_search", "dvts"),
+                     {"width": 2, "max_steps": 6, "delimiter": "\n\n", "aggregation": "min"})
+    cfg = CompareConfig(tuple(arms), n_max=4, seeds=(0, 1), sampling=SamplingParams(temperature=0.8, max_tokens=64))
     eng = MazeEngine(p_good=0.5)
     with Store(tmp_path / "ws") as store:
-        cid, cells = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
+        got = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
+        cells = got.cells
         assert {(c.strategy, c.n) for c in cells} == {("best_of_n", 1), ("best_of_n", 2), ("best_of_n", 4),
                                                       ("beam_search", 2), ("beam_search", 4), ("dvts", 2), ("dvts", 4)}
         assert len(cells) == 14  # two seeds each
+        # every point is a stored run: one sampling draw per seed, a search run per (N, seed)
+        assert len({r["run_id"] for r in got.runs}) == len(store.runs()) == 2 + 2 * 4
+        beam = next(c for c in cells if (c.strategy, c.n, c.seed) == ("beam_search", 4, 1))
+        summary = search_summary(store, beam.run_id, "math_answer", "min")
+        assert summary["accuracy"] == pytest.approx(np.mean(list(beam.correct.values())))
+        assert store.run_spec(beam.run_id).strategy["name"] == "beam_search" and store.run_spec(beam.run_id).seed == 1
         calls = len(eng.calls)
-        again, cells2 = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
-        assert again == cid and len(eng.calls) == calls and len(cells2) == 14  # all stored: nothing re-run
+        again = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
+        assert again.key == got.key and len(eng.calls) == calls  # all stored: nothing re-run
+        assert [(c.strategy, c.n, c.seed, c.correct) for c in again.cells] == \
+               [(c.strategy, c.n, c.seed, c.correct) for c in cells]
         s = summarise(cells, problems)
         assert set(s) == {"all", "level 1", "level 2"}
         bon = s["all"]["best_of_n"]
         assert all(bon[n]["oracle"] >= bon[n]["accuracy"] - 1e-9 for n in bon)  # oracle is the upper line
         assert bon[1]["accuracy"] == pytest.approx(bon[1]["oracle"])  # with one candidate, no choice to make
         assert s["all"]["beam_search"][4]["accuracy"] >= bon[4]["accuracy"]  # the PRM guides the search
-        page = write_report(store.workspace, cid, s, {"test": True})
+        page = write_report(store.workspace, got.key, s, {"test": True})
         assert page.exists() and (page.parent / "accuracy_vs_tokens.png").exists()
-        # FLOPs per strategy from the usage each cell recorded (this PRM computes nothing of its own)
+        # FLOPs per strategy from the usage each run recorded (this PRM computes nothing of its own)
         from testtime.flops import ModelShape, Usage
 
         shape = ModelShape("m", params=2000, n_layers=2, d_model=8, n_heads=2, n_kv_heads=2, head_dim=4, vocab=10,
@@ -292,8 +297,32 @@ def test_compare_sweeps_budgets_stores_cells_and_resumes(tmp_path):
         per_seed = [shape.flops(Usage.from_dict(x.usage["policy"])) / 4 for x in (cell, other)]
         assert f["beam_search"][4]["flops"] == pytest.approx(sum(per_seed) / 2) and per_seed[0] > 0
         assert f["best_of_n"][4]["flops"] == pytest.approx(2 * f["best_of_n"][2]["flops"])
-        page = write_report(store.workspace, cid, summarise(cells, problems, {"policy": shape}), {"test": True})
+        page = write_report(store.workspace, got.key, summarise(cells, problems, {"policy": shape}), {"test": True})
         assert (page.parent / "accuracy_vs_flops.png").exists()
+
+
+def test_arms_give_each_strategy_the_parameters_it_takes():
+    from testtime.compare import CompareConfig, make_arms
+    from testtime.spec import SpecError
+
+    arms = make_arms(("majority", "beam_search", "revision"), {"width": 2, "revision.sequential": 4},
+                     {"max_steps": [3, 5]})
+    assert [a.label for a in arms] == ["majority", "beam_search(max_steps=3)", "beam_search(max_steps=5)",
+                                       "revision"]
+    assert arms[1].values == {"width": 2, "max_steps": 3} and arms[3].values == {"sequential": 4}
+    cfg = CompareConfig(tuple(arms), n_max=8)
+    assert cfg.budgets(arms[0]) == [1, 2, 4, 8]  # every N from one draw
+    assert cfg.budgets(arms[1]) == [2, 4, 8] and cfg.budgets(arms[3]) == [4, 8]  # where the width / chain divides N
+    with pytest.raises(SpecError, match="no chosen strategy takes parameter 'lookahead'"):
+        make_arms(("beam_search",), {"lookahead": 1})
+    with pytest.raises(SpecError, match="names strategy 'dvts'"):
+        make_arms(("beam_search",), {"dvts.width": 2})
+    from testtime.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="Did you mean 'beam_search'"):
+        make_arms(("beam_serch",))
+    with pytest.raises(SpecError, match="runs at no budget"):
+        CompareConfig(tuple(make_arms(("beam_search",), {"width": 16})), n_max=8)
 
 
 # ---------------------------------------------------------------- on the embedded model
@@ -343,9 +372,9 @@ def test_a_beams_prefix_is_never_prefilled_twice(policy):
             asked.extend(requests)
             return policy.generate(requests)
 
-    cfg = SearchConfig(n=4, width=2, max_iterations=4, delimiter="\n")
-    res = tree_search(problems, Tap(), LengthPRM(), tmpl, SamplingParams(temperature=0.8, max_tokens=40), cfg)
-    assert all(res.paths[p.id] for p in problems)
+    res = run_strategy("beam_search", problems, Tap(), LengthPRM(), tmpl, SamplingParams(temperature=0.8),
+                       n=4, width=2, max_steps=4, step_tokens=40)
+    assert all(res[p.id].candidates for p in problems)
     first_prompts = {tuple(policy.prefix_tokens(r)) for r in asked if r.continuation == tmpl.continuation("")}
     continuations = [r for r in asked if r.continuation]
     assert continuations, "the search never continued a path"
@@ -371,26 +400,17 @@ def test_each_strategy_end_to_end_with_the_judge(policy, strategy):
     judge_engine = LlamaCppEngine(slots=8, max_prefixes=16, seq_ctx=768)
     try:
         prm = JudgePRM(judge_engine)
-        params = SamplingParams(temperature=0.7, max_tokens=24)
-        cfg = SearchConfig(n=4, width=2, max_iterations=2, delimiter="\n",
-                           lookahead=1 if strategy == "lookahead" else 0)
-        if strategy == "best_of_n":
-            res = best_of_n(problems, policy, prm, tmpl, replace(params, max_tokens=48), cfg)
-        elif strategy == "revision":
-            from testtime.strategies.search import revision
-
-            res = revision(problems, policy, prm, tmpl, replace(params, max_tokens=48), replace(cfg, sequential=2))
-        else:
-            res = tree_search(problems, policy, prm, tmpl, params, cfg,
-                              mode="dvts" if strategy == "dvts" else "beam")
+        sampling = SamplingParams(temperature=0.7, max_tokens=48)
+        extra = {} if strategy in ("best_of_n", "revision") else {"width": 2, "max_steps": 2, "step_tokens": 24}
+        extra.update({"lookahead": {"lookahead": 1}, "revision": {"sequential": 2}}.get(strategy, {}))
+        res = run_strategy(strategy, problems, policy, prm, tmpl, sampling, n=4, delimiter="\n", **extra)
     finally:
         judge_engine.close()
     for p in problems:
-        paths = res.paths[p.id]
-        assert paths and all(len(x.scores) == len(x.steps) for x in paths)
-        assert all(0.0 <= s <= 1.0 for x in paths for s in x.scores)
-        assert all(x.rank is not None for x in paths)
-    assert res.stats.generated_tokens > 0
+        cands = res[p.id].candidates
+        assert cands and all(len(c.scores) == len(c.steps) for c in cands)
+        assert all(0.0 <= s <= 1.0 for c in cands for s in c.scores)
+        assert res[p.id].usage["policy"].decode > 0 and res[p.id].usage["prm"].prompt > 0
 
 
 class ReviseEngine(MazeEngine):
@@ -408,16 +428,14 @@ class ReviseEngine(MazeEngine):
 
 
 def test_revision_chains_revise_in_context_and_split_the_budget():
-    from testtime.strategies.search import revision
-
     eng = ReviseEngine()
-    cfg = SearchConfig(n=6, width=1, sequential=3, delimiter="\n")
-    res = revision(PROBLEMS, eng, MazePRM(), TEMPLATE, PARAMS, cfg, seed=1)
+    res = run_strategy("revision", PROBLEMS, eng, MazePRM(), TEMPLATE, PARAMS, seed=1, n=6, sequential=3,
+                       delimiter="\n")
     assert len(eng.calls) == 3  # one call per round, all chains of all problems in it
     assert all(len(call) == len(PROBLEMS) * 2 for call in eng.calls)  # 6 / 3 = 2 chains per problem
-    for paths in res.paths.values():
-        answers = sorted(_answers(paths, "\n"))
+    for r in res.values():
+        answers = sorted(c.text.rsplit("answer is ", 1)[-1].rstrip(".") for c in r.candidates)
         assert answers == ["0", "0", "1", "1", "2", "2"]  # each chain revised twice
-        assert all(len(p.scores) == len(p.steps) for p in paths)
-    with pytest.raises(ValueError, match="sequential must divide n"):
-        SearchConfig(n=6, width=1, sequential=4)
+        assert all(len(c.scores) == len(c.steps) for c in r.candidates)
+    with pytest.raises(ValueError, match="sequential must be an integer >= 1 that divides n"):
+        strategy_params("revision", {"n": 6, "sequential": 4})

@@ -65,8 +65,9 @@ def test_majority_vote_per_request_with_usage(server):
     from testtime.engines.base import Request
     from testtime.spec import SamplingParams, sample_seed
 
-    req = Request(key=0, seeds=tuple(sample_seed(7, "serve", k) for k in range(8)),
-                  params=SamplingParams(temperature=0.7, max_tokens=64), messages=tuple(MSG))
+    # the request is a problem whose id comes from its seed: its samples depend on nothing else
+    req = Request(key=0, seeds=tuple(sample_seed(0, "request-7", k) for k in range(8)),
+                  params=SamplingParams(max_tokens=64), messages=tuple(MSG))
     texts = [c.text for c in sorted(ToyEngine(answer_range=4).generate([req]), key=lambda c: c.index)]
     answers = [keys.of_text(t) for t in texts]
     winner = max(dict.fromkeys(answers), key=answers.count)
@@ -170,9 +171,13 @@ def _policy(kind="predicted"):
 
     bins = DifficultyBins(kind, [0.8, 0.6, 0.4, 0.3])
     easy, hard = Choice("majority", 4, 0.5, 3), Choice("beam_search(width=2)", 4, 0.2, 3)
+    from testtime.optimal import Candidates
+    from testtime.spec import SamplingParams
+
+    cands = Candidates(("best_of_n", "majority", "beam_search"), {"max_steps": 2, "step_tokens": 16},
+                       {"width": [2]}, 4, 4, SamplingParams(max_tokens=32), probe=2)
     return Policy({4: {1: easy, 2: easy, 3: easy, 4: hard, 5: hard}}, {4: easy}, bins,
-                  {"search": {"iterations": 2, "delimiter": "\n", "aggregation": "last", "step_tokens": 16,
-                              "temperature": 0.7, "probe": 2}})
+                  {"candidates": cands.to_dict()})
 
 
 def test_a_policy_picks_the_strategy_per_request_from_the_probe():
@@ -201,9 +206,40 @@ def test_a_policy_picks_the_strategy_per_request_from_the_probe():
         srv.server_close()
     with pytest.raises(ValueError, match="predicted"):
         make_server(engine, port=0, judge=judge, policy=_policy("oracle"))
+    old = _policy()
+    old.meta = {"search": {"iterations": 2}}  # a policy file from before strategies were runs
+    with pytest.raises(ValueError, match="fit it again"):
+        make_server(engine, port=0, judge=judge, policy=old)
 
 
 def test_policy_requests_need_a_policy(server):
     client, _, _ = server
     with pytest.raises(openai.NotFoundError, match="no policy"):
         client.chat.completions.create(model="policy@4", messages=MSG)
+
+
+def test_every_registered_strategy_is_servable_with_its_parameters(server):
+    from testtime.strategies import STRATEGIES
+
+    client, _, judge = server
+    step = {"max_steps": 2, "step_tokens": 16, "delimiter": "."}
+    asked = {"beam_search@4": {**step, "width": 2}, "dvts@4": {**step, "width": 2},
+             "lookahead@4": {**step, "width": 2, "lookahead": 1}, "revision@4": {"sequential": 2},
+             "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {}}
+    builtin = {s for s in STRATEGIES.names() if STRATEGIES.get(s).__module__.startswith("testtime.")}
+    assert {m.split("@")[0] for m in asked} == builtin  # a new built-in strategy gets a line here
+    for model, params in asked.items():
+        before = judge.usage.sequences
+        r = client.chat.completions.create(model=model, messages=MSG, seed=1, max_tokens=32,
+                                           extra_body={"testtime": {"params": params}})
+        info = r.model_extra["testtime"]
+        assert r.choices[0].message.content and info["strategy"] == model.split("@")[0], model
+        assert info["candidates"] >= 1 and r.usage.completion_tokens > 0, model
+        judged = judge.usage.sequences > before
+        assert judged == (model.split("@")[0] not in ("majority",)), model  # majority never asks the judge
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="beam_search@4", messages=MSG,
+                                       extra_body={"testtime": {"params": {"width": 3}}})
+    assert e.value.body["param"] == "testtime.params" and "width must be an integer" in e.value.body["message"]
+    ids = [m.id for m in client.models.list()]
+    assert "revision@8" in ids and "beam_search@8" in ids

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from conftest import GSM8K_TRAIN, requires_gsm8k
+from testtime.errors import InputError
 from testtime.tasks import DatasetError, load_task
 from testtime.tasks.arithmetic import LEVELS, make_problem
 from testtime.tasks.gsm8k import parse_gsm8k_answer
@@ -75,7 +76,7 @@ def test_jsonl_duplicate_ids_and_missing_file(tmp_path):
     p = write(tmp_path, ['{"question": "a", "answer": "1", "id": "x"}', '{"question": "b", "answer": "2", "id": "x"}'])
     with pytest.raises(DatasetError, match="duplicate problem id 'x'"):
         load_task("jsonl", path=p, id_field="id").problems()
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(InputError, match="nope.jsonl"):
         load_task("jsonl", path=tmp_path / "nope.jsonl")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
+from .errors import InputError
 from .store import ProblemCounts, Store
 
 
@@ -48,11 +49,11 @@ def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None
             n_boot: int = 1000) -> CoverageAnalysis:
     """Coverage curve, bootstrap intervals, power-law fit and per-level curves."""
     if len(counts.n) == 0:
-        raise ValueError(f"run {run_id} has no problems")
+        raise InputError(f"run {run_id} has no problems")
     n = int(counts.n.min())
     if n < 1:
         missing = [p for p, k in zip(counts.problem_ids, counts.n) if k == 0][:5]
-        raise ValueError(f"run {run_id}: some problems have no graded samples yet (e.g. {', '.join(missing)})")
+        raise InputError(f"run {run_id}: some problems have no graded samples yet (e.g. {', '.join(missing)})")
     ks = metrics.log_spaced_ks(n)
     per_problem = metrics.pass_at_k_matrix(counts.n, counts.c, ks)  # each problem uses all its samples
     coverage = per_problem.mean(axis=0)
@@ -89,10 +90,10 @@ def pick_verifier(store: Store, run_id: str, verifier: str | None) -> str:
     known = store.verifiers(run_id)
     if verifier is None:
         if not known:
-            raise ValueError(f"run {run_id} has no verdicts yet: grade it first")
+            raise InputError(f"run {run_id} has no verdicts yet: grade it first")
         return known[0]
     if verifier not in known:
-        raise ValueError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
+        raise InputError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")
     return verifier
 
 
@@ -188,7 +189,7 @@ def is_strategy_run(spec: dict[str, Any]) -> bool:
     return name in STRATEGIES and not getattr(STRATEGIES.get(name), "independent", False)
 
 
-def _graded(store: Store, run_id: str, verifier: str) -> dict[str, list[tuple[int, str, bool]]]:
+def graded_samples(store: Store, run_id: str, verifier: str) -> dict[str, list[tuple[int, str, bool]]]:
     """Per problem, (sample index, text, passed) of the samples with a usable verdict."""
     verdicts = {(v["problem_id"], v["sample_index"]): v["verdict"] for v in store.db.execute(
         "SELECT problem_id, sample_index, verdict FROM verdicts WHERE run_id = ? AND verifier = ?", (run_id, verifier))}
@@ -207,13 +208,13 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
     (`metrics.selection_at_k`), never the first k."""
     from .select import AnswerKeys, aggregate
 
-    graded = _graded(store, run_id, verifier)
+    graded = graded_samples(store, run_id, verifier)
     if not graded:
         return []
     keys = AnswerKeys()
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
-    methods = ["majority"] + (["weighted"] if scores else [])
+    methods = ["vote"] + (["weighted"] if scores else [])
     curves = []
     for method in methods:
         rows = []
@@ -225,7 +226,7 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
                                                 seed=k).mean if k <= len(ans) else np.nan for k in ks])
         per_problem = np.asarray(rows)
         lo, hi = metrics.bootstrap_ci(per_problem, n_boot=n_boot)
-        label = "maj@k" if method == "majority" else f"best-of-N@k ({scorers[0].split(':')[0]}, weighted)"
+        label = "maj@k" if method == "vote" else f"best-of-N@k ({scorers[0].split(':')[0]}, weighted)"
         curves.append(SelectionCurve(label, list(ks), [float(x) for x in np.nanmean(per_problem, axis=0)],
                                      [float(x) for x in lo], [float(x) for x in hi]))
     return curves
@@ -238,10 +239,13 @@ def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = 
     the oracle coverage of its candidates, candidates, tokens and FLOPs."""
     from .select import AnswerKeys, aggregate
 
-    graded = _graded(store, run_id, verifier)
+    from .strategies.base import trait
+
+    graded = graded_samples(store, run_id, verifier)
     problems = store.problems(run_id)
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
+    weighted = trait(store.run_spec(run_id).strategy["name"], "selection") == "weighted"
     keys = AnswerKeys()
     acc, cov, level = [], [], []
     diff = {p["problem_id"]: p["difficulty"] for p in problems}
@@ -249,8 +253,9 @@ def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = 
         ans = [keys.of_text(t) for _, t, _ in items]
         ok = [p for _, _, p in items]
         sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
-        method = "weighted" if scores else "majority"
-        acc.append(metrics.selection_at_k(ans, ok, len(ans), method, sc if scores else None).mean)
+        scored = weighted and any((pid, i) in scores for i, _, _ in items)  # a plain vote where nothing was scored
+        acc.append(metrics.selection_at_k(ans, ok, len(ans), "weighted" if scored else "vote",
+                                          sc if scored else None).mean)
         cov.append(float(any(ok)))
         level.append(diff.get(pid))
     tab = np.asarray([acc, cov]).T if acc else np.zeros((0, 2))
@@ -263,7 +268,7 @@ def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = 
         if lv is not None and lv >= 0:
             by_level.setdefault(int(lv), []).append(a)
     return {
-        "problems": len(graded), "selection": "weighted best-of-N" if scores else "majority",
+        "problems": len(graded), "selection": "weighted best-of-N" if scores and weighted else "vote",
         "accuracy": float(np.mean(acc)) if acc else None, "accuracy_ci": [float(lo[0]), float(hi[0])],
         "coverage": float(np.mean(cov)) if cov else None, "coverage_ci": [float(lo[1]), float(hi[1])],
         "candidates_per_problem": float(np.mean([len(v) for v in graded.values()])) if graded else 0.0,

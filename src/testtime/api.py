@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
+from .errors import NotFoundError
 from .report import write_report
 from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
 from .searchspec import DEFAULT_STRATEGY, SearchSpec
-from .spec import SamplingParams
+from .spec import SamplingParams, SpecError
 from .store import Store
 from .tasks import load_task
 from .verifiers import load_verifier
@@ -77,36 +78,41 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
     run of its own, stored a problem at a time. `on_plan` is called once with the
     number of samples this call will draw (repeated sampling), before drawing any.
     """
-    spec = SearchSpec.build(strategy, {"n": n, **(strategy_args or {})}, params, prm, prm_args)
+    # Long because one entry point serves both runners (in process and Ray) and both kinds
+    # of run (independent samples, strategy runs); each branch is a few calls.
+    spec = SearchSpec.build(strategy, {"n": n, **(strategy_args or {})}, params,
+                            prm if isinstance(prm, str) or prm is None else getattr(prm, "name", "custom"), prm_args)
     the_task = load_task(task, **(task_args or {}))
     the_verifier = load_verifier(verifier or the_task.verifier, **(verifier_args or {}))
     if ray_actors:
-        if not spec.independent or prm is not None:
-            raise ValueError("the Ray runner draws independent samples only (no search strategy or reward model yet)")
-        if not isinstance(engine, str):
-            raise ValueError("with ray_actors, name the engine (each actor builds its own)")
-        from .distributed import run_sharded
+        if not isinstance(engine, str) or not (prm is None or isinstance(prm, str)):
+            raise SpecError("with ray_actors, name the engine and reward model (each actor builds its own)")
+        from .distributed import run_sharded, run_strategy_sharded
 
+        ray_opts = dict(actors=ray_actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, limit=limit,
+                        template=template, seed=seed, label=label, ray_address=ray_address, progress=progress)
         try:
             with Store(workspace) as store:
-                result = run_sharded(store, the_task, engine, dict(engine_args or {}), n, spec.sampling,
-                                     actors=ray_actors, actor_cpus=actor_cpus, actor_gpus=actor_gpus, limit=limit,
-                                     template=template, seed=seed, label=label, ray_address=ray_address,
-                                     progress=progress)
+                if spec.independent and prm is None:
+                    result = run_sharded(store, the_task, engine, dict(engine_args or {}), n, spec.sampling,
+                                         **ray_opts)
+                else:  # a sampling run scored by a reward model is a strategy run here: scored on the actors
+                    result = run_strategy_sharded(store, the_task, engine, dict(engine_args or {}), spec.strategy,
+                                                  spec.params, spec.sampling, spec.reward_model.to_dict()
+                                                  if prm is not None else None, **ray_opts)
                 grade(store, result.run_id, the_verifier)
                 return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens,
                            result.engine_ended)
         finally:
             _close(the_verifier)
-    own_engine = isinstance(engine, str)
-    eng = load_engine(engine, **(engine_args or {})) if own_engine else engine
-    the_prm, prm_engines = spec.reward_model.build(engine if own_engine else eng, engine_args)
+    from .strategies import trait
+
     try:
-        with Store(workspace) as store:
+        with Store(workspace) as store, _stack(engine, engine_args, prm, prm_args, extra=False) as (eng, the_prm):
             if spec.independent:
                 result = draw_samples(store, the_task, eng, n, spec.sampling, limit=limit, template=template,
                                       seed=seed, label=label, progress=progress, on_plan=on_plan)
-                if the_prm is not None:
+                if the_prm is not None and trait(spec.strategy, "selection") == "weighted":
                     score_samples(store, result.run_id, the_prm, spec.params.delimiter)
             else:
                 result = run_strategy(store, the_task, eng, spec.strategy, spec.params, spec.sampling, the_prm,
@@ -115,8 +121,6 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
             return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens,
                        result.engine_ended)
     finally:
-        for e in ([eng] if own_engine else []) + prm_engines:
-            e.close()
         _close(the_verifier)
 
 
@@ -177,7 +181,7 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
     with Store(workspace) as store:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
-            raise KeyError(f"no runs in {store.path}")
+            raise NotFoundError(f"no runs in {store.path}")
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
@@ -212,96 +216,110 @@ def cost(run_id: str | None = None, workspace: str | Path | None = None, prices:
     with Store(workspace) as store:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
-            raise KeyError(f"no runs in {store.path}")
+            raise NotFoundError(f"no runs in {store.path}")
         return {"run_id": rid, **run_cost(store, rid, prices, n, shape_from)}
 
 
-def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict[str, Any] | None = None,
-            strategies: tuple[str, ...] = ("best_of_n", "beam_search", "dvts"), n_max: int = 8, width: int = 2,
-            seeds: tuple[int, ...] = (0, 1), iterations: int = 6, delimiter: str = "\n", aggregation: str = "last",
-            step_tokens: int = 64, temperature: float = 0.7, lookahead: int = 0, template: str | None = None,
-            model: str | None = None, engine_args: dict[str, Any] | None = None,
-            workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
-    """Sweep N = 1, 2, 4, ..., n_max for several strategies on one task (see
-    `testtime.compare`); returns the HTML page. The policy and the judge PRM are
-    two instances of the same embedded model, so judging never evicts the
-    policy's cached beams. Resumable: finished cells are stored."""
-    from .compare import CompareConfig, run_compare, summarise, write_report
+@contextmanager
+def _stack(engine: str | Engine, engine_args: dict[str, Any] | None, prm: Any, prm_args: dict[str, Any] | None,
+           extra: bool = True):
+    """The policy engine and reward model, from names (built here, closed on exit) or
+    ready objects (left open). A judge made from a named engine is a second instance
+    of it, so judging never evicts the policy's cached paths. `extra`: room in the
+    embedded engine for many shared prefixes (beams), unless the caller chose."""
+    from .searchspec import RewardModelSpec
 
-    cfg = CompareConfig(strategies=tuple(strategies), n_max=n_max, width=width, seeds=tuple(seeds),
-                        iterations=iterations, delimiter=delimiter, aggregation=aggregation,
-                        step_tokens=step_tokens, temperature=temperature, lookahead=lookahead)
+    own = isinstance(engine, str)
+    eargs = dict(engine_args or {})
+    if own and extra and engine == "llamacpp":
+        eargs = {"slots": 16, "max_prefixes": 64, **eargs}  # room for beams and their shared prefixes
+    eng = load_engine(engine, **eargs) if own else engine
+    built: list = []
+    try:
+        if isinstance(prm, str):
+            the_prm, built = RewardModelSpec(prm, dict(prm_args or {})).build(engine if own else eng, engine_args)
+        else:
+            the_prm = prm
+        yield eng, the_prm
+    finally:
+        for e in ([eng] if own else []) + built:
+            e.close()
+
+
+def _default_prm(strategies: tuple[str, ...], prm: Any) -> Any:
+    """The judge when a chosen strategy needs a reward model and none was named."""
+    from .strategies import STRATEGIES
+
+    if prm is None and any(STRATEGIES.get(s).needs_prm for s in strategies):
+        return "judge"
+    return prm
+
+
+def compare(task: str = "arithmetic", limit: int | None = 10, *, task_args: dict[str, Any] | None = None,
+            strategies: tuple[str, ...] | None = None, n_max: int = 8, seeds: tuple[int, ...] = (0, 1),
+            params: dict[str, Any] | None = None, grid: dict[str, list[Any]] | None = None,
+            sampling: SamplingParams | None = None, engine: str | Engine = "llamacpp",
+            engine_args: dict[str, Any] | None = None, prm: Any = None, prm_args: dict[str, Any] | None = None,
+            template: str | None = None, workspace: str | Path | None = None,
+            progress: Callable[[str], None] | None = None) -> Path:
+    """Sweep N = 1, 2, 4, ..., n_max for several strategies on one task (see
+    `testtime.compare`); returns the HTML page. Every point is a stored run (resumable;
+    `report`, `grade`, `export` and `cost` work on each). `params` go to every strategy
+    that takes them (`name.param` to one); `grid` lists values to try, one arm each.
+    The reward model defaults to the judge when a strategy needs one."""
+    from .compare import CompareConfig, make_arms, run_compare, summarise, write_report
+    from .strategies import COMPARED
+
+    strategies = tuple(strategies or COMPARED)
+    cfg = CompareConfig(tuple(make_arms(strategies, params, grid)), n_max=n_max, seeds=tuple(seeds),
+                        sampling=sampling or SamplingParams())
     the_task = load_task(task, **(task_args or {}))
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
     try:
-        with _search_stack(None, None, model, engine_args) as (policy, prm), Store(workspace) as store:
-            compare_id, cells = run_compare(store, the_task, problems, policy, prm, verifier, cfg,
-                                            template=template, progress=progress)
-            meta = {"task": the_task.identity, "problems": len(problems), "config": cfg.__dict__,
-                    "model": policy.identity()}
-            shapes = {"policy": policy.shape(), "prm": prm.shape()}
-            return write_report(store.workspace, compare_id, summarise(cells, problems, shapes), meta)
+        with _stack(engine, engine_args, _default_prm(strategies, prm), prm_args) as (eng, the_prm), \
+                Store(workspace) as store:
+            got = run_compare(store, the_task, problems, eng, the_prm, verifier, cfg, template=template,
+                              progress=progress)
+            meta = {"task": the_task.identity, "problems": len(problems), "config": cfg.identity(),
+                    "model": eng.identity(), "prm": the_prm.identity() if the_prm is not None else None,
+                    "runs": got.runs}
+            shapes = {"policy": _shape(eng), "prm": _shape(the_prm)}
+            return write_report(store.workspace, got.key, summarise(got.cells, problems, shapes), meta)
     finally:
         _close(verifier)
 
 
-@contextmanager
-def _search_stack(engine: Engine | None, prm: Any, model: str | None, engine_args: dict[str, Any] | None):
-    """The given engine and PRM, or the embedded policy engine and a judge PRM on a
-    second instance of the same model (so judging never evicts the policy's cached
-    beams), closed on exit."""
-    if engine is not None:
-        yield engine, prm
-        return
-    from .engines.llamacpp import LlamaCppEngine
-    from .rewards.judge import JudgePRM
-
-    eargs = dict(engine_args or {})
-    if model:
-        eargs["model"] = model
-    policy = LlamaCppEngine(**{"slots": 16, "max_prefixes": 64, **eargs})
-    judge_engine = LlamaCppEngine(**{"slots": 16, "max_prefixes": 32, **eargs})
-    try:
-        yield policy, JudgePRM(judge_engine)
-    finally:
-        policy.close()
-        judge_engine.close()
+def _shape(model: Any) -> Any:
+    shape = getattr(model, "shape", None) if model is not None else None
+    return shape() if shape is not None else None
 
 
 def optimal(task: str = "arithmetic", limit: int | None = 30, *, task_args: dict[str, Any] | None = None,
             kind: str = "oracle", test_fraction: float = 0.5, n_max: int = 16, bon_max: int | None = None,
-            strategies: tuple[str, ...] = ("best_of_n", "majority", "beam_search", "dvts"),
-            widths: tuple[int, ...] = (4,), lookaheads: tuple[int, ...] = (0,), revision_sequential: tuple[int, ...] = (),
-            iterations: int = 4, step_tokens: int = 48, delimiter: str = "\n", aggregation: str = "last",
-            temperature: float = 0.7, template: str | None = None, out: str | Path | None = None,
-            model: str | None = None, engine_args: dict[str, Any] | None = None,
-            engine: Engine | None = None, prm: Any = None,
+            strategies: tuple[str, ...] | None = None, params: dict[str, Any] | None = None,
+            grid: dict[str, list[Any]] | None = None, sampling: SamplingParams | None = None, probe: int = 4,
+            template: str | None = None, out: str | Path | None = None, engine: str | Engine = "llamacpp",
+            engine_args: dict[str, Any] | None = None, prm: Any = None, prm_args: dict[str, Any] | None = None,
             workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit a compute-optimal policy on a training split of the task's first `limit`
-    problems and evaluate it on the rest (see `testtime.optimal`). Writes the policy
-    to `out` (and to the report folder) and returns the curves, the compute ratio,
-    the policy file and the report page."""
+    problems and evaluate it on the rest (see `testtime.optimal`). Candidates are the
+    strategies over the `grid` of their parameters (e.g. {"width": [2, 4]}). Writes the
+    policy to `out` (and to the report folder) and returns the curves, the compute
+    ratio, the policy file, the report page and the stored runs it read."""
     from .optimal import Candidates, optimal as run_optimal
+    from .strategies import CANDIDATES
 
-    sampled = tuple(s for s in strategies if s in ("best_of_n", "majority"))
-    if "best_of_n" not in sampled:
-        raise ValueError("best_of_n must be among the strategies: it is the baseline the policy is measured against")
-    tree = tuple(s for s in strategies if s in ("beam_search", "dvts"))
-    unknown = set(strategies) - set(sampled) - set(tree) - {"revision"}
-    if unknown:
-        raise ValueError(f"unknown strategies {sorted(unknown)}; known: best_of_n, majority, beam_search, dvts, revision")
-    if "revision" in strategies and not revision_sequential:
-        revision_sequential = (2,)
-    cands = Candidates(sampled=sampled, tree=tree, widths=tuple(widths), lookaheads=tuple(lookaheads),
-                       revision_sequential=tuple(revision_sequential), n_max=n_max, bon_max=bon_max or n_max,
-                       search={"iterations": iterations, "delimiter": delimiter, "aggregation": aggregation,
-                               "step_tokens": step_tokens, "temperature": temperature, "probe": 4})
+    strategies = tuple(strategies or CANDIDATES)
+    cands = Candidates(strategies, dict(params or {}), {k: list(v) for k, v in (grid or {}).items()}, n_max,
+                       bon_max or n_max, sampling or SamplingParams(), probe)
+    cands.configs()  # every parameter checked before a model loads
     the_task = load_task(task, **(task_args or {}))
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
     try:
-        with _search_stack(engine, prm, model, engine_args) as (eng, the_prm), Store(workspace) as store:
+        with _stack(engine, engine_args, _default_prm(strategies, prm), prm_args) as (eng, the_prm), \
+                Store(workspace) as store:
             return run_optimal(store, the_task, problems, eng, the_prm, verifier, cands, kind=kind,
                                test_fraction=test_fraction, template=template, policy_path=out,
                                task_args=task_args, progress=progress)
@@ -310,102 +328,98 @@ def optimal(task: str = "arithmetic", limit: int | None = 30, *, task_args: dict
 
 
 def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit: int | None = None, *,
-                 task_args: dict[str, Any] | None = None, seed: int = 0, model: str | None = None,
-                 engine_args: dict[str, Any] | None = None, engine: Engine | None = None, prm: Any = None,
+                 task_args: dict[str, Any] | None = None, seed: int = 0, engine: str | Engine = "llamacpp",
+                 engine_args: dict[str, Any] | None = None, prm: Any = None, prm_args: dict[str, Any] | None = None,
                  workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a policy file at a budget on a task's problems (default: the task it was fitted
     on, with `task_args` overriding its arguments; use new problems, e.g. another
     arithmetic `seed`, not the ones it was fitted on). Returns accuracy overall and
-    per difficulty bin, tokens and FLOPs per problem (the difficulty probe included)."""
-    from .optimal import apply_policy as run_apply
-    from .policy import Policy
+    per difficulty bin, tokens and FLOPs per problem (the difficulty probe included)
+    and the stored runs. The reward model defaults to the judge when the policy's
+    difficulty is predicted or one of its choices needs a reward model."""
+    from .optimal import apply_policy as run_apply, policy_candidates
+    from .policy import Policy, parse_config
 
     pol = Policy.load(policy)
     if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
+        raise SpecError(f"budget must be >= 1, got {budget}")
+    cands = policy_candidates(pol)
     meta_task = pol.meta.get("task", {})
     name = task or meta_task.get("name")
     if not name:
-        raise ValueError(f"policy {policy} does not say which task it was fitted on; pass a task")
+        raise SpecError(f"policy {policy} does not say which task it was fitted on; pass a task")
     args = {} if task and task != meta_task.get("name") else dict(meta_task.get("args") or {})
     args.update(task_args or {})
     the_task = load_task(name, **args)
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
+    chosen = tuple(parse_config(c.config)[0] for by in pol.choices.values() for c in by.values())
+    if prm is None and pol.difficulty is not None and pol.difficulty.kind != "oracle":
+        prm = "judge"
     try:
-        with _search_stack(engine, prm, model, engine_args) as (eng, the_prm), Store(workspace) as store:
+        with _stack(engine, engine_args, _default_prm(chosen, prm), prm_args) as (eng, the_prm), \
+                Store(workspace) as store:
             res = run_apply(store, the_task, problems, eng, the_prm, verifier, pol, budget, seed=seed,
                             template=pol.meta.get("template"), progress=progress)
-            return {"task": the_task.identity, "budget": budget, **res}
+            return {"task": the_task.identity, "budget": budget, "sampling": cands.sampling.to_dict(), **res}
     finally:
         _close(verifier)
 
 
 def compare_models(models: list[str], task: str = "arithmetic", limit: int | None = 20, *,
                    task_args: dict[str, Any] | None = None, n_max: dict[str, int] | int = 16,
-                   strategies: tuple[str, ...] = ("majority",), temperature: float = 0.7, max_tokens: int = 192,
+                   strategies: tuple[str, ...] = (), sampling: SamplingParams | None = None,
                    template: str | None = None, prices: str | None = None, seeds: tuple[int, ...] = (0,),
-                   engines: dict[str, Engine] | None = None, engine_args: dict[str, Any] | None = None,
-                   workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
+                   engines: dict[str, Engine] | None = None, engine: str = "llamacpp",
+                   engine_args: dict[str, Any] | None = None, workspace: str | Path | None = None,
+                   progress: Callable[[str], None] | None = None) -> Path:
     """Matched comparison of models on the same problems: each model draws up to its
     n_max samples per problem (a dict gives each model its own, e.g. many for the small
-    model and few for the large), and accuracy (majority vote, and with best_of_n a
-    judge PRM made from the same model) and oracle coverage are plotted against FLOPs
-    and dollars per problem. `models` are GGUF paths (or, with `engines`, labels of
-    ready engines). Resumable: cells are stored."""
-    from .compare import CompareConfig, cost_curves, run_compare, write_models_report
+    model and few for the large), and the accuracy of selections over them (default:
+    every registered selection over independent samples that needs no reward model;
+    one that needs one gets a judge made from the same model) and oracle coverage are
+    plotted against FLOPs and dollars per problem. `models` are model files for the
+    engine (or, with `engines`, labels of ready engines). Resumable: every point is a
+    stored run."""
+    from .compare import CompareConfig, cost_curves, make_arms, run_compare, write_models_report
     from .flops import PriceTable
     from .spec import stable_hash
+    from .strategies import STRATEGIES, trait
 
     if len(models) < 1:
-        raise ValueError("compare_models needs at least one model")
-    needs_prm = any(s != "majority" for s in strategies)
+        raise SpecError("compare_models needs at least one model")
+    strategies = tuple(strategies) or tuple(s for s in STRATEGIES.names() if trait(s, "independent")
+                                            and trait(s, "selection") != "weighted")
+    bad = [s for s in strategies if not trait(s, "independent")]
+    if bad:
+        raise SpecError(f"comparing models takes selections over independent samples, not {', '.join(bad)}")
+    arms = tuple(make_arms(strategies))
     the_task = load_task(task, **(task_args or {}))
     problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
     table = PriceTable.load(prices)
     curves, meta = {}, {"task": the_task.identity, "problems": len(problems), "strategies": list(strategies),
-                        "price_table": table.source, "models": {}}
+                        "price_table": table.source, "models": {}, "runs": {}}
     try:
         with Store(workspace) as store:
             for m in models:
                 label = Path(m).stem if engines is None else m
                 cap = n_max[m] if isinstance(n_max, dict) else n_max
-                cfg = CompareConfig(strategies=tuple(strategies), n_max=cap, width=1, seeds=tuple(seeds),
-                                    temperature=temperature, iterations=1, step_tokens=max_tokens)
-                owned = []
-                if engines is not None:
-                    eng = engines[m]
-                    prm = None
-                    if needs_prm:
-                        from .rewards.judge import JudgePRM
-                        prm = JudgePRM(eng)
-                else:
-                    from .engines.llamacpp import LlamaCppEngine
-                    from .rewards.judge import JudgePRM
-
-                    eng = LlamaCppEngine(**{"model": m, "slots": 16, **(engine_args or {})})
-                    owned.append(eng)
-                    prm = None
-                    if needs_prm:
-                        judge_engine = LlamaCppEngine(**{"model": m, "slots": 16, **(engine_args or {})})
-                        owned.append(judge_engine)
-                        prm = JudgePRM(judge_engine)
-                try:
-                    _, cells = run_compare(store, the_task, problems, eng, prm, verifier, cfg, template=template,
-                                           progress=progress)
-                    shape = eng.shape() if hasattr(eng, "shape") else None
-                    prm_shape = prm.shape() if prm is not None and hasattr(prm, "shape") else None
-                finally:
-                    for e in owned:
-                        e.close()
-                shapes = {"policy": shape, "prm": prm_shape}
+                cfg = CompareConfig(arms, n_max=cap, seeds=tuple(seeds), sampling=sampling or SamplingParams())
+                eng: Any = engines[m] if engines is not None else engine
+                eargs = None if engines is not None else {**(engine_args or {}), "model": m}
+                with _stack(eng, eargs, _default_prm(strategies, None), None) as (the_eng, prm):
+                    got = run_compare(store, the_task, problems, the_eng, prm, verifier, cfg, template=template,
+                                      progress=progress)
+                    shapes = {"policy": _shape(the_eng), "prm": _shape(prm)}
                 price = {r: table.price(s.name, s.params) for r, s in shapes.items() if s is not None}
-                curves[label] = cost_curves(cells, len(problems), shapes, price)
-                meta["models"][label] = {"params": shape.params if shape else None, "n_max": cap,
-                                         "price": {r: p.rule for r, p in price.items()}}
+                curves[label] = cost_curves(got.cells, len(problems), shapes, price)
+                meta["models"][label] = {"params": shapes["policy"].params if shapes["policy"] else None,
+                                         "n_max": cap, "price": {r: p.rule for r, p in price.items()}}
+                meta["runs"][label] = got.runs
             key = stable_hash({"models": models, "task": the_task.identity, "limit": limit, "n_max": n_max,
-                               "strategies": list(strategies), "seeds": list(seeds)})
+                               "strategies": list(strategies), "seeds": list(seeds),
+                               "sampling": (sampling or SamplingParams()).to_dict()})
             return write_models_report(store.workspace, key, curves, meta)
     finally:
         _close(verifier)

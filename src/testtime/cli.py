@@ -14,28 +14,25 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .engines._llama import ModelError
-from .registry import UnknownNameError
-from .sandbox import SandboxError
+from .errors import InputError, TesttimeError
 from .searchspec import DEFAULT_STRATEGY
 from .spec import SamplingParams, SpecError
-from .strategies import STRATEGIES
-from .tasks import DatasetError
+from .strategies import CANDIDATES, COMPARED, STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Scale test-time compute: sample many solutions, verify them, measure coverage.")
 console = Console(stderr=True)
 out = Console()
 
-USER_ERRORS = (SpecError, ModelError, DatasetError, UnknownNameError, FileNotFoundError, KeyError, ValueError,
-               PermissionError)
+USER_ERRORS = (TesttimeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+"""Printed as one line (exit 2, or 3 for infrastructure); anything else is a bug and keeps its traceback."""
 
 _SP = SamplingParams()  # the sampler's defaults, defined once in SamplingParams
 
 PricesOpt = typer.Option(None, "--prices", envvar="TESTTIME_PRICES",
-                         help="Price table JSON (dollars per million tokens) [default: bundled]")
+                         help="Price table JSON (dollars per million tokens) \\[default: bundled]")
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TESTTIME_WORKSPACE",
-                            help="Workspace folder [default: ./testtime-runs]")
+                            help="Workspace folder \\[default: ./testtime-runs]")
 
 
 class _RateColumn(ProgressColumn):
@@ -140,11 +137,10 @@ def _print_coverage(run: api.Run, title: str) -> None:
 
 
 def _fail(e: Exception) -> None:
-    if isinstance(e, SandboxError):
-        console.print(f"[red]infrastructure error:[/] {e}")
-        raise typer.Exit(3)
-    console.print(f"[red]error:[/] {e}")
-    raise typer.Exit(2)
+    """One line and the error's exit code: 3 for infrastructure (a server, the sandbox), else 2."""
+    code = getattr(e, "exit_code", 2)
+    console.print(f"[red]{'infrastructure error' if code == 3 else 'error'}:[/] {e}", highlight=False)
+    raise typer.Exit(code)
 
 
 def _verifier_args(allow_code_execution: bool, code_timeout: Optional[float]) -> dict[str, Any]:
@@ -158,10 +154,58 @@ def _verifier_args(allow_code_execution: bool, code_timeout: Optional[float]) ->
 
 AllowCodeOpt = typer.Option(False, "--allow-code-execution",
                             help="Run generated code for a custom code task (the bundled code tasks opt in themselves)")
-CodeTimeoutOpt = typer.Option(None, "--code-timeout", help="Seconds per program for the code verifier [default: 5]")
+CodeTimeoutOpt = typer.Option(None, "--code-timeout", help="Seconds per program for the code verifier \\[default: 5]")
 ChatTemplateOpt = typer.Option(None, "--chat-template",
                                help="NAME of a llama.cpp built-in chat format (chatml, llama3, gemma, ...) or FILE "
-                                    "(Jinja, tokenizer_config.json, .gguf) [default: the model file's own]")
+                                    "(Jinja, tokenizer_config.json, .gguf) \\[default: the model file's own]")
+
+
+EngineOpt = typer.Option("llamacpp", "--engine", help="Engine: llamacpp (embedded), openai (any OpenAI-compatible "
+                                                   "server), vllm (in process, GPU)")
+EngineArgOpt = typer.Option([], "--engine-arg", help="Engine argument key=value (repeatable), e.g. "
+                                                     "base_url=http://host:8000/v1 for openai, model=... for vllm")
+ModelOpt = typer.Option(None, "--model", help="llamacpp: GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) "
+                                              "\\[default: smollm2-135m]")
+PrmOpt = typer.Option(None, "--prm", help="Reward model: judge (the policy's model asked about each step) or "
+                                          "served (a PRM behind HTTP) \\[default: judge where a strategy needs one]")
+PrmArgOpt = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), e.g. "
+                                               "base_url=http://gpu-box:8001 for served")
+ParamOpt = typer.Option([], "--param", help="Strategy parameter key=value (repeatable), given to every strategy "
+                                            "that takes it; NAME.key=value for one strategy only")
+GridOpt = typer.Option([], "--grid", help="Strategy parameter to try several values of, key=v1,v2 (repeatable); "
+                                          "each combination is a candidate of its own")
+TemperatureOpt = typer.Option(_SP.temperature, "--temperature")
+TopPOpt = typer.Option(_SP.top_p, "--top-p")
+TopKOpt = typer.Option(_SP.top_k, "--top-k")
+MinPOpt = typer.Option(_SP.min_p, "--min-p")
+MaxTokensOpt = typer.Option(_SP.max_tokens, "--max-tokens", help="Most tokens per sample")
+StopOpt = typer.Option([], "--stop", help="Stop string (repeatable)")
+
+
+def _engine_args(engine: str, model: Optional[Path], chat_template: Optional[str], engine_arg: list[str],
+                 **llama: Any) -> dict[str, Any]:
+    """Engine arguments from the shared options (model, chat template, --engine-arg)."""
+    eargs: dict[str, Any] = {}
+    if engine == "llamacpp":
+        eargs = {k: v for k, v in llama.items() if v is not None}
+        if model:
+            eargs["model"] = str(model)
+    elif model:
+        raise typer.BadParameter(f"--model is the embedded engine's; for {engine} use --engine-arg model=...")
+    if chat_template:
+        eargs["chat_template"] = chat_template
+    eargs.update(_task_args(engine_arg, None))
+    return eargs
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, min_p: float, max_tokens: int,
+              stop: list[str]) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens,
+                          stop=tuple(stop))
+
+
+def _grid(values: list[str]) -> dict[str, list[Any]]:
+    return {k: (v if isinstance(v, list) else [v]) for k, v in _task_args(values, None).items()}
 
 
 def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: str, engine_args: dict,
@@ -188,19 +232,24 @@ def _warn_engine_ended(run: api.Run) -> None:
 def run(workspace: Optional[Path] = WorkspaceOpt,
         problems: int = typer.Option(api.QUICKSTART["limit"], help="Problems (levels 1-3, interleaved)"),
         n: int = typer.Option(api.QUICKSTART["n"], "-n", help="Samples per problem"),
-        model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
+        model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) \\[default: smollm2-135m]"),
         chat_template: Optional[str] = ChatTemplateOpt,
         policy: Optional[Path] = typer.Option(None, help="Apply this compute-optimal policy (from `testtime optimal`)"),
         budget: int = typer.Option(16, help="With --policy: generations per problem"),
         arg: List[str] = typer.Option([], "--arg", help="With --policy: task argument key=value overriding the "
                                                          "policy's (e.g. seed=1 for new arithmetic problems)"),
-        seed: int = typer.Option(0, help="With --policy: root seed")):
+        seed: int = typer.Option(0, help="With --policy: root seed"),
+        engine: str = EngineOpt, engine_arg: List[str] = EngineArgOpt,
+        prm: Optional[str] = typer.Option(None, "--prm", help="With --policy: reward model \\[default: judge where "
+                                                              "the policy needs one]"),
+        prm_arg: List[str] = PrmArgOpt):
     """Quickstart: arithmetic word problems on the embedded model, then a coverage report.
     With --policy: run a compute-optimal policy at a budget and report its accuracy and cost."""
     try:
         if policy is not None:
             res = api.apply_policy(policy, budget, limit=problems, task_args=_task_args(arg, None), seed=seed,
-                                   model=str(model) if model else None, workspace=workspace,
+                                   engine=engine, engine_args=_engine_args(engine, model, chat_template, engine_arg),
+                                   prm=prm, prm_args=_task_args(prm_arg, None), workspace=workspace,
                                    progress=lambda m: console.print(m))
             t = Table(title=f"policy {policy.name} at N<={budget}, {res['problems']} problems "
                             f"({res['difficulty']} difficulty)")
@@ -212,7 +261,11 @@ def run(workspace: Optional[Path] = WorkspaceOpt,
             out.print(f"accuracy {res['accuracy']:.3f}; per problem: {res['tokens_per_problem']:.0f} tokens generated by "
                       f"the chosen strategies, {res['flops_per_problem']:.3e} FLOPs in all (difficulty probe and "
                       "reward model included)")
+            out.print("stored runs: " + ", ".join(dict.fromkeys(r["run_id"] for r in res["runs"])))
             return
+        if engine != "llamacpp" or engine_arg or prm:
+            raise typer.BadParameter("--engine, --engine-arg and --prm go with --policy; the quickstart runs the "
+                                     "embedded model (use `testtime sample` for any other engine)")
         q = api.QUICKSTART
         eargs = {"model": str(model)} if model else {}
         if chat_template:
@@ -232,27 +285,31 @@ def optimal(task: str = typer.Option("arithmetic", "--task", "-t"),
             limit: Optional[int] = typer.Option(30, "--limit", "-l", help="Problems, split into train and test"),
             test_fraction: float = typer.Option(0.5, help="Share of each difficulty level held out for testing"),
             difficulty: str = typer.Option("oracle", help="oracle (pass@1 of the samples) or predicted (PRM score)"),
-            strategy: List[str] = typer.Option(["best_of_n", "majority", "beam_search", "dvts"], "--strategy", "-s",
-                                               help="Candidate strategies (repeatable; revision too)"),
-            width: List[int] = typer.Option([4], "--width", help="Tree-search widths to try (repeatable)"),
-            lookahead: List[int] = typer.Option([0], "--lookahead", help="Lookahead depths to try (repeatable)"),
-            sequential: List[int] = typer.Option([], "--sequential", help="Revision chain lengths to try (repeatable)"),
+            strategy: List[str] = typer.Option([], "--strategy", "-s", help="Candidate strategy (repeatable) "
+                                               f"\\[default: {', '.join(CANDIDATES)}]; known: {', '.join(STRATEGIES.names())}"),
+            param: List[str] = ParamOpt, grid: List[str] = GridOpt,
             n_max: int = typer.Option(16, help="Largest budget N (a power of two)"),
-            bon_max: Optional[int] = typer.Option(None, help="Best-of-N samples per problem [default: n-max]; "
+            bon_max: Optional[int] = typer.Option(None, help="Independent samples per problem \\[default: n-max]; "
                                                             "more lets the compute ratio be read past n-max"),
-            iterations: int = typer.Option(4, help="Most search steps"),
-            step_tokens: int = typer.Option(48, help="Most tokens per step"),
+            probe: int = typer.Option(4, help="Samples whose reward-model score predicts difficulty"),
             out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the policy here too"),
-            model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
+            engine: str = EngineOpt, model: Optional[Path] = ModelOpt, chat_template: Optional[str] = ChatTemplateOpt,
+            engine_arg: List[str] = EngineArgOpt, prm: Optional[str] = PrmOpt, prm_arg: List[str] = PrmArgOpt,
+            temperature: float = TemperatureOpt, top_p: float = TopPOpt, top_k: int = TopKOpt, min_p: float = MinPOpt,
+            max_tokens: int = MaxTokensOpt, stop: List[str] = StopOpt,
+            template: Optional[str] = typer.Option(None, help="Prompt template \\[default: the task's]"),
             workspace: Optional[Path] = WorkspaceOpt):
     """Fit a compute-optimal policy (strategy and N per difficulty bin and budget) on a
-    training split, evaluate it on held-out problems against fixed strategies, and write it."""
+    training split, evaluate it on held-out problems against fixed strategies, and write it.
+    Every point it measures is a stored run."""
     try:
         res = api.optimal(task, limit, task_args=_task_args(arg, data), kind=difficulty, test_fraction=test_fraction,
-                          n_max=n_max, bon_max=bon_max, strategies=tuple(strategy), widths=tuple(width),
-                          lookaheads=tuple(lookahead), revision_sequential=tuple(sequential), iterations=iterations,
-                          step_tokens=step_tokens, out=out_path, model=str(model) if model else None,
-                          workspace=workspace, progress=lambda m: console.print(m))
+                          n_max=n_max, bon_max=bon_max, strategies=tuple(strategy) or None,
+                          params=_task_args(param, None), grid=_grid(grid), probe=probe,
+                          sampling=_sampling(temperature, top_p, top_k, min_p, max_tokens, stop),
+                          template=template, out=out_path, engine=engine,
+                          engine_args=_engine_args(engine, model, chat_template, engine_arg), prm=prm,
+                          prm_args=_task_args(prm_arg, None), workspace=workspace, progress=lambda m: console.print(m))
     except USER_ERRORS as e:
         _fail(e)
     t = Table(title="test accuracy by budget")
@@ -274,12 +331,12 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            data: Optional[Path] = typer.Option(None, "--data", help="Data file for gsm8k, math, humaneval, mbpp or jsonl"),
            arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable), e.g. levels=1,2"),
            n: int = typer.Option(16, "-n", help="Samples per problem"),
-           limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems [default: all]"),
+           limit: Optional[int] = typer.Option(None, "--limit", "-l", help="First N problems \\[default: all]"),
            engine: str = typer.Option("llamacpp", help="Engine name"),
-           model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) [default: smollm2-135m]"),
+           model: Optional[Path] = typer.Option(None, help="GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) \\[default: smollm2-135m]"),
            chat_template: Optional[str] = ChatTemplateOpt,
            slots: int = typer.Option(16, help="Sequences decoded together"),
-           threads: Optional[int] = typer.Option(None, help="CPU threads [default: all]"),
+           threads: Optional[int] = typer.Option(None, help="CPU threads \\[default: all]"),
            seq_ctx: int = typer.Option(1024, help="KV cells per sequence (prompt + max tokens)"),
            engine_arg: List[str] = typer.Option([], "--engine-arg", help="Engine argument key=value (repeatable), "
                                                 "e.g. base_url=http://host:8000/v1 for openai, model=... for vllm"),
@@ -299,33 +356,30 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
                                                         "step) or served (a PRM behind HTTP)"),
            prm_arg: List[str] = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), "
                                                                    "e.g. base_url=http://gpu-box:8001 for served"),
-           template: Optional[str] = typer.Option(None, help="Prompt template [default: the task's]"),
+           template: Optional[str] = typer.Option(None, help="Prompt template \\[default: the task's]"),
+           verifier: Optional[str] = typer.Option(None, help="Verifier \\[default: the task's]"),
            seed: int = typer.Option(0, help="Root seed of the run"),
            label: Optional[str] = typer.Option(None, help="A name for the run"),
            allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
            ray_actors: Optional[int] = typer.Option(None, help="Shard problems across this many Ray actors, "
                                                                 "each with its own engine"),
-           ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto) [default: a local one]"),
+           ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto) \\[default: a local one]"),
            actor_cpus: float = typer.Option(1.0, help="CPUs per Ray actor (also its engine's threads)"),
            actor_gpus: float = typer.Option(0.0, help="GPUs per Ray actor (one vLLM replica per GPU)"),
            workspace: Optional[Path] = WorkspaceOpt):
     """Run a strategy on a task and store its candidates, graded. By default n independent
     samples per problem (only the missing ones are drawn); --strategy beam_search, dvts,
     lookahead or revision search with a reward model (--prm) instead."""
+    # Long because typer declares every option in the signature; the body only maps them
+    # onto api.sample.
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                 max_tokens=max_tokens, stop=tuple(stop))
-        eargs: dict[str, Any] = {}
-        if engine == "llamacpp":
-            eargs = {"slots": slots, "n_threads": threads, "seq_ctx": seq_ctx}
-            if model:
-                eargs["model"] = str(model)
-        if chat_template:
-            eargs["chat_template"] = chat_template
-        eargs.update(_task_args(engine_arg, None))
+        eargs = _engine_args(engine, model, chat_template, engine_arg, slots=slots, n_threads=threads, seq_ctx=seq_ctx)
         sargs = _strategy_args(param, width=width, max_steps=max_steps, step_tokens=step_tokens, delimiter=delimiter,
                                lookahead=lookahead, sequential=sequential, aggregation=aggregation)
-        search = dict(strategy=strategy, strategy_args=sargs, prm=prm, prm_args=_task_args(prm_arg, None))
+        search = dict(strategy=strategy, strategy_args=sargs, prm=prm, prm_args=_task_args(prm_arg, None),
+                      verifier=verifier)
         if ray_actors:
             if engine == "llamacpp" and threads is None:
                 eargs["n_threads"] = max(1, int(actor_cpus))
@@ -340,7 +394,7 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
         _print_table(r, f"{task}: run {r.run_id}")
         if r.engine_ended:
             raise typer.Exit(3)
-    except (*USER_ERRORS, SandboxError) as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -358,56 +412,53 @@ def compare(task: str = typer.Option("arithmetic", "--task", "-t"),
             data: Optional[Path] = typer.Option(None, "--data", help="Data file for the task"),
             arg: List[str] = typer.Option([], "--arg", help="Task argument key=value (repeatable)"),
             limit: int = typer.Option(10, "--limit", "-l", help="First N problems"),
-            strategy: List[str] = typer.Option(["best_of_n", "beam_search", "dvts"], "--strategy",
-                                               help="Strategy (repeatable): best_of_n, majority, beam_search, dvts, revision"),
+            strategy: List[str] = typer.Option([], "--strategy", "-s", help="Strategy (repeatable) "
+                                               f"\\[default: {', '.join(COMPARED)}]; known: {', '.join(STRATEGIES.names())}"),
+            param: List[str] = ParamOpt, grid: List[str] = GridOpt,
             n_max: int = typer.Option(8, help="Largest budget N (a power of two); N = 1, 2, 4, ... n_max"),
-            width: int = typer.Option(2, help="Beam width M (children per expanded path)"),
-            seeds: int = typer.Option(2, help="Seeds per cell (bands over seeds)"),
-            iterations: int = typer.Option(6, help="Most search steps"),
-            delimiter: str = typer.Option("\\n", help="Step delimiter (escapes allowed: \\n\\n)"),
-            lookahead: int = typer.Option(0, help="Greedy rollout steps used to rank each child"),
-            step_tokens: int = typer.Option(64, help="Most tokens per step"),
-            model: List[Path] = typer.Option([], help="GGUF file [default: SmolLM2-135M-Instruct]; repeat it to "
-                                                      "compare models at matched FLOPs and dollars"),
+            seeds: int = typer.Option(2, help="Seeds per point (bands over seeds)"),
+            engine: str = EngineOpt,
+            model: List[Path] = typer.Option([], "--model", help="llamacpp: GGUF file \\[default: smollm2-135m]; repeat "
+                                                                 "it to compare models at matched FLOPs and dollars"),
             model_n_max: List[int] = typer.Option([], help="With several --model: each one's largest N, in order "
                                                            "(e.g. many samples for the small model, few for the large)"),
+            chat_template: Optional[str] = ChatTemplateOpt, engine_arg: List[str] = EngineArgOpt,
+            prm: Optional[str] = PrmOpt, prm_arg: List[str] = PrmArgOpt,
+            temperature: float = TemperatureOpt, top_p: float = TopPOpt, top_k: int = TopKOpt, min_p: float = MinPOpt,
+            max_tokens: int = MaxTokensOpt, stop: List[str] = StopOpt,
+            template: Optional[str] = typer.Option(None, help="Prompt template \\[default: the task's]"),
             prices: Optional[Path] = PricesOpt,
             workspace: Optional[Path] = WorkspaceOpt):
-    """Compare strategies at equal budgets: accuracy against N and against tokens, per level.
-    With several --model: majority vote (and best_of_n) of each model against FLOPs and dollars."""
-    if len(model) > 1:
-        try:
-            default = set(strategy) == {"best_of_n", "beam_search", "dvts"}  # not chosen by the user
-            chosen = ["majority"] if default else list(strategy)
-            bad = [s_ for s_ in chosen if s_ not in ("majority", "best_of_n")]
-            if bad:
-                raise ValueError(f"comparing models supports majority and best_of_n, not {', '.join(bad)}")
+    """Compare strategies at equal budgets: accuracy against N, tokens and FLOPs, per level;
+    every point is a stored run. With several --model: selections over each model's
+    independent samples against FLOPs and dollars."""
+    sampling = _sampling(temperature, top_p, top_k, min_p, max_tokens, stop)
+    try:
+        if len(model) > 1:
             if model_n_max and len(model_n_max) != len(model):
-                raise ValueError(f"--model-n-max was given {len(model_n_max)} times for {len(model)} models")
+                raise SpecError(f"--model-n-max was given {len(model_n_max)} times for {len(model)} models")
             caps = {str(m): c for m, c in zip(model, model_n_max)} if model_n_max else n_max
             page = api.compare_models([str(m) for m in model], task, limit, task_args=_task_args(arg, data),
-                                      n_max=caps, strategies=tuple(chosen), seeds=tuple(range(seeds)),
-                                      max_tokens=step_tokens * iterations, prices=str(prices) if prices else None,
+                                      n_max=caps, strategies=tuple(strategy), seeds=tuple(range(seeds)),
+                                      sampling=sampling, template=template, prices=str(prices) if prices else None,
+                                      engine=engine, engine_args=_engine_args(engine, None, chat_template, engine_arg),
                                       workspace=workspace, progress=lambda msg: console.print(msg))
-            out.print(str(page))
-        except USER_ERRORS as e:
-            _fail(e)
-        return
-    try:
-        page = api.compare(task, limit, task_args=_task_args(arg, data), strategies=tuple(strategy), n_max=n_max,
-                           width=width, seeds=tuple(range(seeds)), iterations=iterations,
-                           delimiter=delimiter.encode().decode("unicode_escape"), lookahead=lookahead,
-                           step_tokens=step_tokens, model=str(model[0]) if model else None, workspace=workspace,
-                           progress=lambda msg: console.print(msg))
+        else:
+            page = api.compare(task, limit, task_args=_task_args(arg, data), strategies=tuple(strategy) or None,
+                               n_max=n_max, seeds=tuple(range(seeds)), params=_task_args(param, None),
+                               grid=_grid(grid), sampling=sampling, engine=engine,
+                               engine_args=_engine_args(engine, model[0] if model else None, chat_template, engine_arg),
+                               prm=prm, prm_args=_task_args(prm_arg, None), template=template, workspace=workspace,
+                               progress=lambda msg: console.print(msg))
         out.print(str(page))
     except USER_ERRORS as e:
         _fail(e)
 
 
 @app.command()
-def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
+def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label \\[default: latest]"),
            verifier: Optional[str] = typer.Option(None), fit_k: Optional[int] = typer.Option(
-               None, help="Fit the power law on k <= this [default: n/4]; forecasts at 4x and 16x"),
+               None, help="Fit the power law on k <= this \\[default: n/4]; forecasts at 4x and 16x"),
            prices: Optional[Path] = PricesOpt, workspace: Optional[Path] = WorkspaceOpt):
     """Write PNG plots and a self-contained HTML page for a run."""
     try:
@@ -418,10 +469,10 @@ def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique pre
 
 
 @app.command()
-def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label [default: latest]"),
+def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label \\[default: latest]"),
          n: Optional[int] = typer.Option(None, "-n", help="Count only the first n samples of each problem"),
          shape_from: Optional[Path] = typer.Option(None, help="The model's .gguf file or Hugging Face config.json "
-                                                              "[default: the shape recorded with the run]"),
+                                                              "\\[default: the shape recorded with the run]"),
          prices: Optional[Path] = PricesOpt, workspace: Optional[Path] = WorkspaceOpt):
     """FLOPs and dollars of a run: prefill and decode, and as if no prompt prefix were shared."""
     try:
@@ -430,7 +481,7 @@ def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefi
     except USER_ERRORS as e:
         _fail(e)
     if "error" in c:
-        _fail(ValueError(c["error"]))
+        _fail(InputError(c["error"]))
     t = Table(title=f"run {c['run_id']}: {c['model']} ({c['params'] / 1e6:.1f}M parameters, {c['shape_source']})")
     for col in ("", "prefill", "decode", "total", "if nothing were shared", "saved"):
         t.add_column(col, justify="right")
@@ -477,21 +528,21 @@ def runs(workspace: Optional[Path] = WorkspaceOpt):
 
 
 @app.command()
-def grade(run_id: str, verifier: Optional[str] = typer.Option(None, help="[default: code for code tasks, else math_answer]"),
+def grade(run_id: str, verifier: Optional[str] = typer.Option(None, help="\\[default: code for code tasks, else math_answer]"),
           allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
           workspace: Optional[Path] = WorkspaceOpt):
     """Grade a run's samples that this verifier has not judged yet (never re-generates)."""
     try:
         graded = api.regrade(run_id, verifier, workspace, _verifier_args(allow_code_execution, code_timeout))
         out.print(f"graded {graded} samples")
-    except (*USER_ERRORS, SandboxError) as e:
+    except USER_ERRORS as e:
         _fail(e)
 
 
 @app.command()
 def export(run_id: str, path: Path,
-           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft or dpo [default: from suffix]"),
-           verifier: Optional[str] = typer.Option(None, help="sft/dpo: whose verdicts decide [default: the run's only one]"),
+           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft or dpo \\[default: from suffix]"),
+           verifier: Optional[str] = typer.Option(None, help="sft/dpo: whose verdicts decide \\[default: the run's only one]"),
            drop_shots: bool = typer.Option(False, help="sft/dpo: leave the few-shot turns out of the prompt"),
            pairs_per_problem: int = typer.Option(4, help="dpo: most (chosen, rejected) pairs per problem"),
            workspace: Optional[Path] = WorkspaceOpt):
@@ -506,43 +557,46 @@ def export(run_id: str, path: Path,
 
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
-          model: Optional[Path] = typer.Option(None, help="GGUF file for the embedded engine [default: SmolLM2-135M-Instruct]"),
-          chat_template: Optional[str] = ChatTemplateOpt,
-          upstream: Optional[str] = typer.Option(None, help="An OpenAI-compatible server to draw samples from "
-                                                           "instead, e.g. http://gpu-box:8000/v1"),
-          upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name [default: its only one]"),
-          judge: bool = typer.Option(True, help="Offer best_of_n@N (a judge made from the same engine)"),
+          engine: str = EngineOpt, model: Optional[Path] = ModelOpt, chat_template: Optional[str] = ChatTemplateOpt,
+          engine_arg: List[str] = EngineArgOpt,
+          upstream: Optional[str] = typer.Option(None, help="Shorthand for --engine openai --engine-arg base_url=URL: "
+                                                           "an OpenAI-compatible server to draw samples from"),
+          upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name \\[default: its only one]"),
+          prm: str = typer.Option("judge", "--prm", help="Reward model for the strategies that need one: judge (a "
+                                                         "judge made from the same engine), served, or none"),
+          prm_arg: List[str] = PrmArgOpt,
           policy: Optional[Path] = typer.Option(None, help="Offer policy@B: a compute-optimal policy file "
                                                            "(fitted with --difficulty predicted)"),
           max_n: int = typer.Option(64, help="Most samples one request may ask for")):
-    """An OpenAI-compatible chat endpoint that applies a test-time strategy per request
-    (model "majority@8", "best_of_n@4", "sample")."""
-    from .rewards.judge import JudgePRM
+    """An OpenAI-compatible chat endpoint that applies a test-time strategy per request:
+    model "sample", "NAME@N" for any registered strategy, or "policy@B"."""
+    from .engines import load_engine
+    from .searchspec import RewardModelSpec
     from .serve import make_server
 
+    if upstream:
+        engine = "openai"
+        engine_arg = [f"base_url={upstream}", *engine_arg] + ([f"model={upstream_model}"] if upstream_model else [])
+    eng: Any = None
     try:
-        if upstream:
-            from .engines.openai import OpenAIEngine
-
-            engine: Any = OpenAIEngine(upstream, model=upstream_model, chat_template=chat_template)
-        else:
-            from .engines.llamacpp import LlamaCppEngine
-
-            engine = LlamaCppEngine(**({"model": str(model)} if model else {}), chat_template=chat_template)
+        eng = load_engine(engine, **_engine_args(engine, model, chat_template, engine_arg))
+        judge, _ = RewardModelSpec(None if prm == "none" else prm, _task_args(prm_arg, None)).build(eng)
         from .policy import Policy
 
-        srv = make_server(engine, host, port, judge=JudgePRM(engine) if judge else None, max_n=max_n,
-                          policy=Policy.load(policy) if policy else None)
-    except (*USER_ERRORS, RuntimeError, OSError) as e:
+        srv = make_server(eng, host, port, judge=judge, max_n=max_n, policy=Policy.load(policy) if policy else None)
+    except USER_ERRORS as e:
+        if eng is not None:
+            eng.close()
         _fail(e)
-    console.print(f"serving on http://{host}:{srv.server_address[1]}/v1 (models: sample, majority@N, best_of_n@N)")
+    console.print(f"serving on http://{host}:{srv.server_address[1]}/v1 (models: sample, NAME@N for "
+                  f"{', '.join(STRATEGIES.names())}" + (", policy@B" if policy else "") + ")")
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         srv.server_close()
-        engine.close()
+        eng.close()
 
 
 @app.command()

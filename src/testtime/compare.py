@@ -1,225 +1,332 @@
-"""`testtime compare`: strategies at equal budgets, on one task, over seeds.
+"""`testtime compare`: strategies at equal budgets, on one task, over seeds, as
+sweeps of stored runs.
 
-For each strategy, budget N in {1, 2, 4, ..., n_max} and seed, the accuracy of
-the answer the strategy selects (weighted best-of-N by aggregated PRM score over
-its final candidates) and the tokens it generated.
+A comparison is a list of arms (a registered strategy with its parameters, all
+but the budget N), budgets N in {1, 2, 4, ..., n_max} and seeds. Every point is
+an ordinary stored run, so `testtime report`, `grade`, `export` and `cost` work
+on each, and a rerun finds them in the store and draws nothing:
 
-Revision runs N / `sequential` chains of `sequential` attempts each.
-Best-of-N is drawn once per seed at n_max and every smaller N is the unbiased
-expectation over N-subsets of those samples (`metrics.selection_at_k`), never
-"the first N"; its oracle coverage (pass@N, any candidate correct) is the upper
-line in every figure. Beam search and DVTS run once per (N, seed), for N that
-the width divides.
+- an arm whose candidates are independent samples (best-of-N, majority, repeated
+  sampling) reads one sampling run per seed, drawn once at n_max; every smaller N
+  is the unbiased expectation over N-subsets of its samples
+  (`metrics.selection_at_k`), never "the first N", and its oracle coverage
+  (pass@N: any candidate correct) is the upper line in every figure;
+- any other arm (beam search, DVTS, lookahead, revision, and whatever is
+  registered next) is one strategy run per (N, seed), at the N its parameters
+  accept (the width must divide N).
 
-Every finished (strategy, N, seed) cell is stored in the workspace's database
-the moment it completes, so an interrupted comparison resumes where it stopped.
-Figures: accuracy against N and against generated tokens, one panel per
-difficulty level, a band over seeds (min to max), written with a JSON summary
-and an HTML page under <workspace>/reports/compare-<id>/.
+The answer a point selects follows its strategy's `selection`: votes weighted by
+aggregated step scores, or a plain vote. Figures: accuracy against N, generated
+tokens and FLOPs, one panel per difficulty level, a band over seeds (min to
+max), with a JSON summary and an HTML page under <workspace>/reports/compare-<key>/.
 """
 
 from __future__ import annotations
 
-import html
+import dataclasses
+import itertools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .analysis import graded_samples
 from .engines.base import Engine
 from .flops import Usage
 from .metrics import pass_at_k, selection_at_k
-from .prompts import get_template
-from .report.files import embed_png, save_figure, write_atomic, write_json
+from .policy import config_name, parse_config
+from .report.files import png_uri, render_page, save_figure, write_json
 from .rewards.base import RewardModel
-from .select import AnswerKeys
-from .spec import SamplingParams, stable_hash
+from .runner import draw_samples, grade, run_strategy, score_samples, scorer_name
+from .select import AnswerKeys, aggregate
+from .spec import SamplingParams, SpecError, stable_hash
 from .store import Store
-from .strategies.search import SearchConfig, best_of_n, revision, tree_search
+from .strategies.base import STRATEGIES, StepParams, StrategyParams, strategy_params, trait
 from .tasks.base import Problem, Task
 from .verifiers.base import Verifier
 
-TREE = {"beam_search": "beam", "dvts": "dvts"}
-SAMPLED = ("best_of_n", "majority")
-"""Selections from one set of independent samples: PRM-weighted best-of-N and majority vote."""
-STRATEGY_NAMES = (*SAMPLED, *TREE, "revision")
+PROBE_DELIMITER = StepParams.__dataclass_fields__["delimiter"].default
+"""How probe samples are split into steps for the reward model (the strategies' default)."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Arm:
+    """One line of a comparison: a registered strategy and its parameters, all but N."""
+
+    strategy: str
+    params: tuple[tuple[str, Any], ...] = ()
+    """(name, value) pairs, sorted by name."""
+    shown: tuple[str, ...] = ()
+    """The parameters its label shows (those a grid varies)."""
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        return config_name(self.strategy, {k: v for k, v in self.params if k in self.shown})
+
+    @property
+    def independent(self) -> bool:
+        return bool(trait(self.strategy, "independent"))
+
+    @property
+    def needs_prm(self) -> bool:
+        return bool(STRATEGIES.get(self.strategy).needs_prm)
+
+    @property
+    def weighted(self) -> bool:
+        return trait(self.strategy, "selection") == "weighted"
+
+    def at(self, n: int) -> StrategyParams | None:
+        """Its parameters at budget n, or None where they do not hold (the width must divide n)."""
+        try:
+            return strategy_params(self.strategy, {**self.values, "n": n})
+        except SpecError:
+            return None
+
+
+def make_arms(strategies: Sequence[str], params: Mapping[str, Any] | None = None,
+              grid: Mapping[str, Sequence[Any]] | None = None) -> list[Arm]:
+    """Arms from strategy names, parameters and a grid of parameters to try.
+
+    A parameter goes to every strategy that takes it (`width=4` to beam search and
+    DVTS, not to majority); `name.param=value` goes to one strategy only. Every grid
+    combination of the parameters a strategy takes is an arm of its own, labelled by
+    them (`beam_search(width=4)`). A parameter no chosen strategy takes is an error.
+    """
+    params, grid = dict(params or {}), {k: list(v) for k, v in (grid or {}).items()}
+    for name in strategies:
+        STRATEGIES.get(name)
+    fields = {s: {f.name for f in dataclasses.fields(STRATEGIES.get(s).Params)} - {"n"} for s in strategies}
+    for key in list(params) + list(grid):
+        owner, _, bare = key.rpartition(".")
+        if owner and owner not in fields:
+            raise SpecError(f"parameter {key!r} names strategy {owner!r}, which is not among {', '.join(strategies)}")
+        takers = [owner] if owner else list(fields)
+        if not any(bare in fields[s] for s in takers):
+            raise SpecError(f"no chosen strategy takes parameter {bare!r} (the budget is n_max, not a parameter)"
+                            if bare == "n" else f"no chosen strategy takes parameter {key!r}; they take: "
+                            f"{', '.join(sorted(set().union(*fields.values())))}")
+    arms = []
+    for s in strategies:
+        own = {k: v for k, v in params.items() if "." not in k and k in fields[s]}
+        own.update({k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(s + ".")})
+        axes = {k.rpartition(".")[2]: v for k, v in grid.items()
+                if k.rpartition(".")[2] in fields[s] and k.rpartition(".")[0] in ("", s)}
+        for combo in itertools.product(*axes.values()):
+            values = {**own, **dict(zip(axes, combo))}
+            arms.append(Arm(s, tuple(sorted(values.items())), tuple(sorted(axes))))
+    return arms
+
+
+def arm_from_config(config: str, params: Mapping[str, Any] | None = None) -> Arm:
+    """The arm a policy names (`beam_search(width=4)`), with the shared parameters the
+    policy was fitted with that its strategy takes."""
+    strategy, shown = parse_config(config)
+    fields = {f.name for f in dataclasses.fields(STRATEGIES.get(strategy).Params)} - {"n"}
+    values = {k: v for k, v in (params or {}).items() if "." not in k and k in fields}
+    values.update({k.split(".", 1)[1]: v for k, v in (params or {}).items() if k.startswith(strategy + ".")})
+    values.update(shown)
+    return Arm(strategy, tuple(sorted(values.items())), tuple(sorted(shown)))
+
+
+@dataclass(frozen=True)
 class CompareConfig:
-    strategies: tuple[str, ...] = ("best_of_n", "beam_search", "dvts")
+    arms: tuple[Arm, ...]
     n_max: int = 8
-    width: int = 2
     seeds: tuple[int, ...] = (0, 1)
-    iterations: int = 6
-    delimiter: str = "\n"
-    aggregation: str = "last"
-    step_tokens: int = 64
-    temperature: float = 0.7
-    lookahead: int = 0
-    sequential: int = 2
-    """Revision: attempts per chain (N / sequential chains in parallel)."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """How every token is drawn (a step-wise strategy caps tokens per step itself)."""
     probe: int = 4
-    """Predicted difficulty: the mean PRM score of this many best-of-N samples per problem."""
+    """Predicted difficulty: the mean reward-model score of this many samples per problem."""
     only: tuple[int, ...] | None = None
-    """Run searches at these budgets only (default: every power of two up to n_max)."""
+    """Run step-wise strategies at these budgets only (default: every power of two up to n_max)."""
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.strategies if s not in STRATEGY_NAMES]
-        if unknown:
-            raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGY_NAMES)}")
-        if self.n_max < 1 or self.n_max & (self.n_max - 1):
-            raise ValueError(f"n_max must be a power of two, got {self.n_max}")
+        if not self.arms:
+            raise SpecError("a comparison needs at least one strategy")
+        if not isinstance(self.n_max, int) or self.n_max < 1 or self.n_max & (self.n_max - 1):
+            raise SpecError(f"n_max must be a power of two, got {self.n_max}")
         if not self.seeds:
-            raise ValueError("at least one seed is needed")
+            raise SpecError("at least one seed is needed")
+        for arm in self.arms:
+            if not arm.independent and not self.budgets(arm):
+                raise SpecError(f"{arm.label} runs at no budget up to n_max={self.n_max} "
+                                f"(its parameters {arm.values} must hold at some N)")
 
     @property
     def every_budget(self) -> list[int]:
         return [2 ** i for i in range(int(np.log2(self.n_max)) + 1)]
 
-    @property
-    def budgets(self) -> list[int]:
-        """The budgets searches run at (`only`, if given, restricts them)."""
-        return self.every_budget if self.only is None else [n for n in self.every_budget if n in self.only]
+    def budgets(self, arm: Arm) -> list[int]:
+        """The budgets an arm is measured at."""
+        if arm.independent:
+            return self.every_budget
+        return [n for n in self.every_budget if (self.only is None or n in self.only) and arm.at(n) is not None]
 
     def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["only"] is None:
-            del d["only"]  # the ids of comparisons made before the field existed stay the same
-        return d
+        return {"arms": [[a.strategy, [list(p) for p in a.params], list(a.shown)] for a in self.arms],
+                "n_max": self.n_max, "seeds": list(self.seeds), "sampling": self.sampling.to_dict(),
+                "probe": self.probe, "only": None if self.only is None else list(self.only)}
 
 
 @dataclass
 class Cell:
-    """One (strategy, N, seed): per problem, correct or not and tokens generated."""
+    """One (arm, N, seed): per problem, correct or not and tokens generated."""
 
     strategy: str
+    """The arm's label (its strategy, with the parameters a grid varies)."""
     n: int
     seed: int
     correct: dict[str, float]
     tokens: dict[str, float]
     oracle: dict[str, float] = field(default_factory=dict)
+    """Independent samples only: per problem, pass@N (any of N candidates correct)."""
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
     """What the cell computed, over all its problems: `flops.Usage` fields of the
-    policy model ("policy") and of the reward model ("prm"). Best-of-N at N < n_max
-    is the expectation over N-subsets (N / n_max of the draw)."""
+    policy model ("policy") and of the reward model ("prm"). Independent samples at
+    N < n_max are the expectation over N-subsets (N / n_max of the draw)."""
     probe: dict[str, float] = field(default_factory=dict)
-    """Best-of-N, N = 1 cell: per problem, the mean PRM score of its first `probe`
-    samples (the predicted difficulty; no ground truth involved)."""
+    """Independent samples, N = 1: per problem, the mean reward-model score of its
+    first `probe` samples (the predicted difficulty; no ground truth involved)."""
+    run_id: str = ""
+    """The stored run the cell was read from."""
 
 
-_SCHEMA = """CREATE TABLE IF NOT EXISTS compare_cells (
-    compare_id TEXT NOT NULL, strategy TEXT NOT NULL, n INTEGER NOT NULL, seed INTEGER NOT NULL,
-    cell TEXT NOT NULL, PRIMARY KEY (compare_id, strategy, n, seed)) WITHOUT ROWID"""
+@dataclass
+class Comparison:
+    key: str
+    cells: list[Cell]
+    runs: list[dict[str, Any]]
+    """Every run the comparison read: arm, seed, N (None for a sampling draw) and run id."""
 
 
-def _load_cells(store: Store, compare_id: str) -> dict[tuple[str, int, int], Cell]:
-    store.db.execute(_SCHEMA)
-    rows = store.db.execute("SELECT cell FROM compare_cells WHERE compare_id = ?", (compare_id,)).fetchall()
-    cells = [Cell(**json.loads(r[0])) for r in rows]
-    return {(c.strategy, c.n, c.seed): c for c in cells}
+def _sum_usage(per_problem: Mapping[str, Mapping[str, float]], ids: Sequence[str]) -> Usage:
+    total = Usage()
+    for pid in ids:
+        if pid in per_problem:
+            total += Usage.from_dict(per_problem[pid])
+    return total
 
 
-def _save_cell(store: Store, compare_id: str, cell: Cell) -> None:
-    with store.db:
-        store.db.execute("INSERT OR REPLACE INTO compare_cells VALUES (?,?,?,?,?)",
-                         (compare_id, cell.strategy, cell.n, cell.seed, json.dumps(asdict(cell))))
+def _independent_cells(store: Store, run_id: str, arm: Arm, ids: list[str], cfg: CompareConfig, seed: int,
+                       scorer: str | None, probe_scorer: str | None, verifier: str, keys: AnswerKeys) -> list[Cell]:
+    """An independent arm's cell at every budget, from the first n_max samples of one sampling run."""
+    graded = {pid: [x for x in items if x[0] < cfg.n_max]
+              for pid, items in graded_samples(store, run_id, verifier).items() if pid in ids}
+    missing = [pid for pid in ids if not graded.get(pid)]
+    if missing:
+        raise SpecError(f"run {run_id} has no graded samples for problems {', '.join(missing[:3])}")
+    scores = store.step_scores(run_id, scorer) if scorer else {}
+    probe_scores = store.step_scores(run_id, probe_scorer) if probe_scorer else {}
+    policy = _sum_usage(store.usage(run_id, n=cfg.n_max), ids)
+    prm = _sum_usage(store.score_usage(run_id, cfg.n_max, scorer), ids) if scorer else Usage()
+    per = {}
+    for pid in ids:
+        items = graded[pid]
+        agg = arm.values.get("aggregation", "last")
+        per[pid] = ([keys.of_text(t) for _, t, _ in items], [ok for _, _, ok in items],
+                    [max(aggregate(scores.get((pid, i), []), agg), 0.0) for i, _, _ in items])
+    tokens: dict[str, list[int]] = {}
+    for s in store.samples(run_id):
+        if s.problem_id in per and s.sample_index < cfg.n_max:
+            tokens.setdefault(s.problem_id, []).append(s.completion_tokens)
+    cells = []
+    for n in cfg.budgets(arm):
+        correct, tok, oracle = {}, {}, {}
+        for pid, (ks, ok, ranks) in per.items():
+            method = "weighted" if arm.weighted and scorer else "vote"
+            correct[pid] = selection_at_k(ks, ok, min(n, len(ks)), method, ranks if method == "weighted" else None,
+                                          seed=seed).mean
+            tok[pid] = float(np.mean(tokens[pid])) * n
+            oracle[pid] = float(pass_at_k([len(ok)], [sum(ok)], min(n, len(ok)))[0])
+        usage = {"policy": policy.scaled(n / cfg.n_max).to_dict()}
+        if scorer:
+            usage["prm"] = prm.scaled(n / cfg.n_max).to_dict()
+        probe = {}
+        if n == 1 and probe_scores:
+            for pid in ids:
+                first = [i for i, _, _ in graded[pid]][:cfg.probe]
+                probe[pid] = float(np.mean([max(aggregate(probe_scores.get((pid, i), []), "last"), 0.0)
+                                            for i in first]))
+        cells.append(Cell(arm.label, n, seed, correct, tok, oracle, usage, probe, run_id))
+    return cells
+
+
+def _strategy_cell(store: Store, run_id: str, arm: Arm, n: int, ids: list[str], seed: int, scorer: str | None,
+                   verifier: str, keys: AnswerKeys) -> Cell:
+    """A step-wise arm's cell: per problem, the answer its candidates select."""
+    graded = graded_samples(store, run_id, verifier)
+    scores = store.step_scores(run_id, scorer) if scorer else {}
+    recorded = store.role_usage(run_id)
+    agg = arm.values.get("aggregation", "last")
+    correct, tokens = {}, {}
+    for pid in ids:
+        items = graded.get(pid, [])
+        ks = [keys.of_text(t) for _, t, _ in items]
+        ok = [p for _, _, p in items]
+        ranks = [max(aggregate(scores.get((pid, i), []), agg), 0.0) for i, _, _ in items]
+        weighted = arm.weighted and any((pid, i) in scores for i, _, _ in items)
+        correct[pid] = selection_at_k(ks, ok, len(ks), "weighted" if weighted else "vote",
+                                      ranks if weighted else None).mean if ks else 0.0
+        # everything generated for the problem: pruned paths and rollouts included
+        tokens[pid] = float(recorded.get(pid, {}).get("policy", {}).get("decode", 0.0))
+    usage = {role: _sum_usage({pid: r[role] for pid, r in recorded.items() if role in r}, ids).to_dict()
+             for role in ("policy", "prm")}
+    return Cell(arm.label, n, seed, correct, tokens, {}, usage, {}, run_id)
 
 
 def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel | None,
                 verifier: Verifier, cfg: CompareConfig, template: str | None = None,
-                progress: Callable[[str], None] | None = None) -> tuple[str, list[Cell]]:
-    if prm is None and set(cfg.strategies) - {"majority"}:
-        raise ValueError(f"strategies {sorted(set(cfg.strategies) - {'majority'})} need a reward model; "
-                         "without one only 'majority' can run")
-    tmpl = get_template(template or task.template)
-    compare_id = stable_hash({"task": task.identity, "problems": [p.id for p in problems], "cfg": cfg.identity(),
-                              "engine": engine.identity(), "prm": prm.identity() if prm is not None else None, "template": tmpl.identity(),
-                              "verifier": verifier.name})
-    cells = _load_cells(store, compare_id)
+                progress: Callable[[str], None] | None = None) -> Comparison:
+    """Run (or find in the store) every run the comparison needs and read its cells."""
+    needs = sorted({a.strategy for a in cfg.arms if a.needs_prm})
+    if prm is None and needs:
+        raise SpecError(f"strategies {', '.join(needs)} need a reward model (--prm judge, or --prm served "
+                        "with its base_url)")
+    ids = [p.id for p in problems]
+    key = stable_hash({"task": task.identity, "problems": ids, "cfg": cfg.identity(), "engine": engine.identity(),
+                       "prm": prm.identity() if prm is not None else None, "template": template,
+                       "verifier": verifier.name})
     keys = AnswerKeys()
-    by_id = {p.id: p for p in problems}
-    step = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.step_tokens)
-    full = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.step_tokens * cfg.iterations)
-
-    def judge(pid: str, text: str) -> bool:
-        return verifier.verify(by_id[pid], text).passed
-
-    def prm_usage() -> Usage:
-        return Usage.from_dict(getattr(prm, "usage", Usage()).to_dict()) if prm is not None else Usage()
-
+    cells: list[Cell] = []
+    runs: list[dict[str, Any]] = []
     for seed in cfg.seeds:
-        drawn = None  # best-of-N samples of this seed, shared by best_of_n and majority
-        for strategy in cfg.strategies:
-            step_of = cfg.sequential if strategy == "revision" else cfg.width
-            # every N of a sampled strategy is a subset of one draw, so all of them come at no cost
-            budgets = cfg.every_budget if strategy in SAMPLED else [n for n in cfg.budgets if n % step_of == 0]
-            if all((strategy, n, seed) in cells for n in budgets):
-                continue
+        draw = None  # the sampling run every independent arm of this seed reads
+        for arm in cfg.arms:
             t = time.perf_counter()
-            if strategy in SAMPLED:
-                if drawn is None:
-                    sc = SearchConfig(n=cfg.n_max, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation)
-                    before = prm_usage()
-                    res = best_of_n(problems, engine, prm, tmpl, full, sc, seed=seed)
-                    spent = {"policy": res.stats.usage, "prm": prm_usage() + before.scaled(-1)}
-                    graded = {}  # per problem, once: every budget is a subset of the same samples
-                    for pid, paths in res.paths.items():
-                        texts = [p.text(cfg.delimiter) for p in paths]
-                        graded[pid] = ([judge(pid, x) for x in texts], [keys.of_text(x) for x in texts],
-                                       [max(p.rank, 0.0) for p in paths])
-                    probe = {pid: float(np.mean([max(p.rank, 0.0) for p in paths[:cfg.probe]]))
-                             for pid, paths in res.paths.items() if prm is not None}
-                    drawn = (res, graded, spent, probe)
-                res, graded, spent, probe = drawn
-                for n in budgets:
-                    correct, tokens, oracle = {}, {}, {}
-                    for pid, paths in res.paths.items():
-                        ok, ks, ranks = graded[pid]
-                        if strategy == "majority":
-                            correct[pid] = selection_at_k(ks, ok, n, "majority", seed=seed).mean
-                        else:
-                            correct[pid] = selection_at_k(ks, ok, n, "weighted", ranks, seed=seed).mean
-                        tokens[pid] = float(np.mean([p.tokens for p in paths])) * n
-                        oracle[pid] = float(pass_at_k([len(ok)], [sum(ok)], n)[0])
-                    usage = {"policy": spent["policy"].scaled(n / cfg.n_max).to_dict()}
-                    if strategy == "best_of_n":
-                        usage["prm"] = spent["prm"].scaled(n / cfg.n_max).to_dict()
-                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, oracle, usage,
-                                                             probe if n == 1 else {})
-                    _save_cell(store, compare_id, cell)
+            if arm.independent:
+                if draw is None:
+                    draw = draw_samples(store, task, engine, cfg.n_max, cfg.sampling, template=template, seed=seed,
+                                        problems=problems).run_id
+                    grade(store, draw, verifier)
+                    runs.append({"arm": "independent samples", "seed": seed, "n": cfg.n_max, "run_id": draw})
+                probe_scorer = scorer = None
+                if prm is not None:  # the probe: the reward model's score of the first samples
+                    score_samples(store, draw, prm, PROBE_DELIMITER, limit=cfg.probe)
+                    probe_scorer = scorer_name(prm, PROBE_DELIMITER)
+                if prm is not None and arm.weighted:
+                    delimiter = arm.values.get("delimiter", PROBE_DELIMITER)
+                    score_samples(store, draw, prm, delimiter, limit=cfg.n_max)
+                    scorer = scorer_name(prm, delimiter)
+                cells += _independent_cells(store, draw, arm, ids, cfg, seed, scorer, probe_scorer,
+                                            verifier.name, keys)
             else:
-                for n in budgets:
-                    if (strategy, n, seed) in cells:
-                        continue
-                    before = prm_usage()
-                    if strategy == "revision":
-                        sc = SearchConfig(n=n, width=1, delimiter=cfg.delimiter, aggregation=cfg.aggregation,
-                                          sequential=cfg.sequential)
-                        res = revision(problems, engine, prm, tmpl, full, sc, seed=seed)
-                    else:
-                        sc = SearchConfig(n=n, width=cfg.width, max_iterations=cfg.iterations,
-                                          delimiter=cfg.delimiter, aggregation=cfg.aggregation,
-                                          lookahead=cfg.lookahead)
-                        res = tree_search(problems, engine, prm, tmpl, step, sc, mode=TREE[strategy], seed=seed)
-                    correct, tokens = {}, {}
-                    for pid, paths in res.paths.items():
-                        texts = [p.text(cfg.delimiter) for p in paths]
-                        ks = [keys.of_text(x) for x in texts]
-                        ok = [judge(pid, x) for x in texts]
-                        correct[pid] = selection_at_k(ks, ok, len(ks), "weighted",
-                                                      [max(p.rank, 0.0) for p in paths]).mean if ks else 0.0
-                        # everything generated for the problem: pruned paths and rollouts included
-                        tokens[pid] = float(res.stats.by_problem.get(pid, {}).get("policy", Usage()).decode)
-                    usage = {"policy": res.stats.usage.to_dict(), "prm": (prm_usage() + before.scaled(-1)).to_dict()}
-                    cells[(strategy, n, seed)] = cell = Cell(strategy, n, seed, correct, tokens, {}, usage)
-                    _save_cell(store, compare_id, cell)
+                for n in cfg.budgets(arm):
+                    res = run_strategy(store, task, engine, arm.strategy, arm.at(n), cfg.sampling, prm,
+                                       template=template, seed=seed, problems=problems)
+                    grade(store, res.run_id, verifier)
+                    runs.append({"arm": arm.label, "seed": seed, "n": n, "run_id": res.run_id})
+                    cells.append(_strategy_cell(store, res.run_id, arm, n, ids, seed,
+                                                scorer_name(prm) if prm is not None else None, verifier.name, keys))
             if progress:
-                progress(f"{strategy} seed {seed}: {time.perf_counter() - t:.0f} s")
-    return compare_id, list(cells.values())
+                progress(f"{arm.label} seed {seed}: {time.perf_counter() - t:.0f} s")
+    return Comparison(key, cells, runs)
 
 
 def cell_cost(c: Cell, shapes: dict[str, Any] | None, prices: dict[str, Any] | None = None
@@ -290,13 +397,15 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
         groups = list(summary) if xkey != "flops" else ["all"]
         fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
         for ax, g in zip(axes[0], groups):
+            oracle_drawn = False
             for i, (strategy, rows) in enumerate(sorted(summary[g].items())):
                 ns = [n for n in sorted(rows, key=int) if xkey != "flops" or rows[n].get("flops")]
                 x = [int(n) if xkey == "n" else rows[n]["tokens" if xkey == "tokens" else "flops"] for n in ns]
                 ax.plot(x, [rows[n]["accuracy"] for n in ns], "o-", ms=3, color=f"C{i}", label=strategy)
                 ax.fill_between(x, [rows[n]["acc_min"] for n in ns], [rows[n]["acc_max"] for n in ns],
                                 color=f"C{i}", alpha=0.15)
-                if strategy == "best_of_n":
+                if all(rows[n]["oracle"] is not None for n in ns) and not oracle_drawn:
+                    oracle_drawn = True  # every independent arm reads the same samples: one line
                     ax.plot(x, [rows[n]["oracle"] for n in ns], "--", color="k", lw=1, label="oracle coverage")
             ax.set_xscale("log", base=2 if xkey != "flops" else 10)
             ax.set_ylim(0, 1)
@@ -317,17 +426,13 @@ def write_report(workspace: Path, compare_id: str, summary: dict[str, Any], meta
     rows = []
     for strategy, by_n in sorted(summary["all"].items()):
         for n, r in sorted(by_n.items(), key=lambda t: int(t[0])):
-            oracle = "" if r["oracle"] is None else f"{r['oracle']:.3f}"
-            flops = "" if not r.get("flops") else f"{r['flops']:.3g}"
-            rows.append(f"<tr><td>{html.escape(strategy)}</td><td>{n}</td><td>{r['accuracy']:.3f}</td>"
-                        f"<td>[{r['acc_min']:.3f}, {r['acc_max']:.3f}]</td><td>{r['tokens']:.0f}</td><td>{flops}</td>"
-                        f"<td>{oracle}</td></tr>")
-    imgs = "".join(embed_png(p) for p in figures)
-    page = (f"<!doctype html><meta charset='utf-8'><title>compare {compare_id}</title>"
-            f"<h1>Strategies at equal budgets</h1><p>{html.escape(json.dumps(meta))}</p>{imgs}"
-            "<table border=1 cellpadding=4><tr><th>strategy</th><th>N</th><th>accuracy</th><th>over seeds</th>"
-            f"<th>tokens/problem</th><th>FLOPs/problem</th><th>oracle coverage</th></tr>{''.join(rows)}</table>")
-    return write_atomic(out / "compare.html", page)
+            rows.append([strategy, n, f"{r['accuracy']:.3f}", f"[{r['acc_min']:.3f}, {r['acc_max']:.3f}]",
+                         f"{r['tokens']:.0f}", "" if not r.get("flops") else f"{r['flops']:.3g}",
+                         "" if r["oracle"] is None else f"{r['oracle']:.3f}"])
+    runs = [[r["arm"], r["seed"], r["n"], r["run_id"]] for r in meta.get("runs", [])]
+    return render_page("compare.html.j2", out / "compare.html", key=compare_id, images=[png_uri(p) for p in figures],
+                       rows=rows, runs=runs, meta_json=json.dumps({k: v for k, v in meta.items() if k != "runs"},
+                                                                  indent=1, default=str))
 
 
 # -- matched comparisons across models ----------------------------------------
@@ -368,7 +473,7 @@ def plot_models(curves: dict[str, dict[str, Any]], out: Path) -> list[Path]:
                     continue
                 xs, acc, orc = zip(*pts)
                 ax.plot(xs, acc, "o-", ms=3, color=f"C{i}", label=f"{model}: {strategy}")
-                if all(o is not None for o in orc) and strategy in SAMPLED:
+                if all(o is not None for o in orc):
                     ax.plot(xs, orc, "--", color=f"C{i}", lw=1, label=f"{model}: coverage (oracle)")
                 i += 1
         ax.set_xscale("log")
@@ -386,17 +491,9 @@ def write_models_report(workspace: Path, key: str, curves: dict[str, Any], meta:
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_models(curves, out)
     write_json(out / "summary.json", {"meta": meta, "curves": curves})
-    rows = []
-    for model, by_strategy in curves.items():
-        for strategy, by_n in by_strategy.items():
-            for n, r in by_n.items():
-                fmt = lambda v, f: "" if v is None else format(v, f)
-                rows.append(f"<tr><td>{html.escape(model)}</td><td>{html.escape(strategy)}</td><td>{n}</td>"
-                            f"<td>{r['accuracy']:.3f}</td><td>{fmt(r['oracle'], '.3f')}</td>"
-                            f"<td>{fmt(r['flops'], '.3g')}</td><td>{fmt(r['dollars'], '.3g')}</td></tr>")
-    imgs = "".join(embed_png(p, "max-width:49%") for p in figures)
-    page = (f"<!doctype html><meta charset='utf-8'><title>models {key}</title>"
-            f"<h1>Models at matched compute</h1><p>{html.escape(json.dumps(meta, default=str))}</p>{imgs}"
-            "<table border=1 cellpadding=4><tr><th>model</th><th>strategy</th><th>N</th><th>accuracy</th>"
-            f"<th>oracle coverage</th><th>FLOPs/problem</th><th>US$/problem</th></tr>{''.join(rows)}</table>")
-    return write_atomic(out / "models.html", page)
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    rows = [[model, strategy, n, f"{r['accuracy']:.3f}", fmt(r["oracle"], ".3f"), fmt(r["flops"], ".3g"),
+             fmt(r["dollars"], ".3g")]
+            for model, by_strategy in curves.items() for strategy, by_n in by_strategy.items() for n, r in by_n.items()]
+    return render_page("models.html.j2", out / "models.html", key=key, images=[png_uri(p) for p in figures],
+                       rows=rows, meta_json=json.dumps(meta, indent=1, default=str))

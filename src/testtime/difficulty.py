@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+from .errors import InputError
 
 KINDS = ("oracle", "predicted")
 
@@ -34,9 +35,9 @@ class DifficultyBins:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"difficulty kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"difficulty kind must be one of {KINDS}, got {self.kind!r}")
         if any(not math.isfinite(e) for e in self.edges) or list(self.edges) != sorted(self.edges, reverse=True):
-            raise ValueError(f"difficulty edges must be finite and descending, got {self.edges}")
+            raise InputError(f"difficulty edges must be finite and descending, got {self.edges}")
 
     @property
     def bins(self) -> int:
@@ -60,19 +61,19 @@ class DifficultyBins:
             return cls(d["kind"], [float(e) for e in d["edges"]], int(d.get("fitted_on", 0)),
                        {int(k): int(v) for k, v in (d.get("counts") or {}).items()})
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"bad difficulty section {dict(d)!r}: {e}") from None
+            raise InputError(f"bad difficulty section {dict(d)!r}: {e}") from None
 
 
 def fit_difficulty(values: Mapping[str, float], bins: int = 5, kind: str = "oracle") -> DifficultyBins:
     """Edges at the quantiles 1 - i/bins (i = 1..bins-1) of the values."""
     if bins < 2:
-        raise ValueError(f"need at least 2 bins, got {bins}")
+        raise InputError(f"need at least 2 bins, got {bins}")
     if not values:
-        raise ValueError("cannot fit difficulty bins on no problems")
+        raise InputError("cannot fit difficulty bins on no problems")
     x = np.asarray([float(v) for v in values.values()])
     if not np.all(np.isfinite(x)):
         bad = [pid for pid, v in values.items() if not math.isfinite(float(v))]
-        raise ValueError(f"difficulty values must be finite; problems {bad[:5]} are not")
+        raise InputError(f"difficulty values must be finite; problems {bad[:5]} are not")
     edges = [float(np.quantile(x, 1 - i / bins)) for i in range(1, bins)]
     fitted = DifficultyBins(kind, edges, len(x))
     assigned = fitted.assign(values)

@@ -27,6 +27,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InputError
+from .files import atomic_path
 from .analysis import pick_verifier
 from .prompts import get_template
 from .store import Store
@@ -38,7 +40,7 @@ def _prompt_for(store: Store, run_id: str, drop_shots: bool):
     spec = store.run_spec(run_id)
     tmpl = get_template(spec.template["name"])
     if tmpl.identity() != spec.template:
-        raise ValueError(f"run {run_id} used template {spec.template['name']!r} with hash {spec.template.get('sha')}, "
+        raise InputError(f"run {run_id} used template {spec.template['name']!r} with hash {spec.template.get('sha')}, "
                          f"but the template now has hash {tmpl.identity()['sha']}: the prompt the model saw "
                          "cannot be rebuilt, so the export would be wrong")
 
@@ -88,7 +90,7 @@ def dpo_rows(store: Store, run_id: str, verifier: str | None = None, drop_shots:
     """Up to `pairs_per_problem` pairs per problem with both kinds of sample; every
     chosen and every rejected sample is used before any is used twice."""
     if pairs_per_problem < 1:
-        raise ValueError(f"pairs_per_problem must be >= 1, got {pairs_per_problem}")
+        raise InputError(f"pairs_per_problem must be >= 1, got {pairs_per_problem}")
     verifier, by_problem = _graded(store, run_id, verifier)
     messages, opening = _prompt_for(store, run_id, drop_shots)
     for pid, rows in by_problem.items():
@@ -113,12 +115,9 @@ def dpo_rows(store: Store, run_id: str, verifier: str | None = None, drop_shots:
 def write_jsonl(rows: Iterator[dict[str, Any]], path: str | os.PathLike) -> tuple[Path, int]:
     """Written under a temporary name and renamed: never a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             count += 1
-    os.replace(tmp, path)
     return path, count

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from .errors import InputError
 
 
 def _tri(n: int) -> int:
@@ -121,9 +122,9 @@ class ModelShape:
         for f in ("params", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "vocab"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"model shape {self.name!r}: {f} must be a positive integer, got {v!r}")
+                raise InputError(f"model shape {self.name!r}: {f} must be a positive integer, got {v!r}")
         if self.body_params < 0:
-            raise ValueError(f"model shape {self.name!r}: {self.params} parameters cannot hold a "
+            raise InputError(f"model shape {self.name!r}: {self.params} parameters cannot hold a "
                              f"{self.vocab} x {self.d_model} embedding")
 
     @property
@@ -168,12 +169,12 @@ class ModelShape:
         meta, tensors = read_gguf_header(path)
         arch = meta.get("general.architecture")
         if not arch:
-            raise ValueError(f"{path}: GGUF metadata has no general.architecture")
+            raise InputError(f"{path}: GGUF metadata has no general.architecture")
 
         def need(key: str) -> int:
             v = meta.get(f"{arch}.{key}")
             if v is None:
-                raise ValueError(f"{path}: GGUF metadata has no {arch}.{key}; cannot compute FLOPs")
+                raise InputError(f"{path}: GGUF metadata has no {arch}.{key}; cannot compute FLOPs")
             return int(v if not isinstance(v, list) else max(v))
 
         n_heads = need("attention.head_count")
@@ -202,14 +203,14 @@ class ModelShape:
             try:
                 cfg = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read a Hugging Face config from {p}: {e}") from None
+                raise InputError(f"cannot read a Hugging Face config from {p}: {e}") from None
             where = p.name
         cfg = cfg.get("text_config", cfg)
         try:
             d, layers, heads = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
             vocab, ff = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
         except KeyError as e:
-            raise ValueError(f"Hugging Face config ({where}) lacks {e.args[0]}; cannot compute FLOPs") from None
+            raise InputError(f"Hugging Face config ({where}) lacks {e.args[0]}; cannot compute FLOPs") from None
         kv = int(cfg.get("num_key_value_heads") or heads)
         hd = int(cfg.get("head_dim") or d // heads)
         tied = bool(cfg.get("tie_word_embeddings", False))
@@ -242,19 +243,19 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64) -> tuple[dict
     try:
         f = open(p, "rb")
     except OSError as e:
-        raise ValueError(f"cannot open GGUF model {p}: {e.strerror}") from None
+        raise InputError(f"cannot open GGUF model {p}: {e.strerror}") from None
     with f:
         def read(fmt: str) -> Any:
             size = struct.calcsize("<" + fmt)
             buf = f.read(size)
             if len(buf) != size:
-                raise ValueError(f"{p}: truncated GGUF header")
+                raise InputError(f"{p}: truncated GGUF header")
             return struct.unpack("<" + fmt, buf)[0]
 
         def string() -> str:
             n = read("Q")
             if n > 1 << 24:
-                raise ValueError(f"{p}: implausible string length {n} in GGUF header")
+                raise InputError(f"{p}: implausible string length {n} in GGUF header")
             return f.read(n).decode("utf-8", "replace")
 
         def value(t: int) -> Any:
@@ -272,13 +273,13 @@ def read_gguf_header(path: str | os.PathLike, max_array: int = 64) -> tuple[dict
                         f.seek(read("Q"), 1)
                     return count
                 return [value(et) for _ in range(count)]
-            raise ValueError(f"{p}: unknown GGUF value type {t}")
+            raise InputError(f"{p}: unknown GGUF value type {t}")
 
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{p} is not a GGUF file (bad magic)")
+            raise InputError(f"{p} is not a GGUF file (bad magic)")
         version = read("I")
         if version < 2:
-            raise ValueError(f"{p}: GGUF version {version} is too old (need 2 or later)")
+            raise InputError(f"{p}: GGUF version {version} is too old (need 2 or later)")
         n_tensors, n_kv = read("Q"), read("Q")
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
@@ -325,10 +326,10 @@ class PriceTable:
         self.source = source
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or ("model" not in e and "max_params" not in e):
-                raise ValueError(f"price table {source or ''} entry {i}: needs 'model' or 'max_params', got {e!r}")
+                raise InputError(f"price table {source or ''} entry {i}: needs 'model' or 'max_params', got {e!r}")
             for k in ("input", "output"):
                 if not isinstance(e.get(k), (int, float)) or e[k] < 0:
-                    raise ValueError(f"price table {source} entry {i}: '{k}' must be a number >= 0 "
+                    raise InputError(f"price table {source} entry {i}: '{k}' must be a number >= 0 "
                                      f"(dollars per million tokens), got {e.get(k)!r}")
         self.entries = entries
 
@@ -340,14 +341,14 @@ class PriceTable:
             try:
                 data = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read price table {path}: {e}") from None
+                raise InputError(f"cannot read price table {path}: {e}") from None
             src = str(path)
         else:
             data = json.loads(resources.files("testtime").joinpath("data/prices.json").read_text())
             src = "bundled default"
         entries = data.get("prices") if isinstance(data, dict) else data
         if not isinstance(entries, list):
-            raise ValueError(f"price table {src}: expected a list under 'prices'")
+            raise InputError(f"price table {src}: expected a list under 'prices'")
         return cls(entries, src)
 
     def price(self, model: str, params: int | None = None) -> Price:
@@ -359,7 +360,7 @@ class PriceTable:
                 if "max_params" in e and params <= float(e["max_params"]):
                     return Price(float(e["input"]), float(e["output"]), e.get("cached_input"),
                                  f"size <= {float(e['max_params']):.3g} params")
-        raise ValueError(f"price table ({self.source}) has no entry for model {model!r}"
+        raise InputError(f"price table ({self.source}) has no entry for model {model!r}"
                          + (f" with {params} parameters" if params else "") + "; add one")
 
 

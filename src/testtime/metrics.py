@@ -214,9 +214,11 @@ class SelectionEstimate:
     exact: bool
 
 
-def selection_at_k(keys, correct, k: int, method: str = "majority", scores=None,
+def selection_at_k(keys, correct, k: int, method: str = "vote", scores=None,
                    exact_limit: int = 20_000, draws: int = 4_000, seed: int = 0) -> SelectionEstimate:
     """Unbiased maj@k / best-of-N@k for one problem from n >= k samples.
+    (Long because it holds three estimators, exact and sampled, that must agree; they
+    share the validation and the tie rule, and the tests compare them to brute force.)
 
     The estimate is the expectation, over all k-subsets of the n samples, of "the
     answer the selector picks from the subset is correct", so it uses every
@@ -235,13 +237,13 @@ def selection_at_k(keys, correct, k: int, method: str = "majority", scores=None,
     from math import comb
 
     n = len(keys)
-    if method not in ("majority", "naive", "weighted"):
-        raise ValueError(f"method must be majority, naive or weighted, got {method!r}")
+    if method not in ("vote", "naive", "weighted"):
+        raise ValueError(f"method must be vote, naive or weighted, got {method!r}")
     if len(correct) != n or (scores is not None and len(scores) != n):
         raise ValueError("keys, correct and scores need one entry per sample")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..n={n}, got {k}")
-    if method != "majority" and scores is None:
+    if method != "vote" and scores is None:
         raise ValueError(f"{method} best-of-N needs scores")
     ids: dict = {}
     answer = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in keys])
@@ -261,7 +263,7 @@ def selection_at_k(keys, correct, k: int, method: str = "majority", scores=None,
         p = np.array([comb(n - 1 - j, k - 1) for j in range(len(order))], float) / total
         return SelectionEstimate(float((p * key_ok[answer[order]]).sum()), 0.0, True)
 
-    weight = np.ones(n) if method == "majority" else np.asarray(scores, float)
+    weight = np.ones(n) if method == "vote" else np.asarray(scores, float)
     onehot = np.zeros((n, len(ids)))
     votes = np.zeros((n, len(ids)), bool)
     rows = np.flatnonzero(answer >= 0)

@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import InputError
+from .files import write_text
 from .difficulty import DifficultyBins
 
 POLICY_VERSION = 1
@@ -54,11 +56,11 @@ def parse_config(name: str) -> tuple[str, dict[str, Any]]:
     """The inverse of `config_name`; integer and float values come back as numbers."""
     m = _CONFIG.match(name.strip())
     if not m:
-        raise ValueError(f"bad strategy configuration {name!r}; expected e.g. 'beam_search(width=4)'")
+        raise InputError(f"bad strategy configuration {name!r}; expected e.g. 'beam_search(width=4)'")
     params: dict[str, Any] = {}
     for part in filter(None, (m.group(2) or "").split(",")):
         if "=" not in part:
-            raise ValueError(f"bad parameter {part!r} in {name!r}; expected key=value")
+            raise InputError(f"bad parameter {part!r} in {name!r}; expected key=value")
         k, v = (x.strip() for x in part.split("=", 1))
         for conv in (int, float):
             try:
@@ -141,7 +143,7 @@ class Policy:
         if budget not in self.choices:
             fits = [b for b in self.budgets if b <= budget]
             if not fits:
-                raise ValueError(f"the policy has no budget <= {budget}; its budgets are {self.budgets}")
+                raise InputError(f"the policy has no budget <= {budget}; its budgets are {self.budgets}")
             budget = max(fits)
         return self.choices[budget].get(difficulty_bin, self.fallback[budget])
 
@@ -160,7 +162,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "policy") -> "Policy":
         if not isinstance(d, Mapping) or d.get("version") != POLICY_VERSION:
-            raise ValueError(f"{source}: not a testtime policy of version {POLICY_VERSION}")
+            raise InputError(f"{source}: not a testtime policy of version {POLICY_VERSION}")
         try:
             choices = {int(b): {int(k): Choice(**c) for k, c in bins.items()} for b, bins in d["choices"].items()}
             fallback = {int(b): Choice(**c) for b, c in d["fallback"].items()}
@@ -168,29 +170,24 @@ class Policy:
                 for c in bins.values():
                     parse_config(c.config)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{source}: malformed policy ({type(e).__name__}: {e})") from None
+            raise InputError(f"{source}: malformed policy ({type(e).__name__}: {e})") from None
         if set(choices) != set(fallback) or not choices:
-            raise ValueError(f"{source}: every budget needs choices and a fallback")
+            raise InputError(f"{source}: every budget needs choices and a fallback")
         diff = DifficultyBins.from_dict(d["difficulty"]) if d.get("difficulty") else None
         return cls(choices, fallback, diff, dict(d.get("meta") or {}))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Written to a temporary file and renamed, so a crash never leaves half a policy."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        tmp.replace(p)
-        return p
+        return write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
         try:
             data = json.loads(Path(path).read_text())
         except OSError as e:
-            raise ValueError(f"cannot read policy file {path}: {e.strerror}") from None
+            raise InputError(f"cannot read policy file {path}: {e.strerror}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"policy file {path} is not JSON: {e}") from None
+            raise InputError(f"policy file {path} is not JSON: {e}") from None
         return cls.from_dict(data, source=str(path))
 
 

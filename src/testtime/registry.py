@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import difflib
 from typing import Callable, Generic, TypeVar
+from .errors import NotFoundError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(NotFoundError):
     """Raised for a name that no implementation registered."""
-
-    def __str__(self) -> str:  # KeyError quotes its argument; we want prose
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -52,3 +50,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+DEFAULT_STRATEGY = "repeated_sampling"
+"""The strategy of a run that names none: n independent samples per problem. Here, at
+the bottom of the import graph, so the run spec can default to it without importing
+the strategies."""

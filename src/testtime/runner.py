@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from .engines.base import Engine, Request
+from .flops import Usage
 from .prompts import get_template
 from .rewards.base import RewardModel
 from .spec import RunSpec, SamplingParams, SpecError, sample_seed, stable_hash
 from .store import SampleRow, Store, VerdictRow
-from .strategies.base import SearchContext, StrategyParams, load_strategy
+from .strategies.base import ProblemResult, SearchContext, StrategyParams, load_strategy
 from .tasks.base import Problem, Task
 from .verifiers.base import Verifier, load_verifier
 
@@ -50,22 +51,34 @@ class SampleResult:
     """Samples the engine ended itself (abort, error): not stored, drawn again by a rerun."""
 
 
+def sample_requests(problems: Sequence[Problem], missing: dict[str, list[int]], tmpl, params: SamplingParams,
+                    seed: int) -> Iterator[Request]:
+    """One request per problem for the sample indices it lacks; sample i of problem p has
+    seed `sample_seed(seed, p, i)` whoever draws it (in process or on a Ray actor), and
+    each completion's key is (problem id, those indices). Lazy, so the engine can read
+    requests as it has room."""
+    return (Request(key=(p.id, tuple(missing[p.id])), messages=tuple(tmpl.messages(p.question)),
+                    continuation=tmpl.continuation(p.question),
+                    seeds=tuple(sample_seed(seed, p.id, i) for i in missing[p.id]), params=params)
+            for p in problems if missing.get(p.id))
+
+
 def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: SamplingParams,
                  limit: int | None = None, template: str | None = None, seed: int = 0,
                  label: str | None = None, progress: ProgressFn | None = None,
-                 on_plan: Callable[[int], None] | None = None) -> SampleResult:
-    """Bring the run up to n samples for each of the task's first `limit` problems.
+                 on_plan: Callable[[int], None] | None = None,
+                 problems: Sequence[Problem] | None = None) -> SampleResult:
+    """Bring the run up to n samples for each of the task's first `limit` problems
+    (or for `problems`, any of the task's problems: the same run, whichever subset).
 
     Only missing (problem, index) pairs are generated; sample i of problem p
     always gets seed `sample_seed(seed, p, i)`, so extending n continues the
     sequence and a resumed run draws exactly what a crash left out.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    problems = task.problems(limit)
-    tmpl = get_template(template or task.template)
-    if tmpl.stop:  # the template's own stop strings are part of the run's sampling
-        params = replace(params, stop=tuple(dict.fromkeys(params.stop + tmpl.stop)))
+        raise SpecError(f"n must be >= 1, got {n}")
+    problems = list(problems) if problems is not None else task.problems(limit)
+    tmpl, params = template_sampling(task, template, params)
     spec = RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(),
                    sampling=params, seed=seed)
     run_id = store.register_run(spec, n, problems, label=label)
@@ -76,13 +89,10 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
     missing = store.missing(run_id, [p.id for p in problems], n)
     if on_plan:
         on_plan(sum(len(v) for v in missing.values()))  # what this call will draw
+    if not any(missing.values()):
+        return SampleResult(run_id, 0, 0, 0.0)  # complete: the engine is not asked at all
 
-    requests = (
-        Request(key=(p.id, tuple(missing[p.id])), messages=tuple(tmpl.messages(p.question)),
-                continuation=tmpl.continuation(p.question),
-                seeds=tuple(sample_seed(seed, p.id, i) for i in missing[p.id]), params=params)
-        for p in problems if missing[p.id]
-    )
+    requests = sample_requests(problems, missing, tmpl, params, seed)
     drawn = tokens = ended = 0
     start = time.perf_counter()
     for c in engine.generate(requests):
@@ -97,17 +107,55 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended)
 
 
-def scorer_name(prm) -> str:
-    """A reward model's key in the step-score table: its name and a hash of its identity."""
-    return f"{prm.name}:{stable_hash(prm.identity(), 8)}"
+def scorer_name(prm, delimiter: str | None = None) -> str:
+    """A reward model's key in the step-score table: its name and a hash of its identity
+    (and, for samples split into steps after the fact, of the delimiter that split them)."""
+    key = prm.identity() if delimiter is None else {"prm": prm.identity(), "delimiter": delimiter}
+    return f"{prm.name}:{stable_hash(key, 8)}"
+
+
+def _set_shapes(store: Store, run_id: str, models: dict[str, object]) -> None:
+    """Record the shape (for FLOPs) of each role's model, where the model knows it."""
+    for role, model in models.items():
+        shape = getattr(model, "shape", None) if model is not None else None
+        shape = shape() if shape is not None else None
+        if shape is not None and store.model_shape(run_id, role) is None:
+            store.set_model_shape(run_id, shape.to_dict(), role)
+
+
+def strategy_spec(engine_identity: dict, task: Task, tmpl, sampling: SamplingParams, strategy: str,
+                  params: StrategyParams, prm_identity: dict | None, seed: int) -> RunSpec:
+    """A strategy run's spec: the strategy, its parameters and the reward model are part of its id."""
+    return RunSpec(model=engine_identity, task=task.identity, template=tmpl.identity(), sampling=sampling,
+                   strategy={"name": strategy, **params.to_dict(), "reward_model": prm_identity}, seed=seed)
+
+
+def template_sampling(task: Task, template: str | None, sampling: SamplingParams):
+    """The run's prompt template and its sampling, with the template's own stop strings added."""
+    tmpl = get_template(template or task.template)
+    if tmpl.stop:
+        sampling = replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + tmpl.stop)))
+    return tmpl, sampling
+
+
+def store_result(store: Store, run_id: str, res: ProblemResult, scorer: str) -> tuple[int, int]:
+    """Store one problem's final result in one transaction; returns (candidates, tokens the
+    policy generated for it, pruned paths and rollouts included)."""
+    rows = [SampleRow(run_id, res.problem_id, j, c.seed, c.text, c.prompt_tokens, None, c.tokens, c.finish_reason)
+            for j, c in enumerate(res.candidates)]
+    scores = {j: list(c.scores) for j, c in enumerate(res.candidates) if c.scores}
+    store.add_result(run_id, res.problem_id, rows, scores, scorer, {role: u.to_dict() for role, u in res.usage.items()})
+    return len(rows), int(res.usage["policy"].decode) if "policy" in res.usage else 0
 
 
 def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params: StrategyParams,
                  sampling: SamplingParams, prm: RewardModel | None = None, limit: int | None = None,
                  template: str | None = None, seed: int = 0, label: str | None = None, chunk: int = 16,
-                 progress: Callable[[int, int], None] | None = None) -> SampleResult:
-    """Run a strategy over the task's first `limit` problems and store each problem's
-    result the moment it is final (candidates as samples, step scores, usage per role).
+                 progress: Callable[[int, int], None] | None = None,
+                 problems: Sequence[Problem] | None = None) -> SampleResult:
+    """Run a strategy over the task's first `limit` problems (or `problems`) and store
+    each problem's result the moment it is final (candidates as samples, step scores,
+    usage per role).
 
     The strategy, its parameters and the reward model are part of the run id. A run
     resumes at the problems it has not stored; problems go to the strategy `chunk` at
@@ -116,20 +164,12 @@ def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params
     impl = load_strategy(strategy)
     if impl.needs_prm and prm is None:
         raise SpecError(f"strategy {strategy!r} needs a reward model (--prm judge, or --prm served with its url)")
-    problems = task.problems(limit)
-    tmpl = get_template(template or task.template)
-    if tmpl.stop:
-        sampling = replace(sampling, stop=tuple(dict.fromkeys(sampling.stop + tmpl.stop)))
-    spec = RunSpec(model=engine.identity(), task=task.identity, template=tmpl.identity(), sampling=sampling,
-                   strategy={"name": strategy, **params.to_dict(),
-                             "reward_model": prm.identity() if prm is not None else None},
-                   seed=seed)
+    problems = list(problems) if problems is not None else task.problems(limit)
+    tmpl, sampling = template_sampling(task, template, sampling)
+    spec = strategy_spec(engine.identity(), task, tmpl, sampling, strategy, params,
+                         prm.identity() if prm is not None else None, seed)
     run_id = store.register_run(spec, params.n, problems, label=label)
-    for role, model in (("policy", engine), ("prm", prm)):
-        shape = getattr(model, "shape", None) if model is not None else None
-        shape = shape() if shape is not None else None
-        if shape is not None and store.model_shape(run_id, role) is None:
-            store.set_model_shape(run_id, shape.to_dict(), role)
+    _set_shapes(store, run_id, {"policy": engine, "prm": prm})
     done = store.finished_problems(run_id)
     todo = [p for p in problems if p.id not in done]
     scorer = scorer_name(prm) if prm is not None else ""
@@ -138,33 +178,40 @@ def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params
     start = time.perf_counter()
     for i in range(0, len(todo), chunk):
         for res in impl.run(todo[i:i + chunk], ctx, params):
-            rows = [SampleRow(run_id, res.problem_id, j, c.seed, c.text, c.prompt_tokens, None, c.tokens,
-                              c.finish_reason) for j, c in enumerate(res.candidates)]
-            scores = {j: list(c.scores) for j, c in enumerate(res.candidates) if c.scores}
-            store.add_result(run_id, res.problem_id, rows, scores, scorer,
-                             {role: u.to_dict() for role, u in res.usage.items()})
-            generated = int(res.usage["policy"].decode) if "policy" in res.usage else 0  # pruned paths too
-            drawn += len(rows)
+            rows, generated = store_result(store, run_id, res, scorer)
+            drawn += rows
             tokens += generated
             if progress:
-                progress(len(rows), generated)
+                progress(rows, generated)
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start)
 
 
-def score_samples(store: Store, run_id: str, prm: RewardModel, delimiter: str = "\n", chunk: int = 64) -> int:
-    """Score the steps of a run's stored samples that this reward model has not scored
-    (never re-generating); returns how many samples were scored."""
+def score_samples(store: Store, run_id: str, prm: RewardModel, delimiter: str = "\n", chunk: int = 64,
+                  limit: int | None = None) -> int:
+    """Score the steps of a run's stored samples (those with index < `limit`, if given)
+    that this reward model has not scored with this delimiter, never re-generating;
+    store the scores and what each sample's scoring cost. Returns how many samples were
+    scored; the scores' key is `scorer_name(prm, delimiter)`."""
     from .rewards.base import Scoring, split_steps
+    from .strategies.base import Meter
 
-    scorer = scorer_name(prm)
+    scorer = scorer_name(prm, delimiter)
+    _set_shapes(store, run_id, {"prm": prm})
     have = store.step_scores(run_id, scorer)
     questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
-    todo = [s for s in store.samples(run_id) if (s.problem_id, s.sample_index) not in have]
+    todo = [s for s in store.samples(run_id) if (s.problem_id, s.sample_index) not in have
+            and (limit is None or s.sample_index < limit)]
     for i in range(0, len(todo), chunk):
         part = [(s, tuple(split_steps(s.text, delimiter))) for s in todo[i:i + chunk]]
         part = [(s, steps) for s, steps in part if steps]
-        scores = prm.score([Scoring(questions[s.problem_id], steps) for s, steps in part]) if part else []
-        store.add_step_scores(run_id, scorer, [(s.problem_id, s.sample_index, sc) for (s, _), sc in zip(part, scores)])
+        if not part:
+            continue
+        meter = Meter(prm)  # shares a batched call's cost out over its samples by text length
+        keyed = [(f"{s.problem_id}\0{s.sample_index}", Scoring(questions[s.problem_id], steps)) for s, steps in part]
+        scores = meter.score(keyed)
+        usage = [meter.of(k).get("prm", Usage()).to_dict() for k, _ in keyed]
+        store.add_step_scores(run_id, scorer, [(s.problem_id, s.sample_index, sc) for (s, _), sc in zip(part, scores)],
+                              usage)
     return len(todo)
 
 

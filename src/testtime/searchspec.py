@@ -12,10 +12,10 @@ from typing import Any
 
 from .engines.base import Engine, load_engine
 from .rewards.base import RewardModel, load_reward_model
+from .registry import DEFAULT_STRATEGY
 from .spec import SamplingParams, SpecError
 from .strategies.base import STRATEGIES, StrategyParams, strategy_params
 
-DEFAULT_STRATEGY = "repeated_sampling"
 
 
 @dataclass(frozen=True)

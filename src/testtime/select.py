@@ -119,4 +119,4 @@ def best_of_n_weighted(keys: Sequence[str | None], scores: Sequence[float]) -> s
     return max(totals, key=totals.__getitem__)
 
 
-SELECTORS = {"majority": majority_vote, "naive": best_of_n_naive, "weighted": best_of_n_weighted}
+SELECTORS = {"vote": majority_vote, "naive": best_of_n_naive, "weighted": best_of_n_weighted}

@@ -2,17 +2,20 @@
 test-time compute on every request.
 
 Clients keep the API they already call and choose a strategy per request,
-through the model name or an extra body field:
+through the model name or an extra body field. Every registered strategy is
+servable (`testtime.strategies`), with its parameters at their defaults or set
+in the body:
 
     model "majority@8"      self-consistency: 8 samples, the most common final answer
-    model "best_of_n@4"     4 samples scored by a judge (the engine asked, step by step,
-                            whether each step is right); the best answer by summed score
+    model "best_of_n@4"     4 samples scored by the judge; the answer with the highest
+                            summed score
+    model "beam_search@8"   any registered strategy at budget N (step-wise ones need the judge)
     model "sample"          one sample, as is
     model "policy@16"       a compute-optimal policy (`testtime optimal --difficulty predicted`)
-                            at budget 16: 4 probe samples scored by the judge give the
-                            difficulty bin, and the bin's choice runs (best-of-N, majority,
-                            beam search, DVTS) with the chat's turns as its prompt
-    extra body {"testtime": {"strategy": "majority", "n": 8}}   the same, explicitly
+                            at budget 16: probe samples scored by the judge give the
+                            difficulty bin, and the bin's choice runs with the chat's turns
+                            and the sampler the policy was fitted with
+    extra body {"testtime": {"strategy": "beam_search", "n": 8, "params": {"width": 2}}}
 
 The reply is the candidate that carries the chosen answer (the earliest of them),
 whole. `usage` counts every token spent inside: all samples' prompts and
@@ -21,9 +24,9 @@ server-sent events (a role chunk, one content chunk, a finish chunk, [DONE]).
 Bad requests get OpenAI-style error bodies (`{"error": {"message", "type",
 "param", "code"}}`).
 
-Requests are served by one worker that batches every request waiting for it into
-one engine call (the embedded engine then decodes them together), and then
-judges all of their candidates in one call.
+Requests are served by one worker that takes every request waiting for it and
+runs those with the same strategy, parameters and sampling as one strategy call
+(the embedded engine then decodes them together).
 """
 
 from __future__ import annotations
@@ -38,14 +41,21 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .engines.base import Engine, Request
+from .errors import InputError
+from .engines.base import Engine
 from .flops import Usage
-from .rewards.base import Scoring, split_steps
+from .prompts import PromptTemplate
+from .searchspec import DEFAULT_STRATEGY
 from .select import AnswerKeys, aggregate, best_of_n_weighted, majority_vote
-from .spec import SamplingParams, SpecError, sample_seed
+from .spec import SamplingParams, SpecError
+from .strategies.base import STRATEGIES, Candidate, ProblemResult, SearchContext, StrategyParams, strategy_params, trait
+from .tasks.base import Problem
 
-STRATEGIES = ("sample", "majority", "best_of_n", "policy")
-_MODEL = re.compile(r"^(sample|majority|best_of_n|policy)(?:@(\d+))?$")
+SAMPLE, POLICY = "sample", "policy"
+"""The two model names that are not registered strategies: one plain sample, and a fitted policy."""
+_MODEL = re.compile(r"^([a-z_]+)(?:@(\d+))?$")
+_CHAT = PromptTemplate("serve", user="{question}")
+"""Unused for prompts (each request brings its own turns); names the context's template."""
 
 
 class BadRequest(ValueError):
@@ -58,27 +68,46 @@ class BadRequest(ValueError):
 class Job:
     messages: list[dict[str, str]]
     strategy: str
+    """A registered strategy, `sample` or `policy`."""
     n: int
-    params: SamplingParams
+    params: StrategyParams | None
+    """The strategy's parameters at budget n (None for a policy: its choice decides)."""
+    sampling: SamplingParams
     seed: int
     done: threading.Event = field(default_factory=threading.Event)
-    texts: list[str] = field(default_factory=list)
-    finish: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     result: dict[str, Any] | None = None
     error: Exception | None = None
 
+    def problem(self) -> Problem:
+        """The request as a problem: its own chat, the last user turn as the question (for
+        the judge), and an id from the seed, so a request's samples depend on its seed only."""
+        question = next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+        return Problem(f"request-{self.seed}", question, None, meta={"messages": tuple(self.messages)})
 
-def _turns(msgs: list[dict[str, str]]) -> tuple[str | None, tuple[tuple[str, str], ...], str]:
-    """A chat as (system, earlier (user, assistant) pairs, last user turn), as a policy's
-    search needs it; a chat of another shape is a bad request."""
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-    rest = msgs[1:] if system is not None else msgs
+
+def _check_turns(msgs: list[dict[str, str]]) -> None:
+    """A policy's probe and choice need a chat that ends with the user's turn."""
+    system = msgs[0]["role"] == "system"
+    rest = msgs[1:] if system else msgs
     if len(rest) % 2 != 1 or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(rest)):
         raise BadRequest("a policy request needs an optional system turn, then user and assistant turns "
                          "alternating, ending with the user's", "messages")
-    pairs = tuple((rest[i]["content"], rest[i + 1]["content"]) for i in range(0, len(rest) - 1, 2))
-    return system, pairs, rest[-1]["content"]
+
+
+def _sampling(body: dict[str, Any], strategy: str) -> SamplingParams:
+    """The request's sampling fields over testtime's defaults (a truncated sampler)."""
+    default = SamplingParams()
+    stop = body.get("stop")
+    try:
+        return SamplingParams(
+            temperature=float(body.get("temperature", 1.0 if strategy == SAMPLE else default.temperature)),
+            top_p=float(body.get("top_p", default.top_p)), top_k=int(body.get("top_k", default.top_k)),
+            min_p=float(body.get("min_p", default.min_p)),
+            max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 512),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()))
+    except (SpecError, TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
 
 
 def parse_request(body: Any, max_n: int) -> Job:
@@ -91,44 +120,60 @@ def parse_request(body: Any, max_n: int) -> Job:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise BadRequest(f"messages[{i}] needs a string 'role' and a string 'content'", f"messages.{i}")
-    model = str(body.get("model") or "majority@8")
+    msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    model = str(body.get("model") or "")
     extra = body.get("testtime") or {}
     if not isinstance(extra, dict):
-        raise BadRequest("'testtime' must be an object like {\"strategy\": \"majority\", \"n\": 8}", "testtime")
+        raise BadRequest("'testtime' must be an object like {\"strategy\": NAME, \"n\": 8}", "testtime")
     m = _MODEL.match(model)
+    known = [SAMPLE, POLICY] + STRATEGIES.names()
     if extra.get("strategy"):
         strategy, n = str(extra["strategy"]), extra.get("n", 8)
-    elif m:
-        strategy, n = m.group(1), int(m.group(2) or (1 if m.group(1) == "sample" else 8))
+        if strategy not in known:
+            raise BadRequest(f"unknown strategy {strategy!r}; known: {', '.join(known)}", "testtime.strategy")
+    elif m and m.group(1) in known:
+        strategy, n = m.group(1), int(m.group(2) or (1 if m.group(1) == SAMPLE else 8))
     else:
-        raise BadRequest(f"model {model!r} names no strategy; use one of sample, majority@N, best_of_n@N "
-                         "(or the 'testtime' body field)", "model", 404, "model_not_found")
-    if strategy not in STRATEGIES:
-        raise BadRequest(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}", "testtime.strategy")
+        raise BadRequest(f"model {model!r} names no strategy; use sample, policy@B or NAME@N for a strategy "
+                         f"({', '.join(STRATEGIES.names())}), or the 'testtime' body field", "model", 404,
+                         "model_not_found")
     if not isinstance(n, int) or not 1 <= n <= max_n:
         raise BadRequest(f"n must be an integer in [1, {max_n}], got {n!r}", "testtime.n")
-    if strategy == "policy":
-        _turns([{"role": m["role"], "content": m["content"]} for m in msgs])
     if body.get("n", 1) != 1:
         raise BadRequest("n > 1 choices is not supported: the server returns one answer chosen from its samples",
                          "n")
-    try:
-        params = SamplingParams(temperature=float(body.get("temperature", 0.7 if strategy != "sample" else 1.0)),
-                                top_p=float(body.get("top_p", 1.0)),
-                                max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 512),
-                                stop=tuple(body.get("stop") or ()) if not isinstance(body.get("stop"), str)
-                                else (body["stop"],))
-    except (SpecError, TypeError, ValueError) as e:
-        raise BadRequest(str(e)) from None
     seed = body.get("seed")
     if seed is not None and not isinstance(seed, int):
         raise BadRequest("seed must be an integer", "seed")
-    return Job([{"role": m["role"], "content": m["content"]} for m in msgs], strategy, n, params,
+    params = None
+    if strategy == POLICY:
+        _check_turns(msgs)
+    else:
+        values = extra.get("params") or {}
+        if not isinstance(values, dict):
+            raise BadRequest("'testtime.params' must be an object of the strategy's parameters", "testtime.params")
+        try:
+            params = strategy_params(DEFAULT_STRATEGY if strategy == SAMPLE else strategy, {**values, "n": n})
+        except SpecError as e:
+            raise BadRequest(str(e), "testtime.params") from None
+    return Job(msgs, strategy, n, params, _sampling(body, strategy),
                seed if seed is not None else int(uuid.uuid4().int % 2 ** 31))
 
 
+def choose(strategy: str, candidates: list[Candidate], keys: AnswerKeys, aggregation: str = "last") -> int:
+    """The index of the candidate that carries the answer a strategy selects."""
+    answers = [keys.of_text(c.text) for c in candidates]
+    if strategy == SAMPLE or not answers:
+        return 0
+    scored = trait(strategy, "selection") == "weighted" and any(c.scores for c in candidates)
+    chosen = (best_of_n_weighted(answers, [max(aggregate(list(c.scores), aggregation), 0.0) for c in candidates])
+              if scored else majority_vote(answers))
+    return answers.index(chosen) if chosen is not None else 0
+
+
 class Worker:
-    """Owns the engine: batches waiting jobs into one generate call, then one judge call."""
+    """Owns the engine: runs waiting jobs that share a strategy, parameters and sampling
+    as one strategy call."""
 
     def __init__(self, engine: Engine, judge: Any | None = None, max_batch: int = 64, policy: Any = None):
         self.engine, self.judge, self.max_batch, self.policy = engine, judge, max_batch, policy
@@ -157,118 +202,71 @@ class Worker:
                         j.error = e
                         j.done.set()
 
+    def _strategy(self, name: str, jobs: list[Job], params: StrategyParams, sampling: SamplingParams
+                  ) -> list[ProblemResult]:
+        """One strategy call for jobs that share everything but their chats and seeds."""
+        impl = STRATEGIES.get(DEFAULT_STRATEGY if name == SAMPLE else name)
+        ctx = SearchContext(self.engine, self.judge if name != SAMPLE else None, _CHAT, sampling, 0)
+        by_id = {r.problem_id: r for r in impl().run([j.problem() for j in jobs], ctx, params)}
+        return [by_id[j.problem().id] for j in jobs]
+
     def _serve(self, batch: list[Job]) -> None:
-        for j in [j for j in batch if j.strategy == "policy"]:
+        for j in [j for j in batch if j.strategy == POLICY]:
             try:
                 self._policy_job(j)
             except Exception as e:
                 j.error = e
             j.done.set()
-        batch = [j for j in batch if j.strategy != "policy"]
-        if not batch:
-            return
-        requests = [Request(key=i, seeds=tuple(sample_seed(j.seed, "serve", k) for k in range(j.n)),
-                            params=j.params, messages=tuple(j.messages)) for i, j in enumerate(batch)]
-        got: dict[int, list[tuple[int, str, str]]] = {i: [] for i in range(len(batch))}
-        for c in self.engine.generate(requests):
-            got[c.key].append((c.index, c.text, c.finish_reason))
-            batch[c.key].usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
-        for i, j in enumerate(batch):
-            rows = sorted(got[i])
-            j.texts, j.finish = [t for _, t, _ in rows], [f for _, _, f in rows]
-        judged = [j for j in batch if j.strategy == "best_of_n"]
-        scores: dict[int, list[float]] = {}
-        if judged and self.judge is not None:
-            items, owners = [], []
-            for j in judged:
-                question = next((m["content"] for m in reversed(j.messages) if m["role"] == "user"), "")
-                for k, t in enumerate(j.texts):
-                    items.append(Scoring(question, tuple(split_steps(t, "\n") or [t])))
-                    owners.append((id(j), k))
-            before = Usage.from_dict(self.judge.usage.to_dict()) if hasattr(self.judge, "usage") else Usage()
-            out = self.judge.score(items)
-            spent = (self.judge.usage + before.scaled(-1)) if hasattr(self.judge, "usage") else Usage()
-            for (owner, k), s in zip(owners, out):
-                scores.setdefault(owner, []).append(aggregate(s, "last"))
-            for j in judged:  # the judge's tokens, shared out by the candidates each job had judged
-                j.usage += spent.scaled(len(j.texts) / max(1, len(items)))
+        groups: list[tuple[tuple, list[Job]]] = []
         for j in batch:
-            keys = [self.keys.of_text(t) for t in j.texts]
-            if j.strategy == "best_of_n" and self.judge is not None:
-                chosen = best_of_n_weighted(keys, [max(s, 0.0) for s in scores[id(j)]])
-            elif j.strategy == "sample":
-                chosen = keys[0]
-            else:
-                chosen = majority_vote(keys)
-            pick = keys.index(chosen) if chosen is not None else 0
-            j.result = {"text": j.texts[pick], "finish_reason": j.finish[pick], "answer_key": chosen,
-                        "votes": sum(k == chosen for k in keys) if chosen is not None else 0, "candidates": len(keys)}
-            j.done.set()
+            if j.strategy == POLICY:
+                continue
+            key = (j.strategy, j.params, j.sampling)
+            # requests with the same seed are the same problem: they go to separate calls
+            home = next((g for k, g in groups if k == key and all(o.seed != j.seed for o in g)), None)
+            if home is None:
+                groups.append((key, home := []))
+            home.append(j)
+        for (name, params, sampling), jobs in groups:
+            for j, res in zip(jobs, self._strategy(name, jobs, params, sampling)):
+                self._finish(j, name, res)
 
-
-    def _judge_usage(self) -> Usage:
-        return Usage.from_dict(self.judge.usage.to_dict()) if hasattr(self.judge, "usage") else Usage()
+    def _finish(self, j: Job, strategy: str, res: ProblemResult, extra: dict[str, Any] | None = None) -> None:
+        for u in res.usage.values():
+            j.usage += u
+        agg = getattr(j.params, "aggregation", "last")
+        pick = choose(strategy, res.candidates, self.keys, agg)
+        answers = [self.keys.of_text(c.text) for c in res.candidates]
+        chosen = answers[pick] if answers else None
+        best = res.candidates[pick]
+        j.result = {"text": best.text, "finish_reason": best.finish_reason if best.finish_reason in ("stop", "length")
+                    else "stop", "answer_key": chosen,
+                    "votes": sum(k == chosen for k in answers) if chosen is not None else 0,
+                    "candidates": len(answers), **(extra or {})}
+        j.done.set()
 
     def _policy_job(self, j: Job) -> None:
         """Probe, bin, and run the bin's choice for one request."""
-        from .policy import parse_config
-        from .prompts import PromptTemplate
-        from .strategies.search import Path, SearchConfig, tree_search
-        from .tasks.base import Problem
+        from .compare import PROBE_DELIMITER, arm_from_config
+        from .optimal import policy_candidates
 
-        pol, s = self.policy, self.policy.meta.get("search", {})
-        system, pairs, question = _turns(j.messages)
-        tmpl = PromptTemplate("serve", user="{question}", system=system, shots=pairs)
-        problem = Problem("request", question, None)
-        if pol.difficulty is None:
-            raise ValueError("the policy has no difficulty bins")
-        delim, agg = s.get("delimiter", "\n"), s.get("aggregation", "last")
-        step = SamplingParams(temperature=j.params.temperature, max_tokens=int(s.get("step_tokens", 48)))
-        full = SamplingParams(temperature=j.params.temperature, top_p=j.params.top_p, stop=j.params.stop,
-                              max_tokens=int(s.get("step_tokens", 48)) * int(s.get("iterations", 4)))
-        before = self._judge_usage()
-        probe_n = int(s.get("probe", 4))
-
-        def draw(indices: range) -> list[Any]:
-            """Samples `indices` of this request (seeds as in best-of-N), each scored by the judge."""
-            if not indices:
-                return []
-            req = Request(key=0, seeds=tuple(sample_seed(j.seed, problem.id, i) for i in indices), params=full,
-                          messages=tuple(tmpl.messages(question)))
-            got = sorted(self.engine.generate([req]), key=lambda c: c.index)
-            out = []
-            for c in got:
-                j.usage += Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens)
-                out.append(Path(split_steps(c.text, delim), [], True, c.finish_reason, c.completion_tokens))
-            for p_, sc in zip(out, self.judge.score([Scoring(question, tuple(p_.steps)) for p_ in out])):
-                p_.scores, p_.rank = list(sc), aggregate(sc, agg)
-            return out
-
-        paths = draw(range(probe_n))  # the probe: its samples are also the first of a best-of-N draw
-        level = pol.difficulty.bin_of(sum(max(p.rank, 0.0) for p in paths) / len(paths))
+        pol = self.policy
+        cands = policy_candidates(pol)
+        sampling = cands.sampling  # the sampler the policy was fitted and evaluated with
+        probe = strategy_params(DEFAULT_STRATEGY, {"n": cands.probe, "delimiter": PROBE_DELIMITER})
+        [seen] = self._strategy(DEFAULT_STRATEGY, [j], probe, sampling)
+        for u in seen.usage.values():
+            j.usage += u
+        ranks = [max(aggregate(list(c.scores), "last"), 0.0) for c in seen.candidates]
+        level = pol.difficulty.bin_of(sum(ranks) / max(1, len(ranks)))
         choice = pol.choose(j.n, level)
-        strategy, params = parse_config(choice.config)
-        if strategy in ("beam_search", "dvts"):
-            cfg = SearchConfig(n=choice.n, width=int(params.get("width", 4)), max_iterations=int(s.get("iterations", 4)),
-                               delimiter=delim, aggregation=agg, lookahead=int(params.get("lookahead", 0)))
-            res = tree_search([problem], self.engine, self.judge, tmpl, step, cfg,
-                              mode="beam" if strategy == "beam_search" else "dvts", seed=j.seed)
-            paths = res.paths[problem.id]
-            j.usage += res.stats.usage
-        elif strategy in ("best_of_n", "majority"):
-            paths = (paths + draw(range(probe_n, choice.n)))[:choice.n]
-        else:
-            raise ValueError(f"serve cannot run the policy's choice {choice.config!r}")
-        j.usage += self._judge_usage() + before.scaled(-1)
-        texts = [p.text(delim) for p in paths]
-        keys = [self.keys.of_text(t) for t in texts]
-        chosen = majority_vote(keys) if strategy == "majority" else \
-            best_of_n_weighted(keys, [max(p.rank if p.rank is not None else 0.0, 0.0) for p in paths])
-        pick = keys.index(chosen) if chosen is not None else 0
-        j.texts, j.finish = texts, [p.finish_reason if p.finish_reason in ("stop", "length") else "stop" for p in paths]
-        j.result = {"text": texts[pick], "finish_reason": j.finish[pick], "answer_key": chosen,
-                    "votes": sum(k == chosen for k in keys) if chosen is not None else 0, "candidates": len(keys),
-                    "policy": {"bin": level, "choice": f"{choice.config} N={choice.n}"}}
+        arm = arm_from_config(choice.config, cands.params)
+        params = arm.at(choice.n)
+        if params is None:
+            raise SpecError(f"the policy's choice {choice.config} does not run at N={choice.n}")
+        j.params = params
+        [res] = self._strategy(arm.strategy, [j], params, sampling)
+        self._finish(j, arm.strategy, res, {"policy": {"bin": level, "choice": f"{choice.config} N={choice.n}"}})
 
 
 def _response(job: Job, model: str) -> dict[str, Any]:
@@ -287,14 +285,22 @@ def _response(job: Job, model: str) -> dict[str, Any]:
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge: Any | None = None,
                 max_n: int = 64, timeout_s: float = 600.0, policy: Any = None) -> ThreadingHTTPServer:
-    """policy: a `testtime.policy.Policy` with predicted difficulty (needs the judge)."""
+    """policy: a `testtime.policy.Policy` with predicted difficulty (needs the judge).
+    (Long because the HTTP handler class lives inside it, closing over the worker; the
+    ASGI rewrite of `serve` replaces this handler as a whole.)"""
     if policy is not None:
         if policy.difficulty is None or policy.difficulty.kind != "predicted":
-            raise ValueError("serve needs a policy whose difficulty is predicted (testtime optimal --difficulty "
+            raise InputError("serve needs a policy whose difficulty is predicted (testtime optimal --difficulty "
                              "predicted): oracle difficulty needs reference answers, which requests do not have")
         if judge is None:
-            raise ValueError("a policy needs the judge (its difficulty is the judge's score of probe samples)")
+            raise InputError("a policy needs the judge (its difficulty is the judge's score of probe samples)")
+        from .optimal import policy_candidates
+
+        policy_candidates(policy)  # a policy file this version cannot run fails here, not per request
     worker = Worker(engine, judge, policy=policy)
+    # independent samples first (the common case), then the step-wise strategies
+    servable = sorted((s for s in STRATEGIES.names() if judge is not None or not STRATEGIES.get(s).needs_prm),
+                      key=lambda s: (not trait(s, "independent"), trait(s, "selection") == "weighted", s))
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -316,7 +322,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
 
         def do_GET(self):
             if self.path.rstrip("/") in ("/v1/models", "/models"):
-                names = ["sample"] + [f"{s}@{n}" for s in ("majority", "best_of_n") for n in (4, 8, 16)]
+                names = [SAMPLE] + [f"{s}@{n}" for s in servable for n in (4, 8, 16)]
                 if policy is not None:
                     names += [f"policy@{b}" for b in policy.budgets]
                 self._json(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "testtime"}
@@ -334,9 +340,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
                 except json.JSONDecodeError as e:
                     raise BadRequest(f"the body is not JSON: {e}") from None
                 job = parse_request(body, max_n)
-                if job.strategy == "best_of_n" and judge is None:
-                    raise BadRequest("best_of_n needs a judge, and this server has none", "model")
-                if job.strategy == "policy" and policy is None:
+                if job.strategy in STRATEGIES and STRATEGIES.get(job.strategy).needs_prm and judge is None:
+                    raise BadRequest(f"{job.strategy} needs a judge, and this server has none", "model")
+                if job.strategy == POLICY and policy is None:
                     raise BadRequest("this server has no policy (start it with --policy FILE)", "model", 404,
                                      "model_not_found")
             except BadRequest as e:
@@ -346,7 +352,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
                 return self._error(BadRequest(f"no answer within {timeout_s} s", status=504, code="timeout"))
             if job.error is not None:
                 return self._error(BadRequest(f"the engine failed: {job.error}", status=502, code="upstream_error"))
-            resp = _response(job, str(body.get("model") or "majority@8"))
+            resp = _response(job, str(body.get("model") or job.strategy))
             if not body.get("stream"):
                 return self._json(200, resp)
             self.send_response(200)

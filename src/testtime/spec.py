@@ -14,9 +14,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+from .errors import InputError
+from .registry import DEFAULT_STRATEGY
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """A parameter has a value it cannot take. The message names both."""
 
 
@@ -96,7 +98,7 @@ class RunSpec:
     template: dict[str, Any]
     """Prompt template name and a hash of its text."""
     sampling: SamplingParams
-    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "repeated_sampling"})
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_STRATEGY})
     """Strategy name and parameters."""
     seed: int = 0
     """Root seed; sample i of problem p gets `sample_seed(seed, p, i)`."""

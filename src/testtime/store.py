@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .errors import InputError, NotFoundError
+from .files import atomic_path
 from .spec import RunSpec
 
 DB_NAME = "testtime.db"
@@ -88,6 +90,14 @@ CREATE TABLE IF NOT EXISTS step_scores (
     step         INTEGER NOT NULL,
     score        REAL NOT NULL,
     PRIMARY KEY (run_id, problem_id, sample_index, scorer, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS score_usage (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    scorer       TEXT NOT NULL,
+    usage        TEXT NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index, scorer)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     run_id       TEXT NOT NULL,
@@ -247,7 +257,7 @@ class Store:
     def run_spec(self, run_id: str) -> RunSpec:
         row = self.db.execute("SELECT spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
-            raise KeyError(f"no run {run_id!r} in {self.path}")
+            raise NotFoundError(f"no run {run_id!r} in {self.path}")
         return RunSpec.from_dict(json.loads(row["spec"]))
 
     def resolve_run(self, prefix: str) -> str:
@@ -258,9 +268,9 @@ class Store:
         ids = sorted({r["run_id"] for r in rows})
         if not ids:
             known = [r["run_id"] for r in self.db.execute("SELECT run_id FROM runs ORDER BY created")]
-            raise KeyError(f"no run matches {prefix!r} in {self.path}; runs: {', '.join(known) or '(none)'}")
+            raise NotFoundError(f"no run matches {prefix!r} in {self.path}; runs: {', '.join(known) or '(none)'}")
         if len(ids) > 1:
-            raise KeyError(f"{prefix!r} matches several runs: {', '.join(ids)}")
+            raise NotFoundError(f"{prefix!r} matches several runs: {', '.join(ids)}")
         return ids[0]
 
     def latest_run(self) -> str | None:
@@ -367,12 +377,38 @@ class Store:
         return {r[0] for r in self.db.execute(
             "SELECT problem_id FROM usage WHERE run_id = ? AND role = 'policy'", (run_id,))}
 
-    def add_step_scores(self, run_id: str, scorer: str, rows: list[tuple[str, int, list[float]]]) -> int:
-        """Scores of stored samples' steps, (problem id, sample index, scores), in one
+    def add_step_scores(self, run_id: str, scorer: str, rows: list[tuple[str, int, list[float]]],
+                        usage: list[dict[str, float]] | None = None) -> int:
+        """Scores of stored samples' steps, (problem id, sample index, scores), and what
+        scoring each sample cost the reward model (`usage`, one dict per row), in one
         transaction; a sample already scored by this scorer is left as it is."""
         flat = [(run_id, pid, i, scorer, k, float(v)) for pid, i, vals in rows for k, v in enumerate(vals)]
-        return self._tx("INSERT INTO step_scores(run_id, problem_id, sample_index, scorer, step, score) "
-                        "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", flat)
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("INSERT INTO step_scores(run_id, problem_id, sample_index, scorer, step, score) "
+                            "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", flat)
+            count = cur.rowcount
+            if usage is not None:
+                cur.executemany("INSERT INTO score_usage VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                                [(run_id, pid, i, scorer, json.dumps(u)) for (pid, i, _), u in zip(rows, usage)])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return count
+
+    def score_usage(self, run_id: str, n: int | None = None, scorer: str | None = None) -> dict[str, dict[str, float]]:
+        """Per problem, what reward models spent scoring a sampling run's samples (the
+        first n if given), summed over samples and over scorers (or of one `scorer`)."""
+        where = ("AND sample_index < ? " if n is not None else "") + ("AND scorer = ?" if scorer is not None else "")
+        args = (run_id,) + ((n,) if n is not None else ()) + ((scorer,) if scorer is not None else ())
+        out: dict[str, dict[str, float]] = {}
+        for pid, u in self.db.execute("SELECT problem_id, usage FROM score_usage WHERE run_id = ? " + where, args):
+            acc = out.setdefault(pid, {})
+            for k, v in json.loads(u).items():
+                acc[k] = acc.get(k, 0) + v
+        return out
 
     def step_scores(self, run_id: str, scorer: str) -> dict[tuple[str, int], list[float]]:
         out: dict[tuple[str, int], list[float]] = {}
@@ -436,6 +472,8 @@ class Store:
         recorded = self.role_usage(run_id)
         if recorded:
             return {pid: roles[role] for pid, roles in recorded.items() if role in roles}
+        if role == "prm":
+            return self.score_usage(run_id, n)
         if role != "policy":
             return {}
         limit = "AND sample_index < ?" if n is not None else ""
@@ -521,18 +559,17 @@ class Store:
         """
         path = Path(path)
         fmt = fmt or path.suffix.lstrip(".")
-        tmp = path.with_name(path.name + ".tmp")
+        if fmt not in ("jsonl", "parquet"):
+            raise InputError(f"export format must be 'jsonl' or 'parquet', got {fmt!r}")
         rows = self.iter_export(run_id)
-        if fmt == "jsonl":
-            with open(tmp, "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-        elif fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            flat = [dict(r, verdicts=json.dumps(r["verdicts"])) for r in rows]
-            pq.write_table(pa.Table.from_pylist(flat), tmp)
-        else:
-            raise ValueError(f"export format must be 'jsonl' or 'parquet', got {fmt!r}")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if fmt == "jsonl":
+                with open(tmp, "w") as f:
+                    for r in rows:
+                        f.write(json.dumps(r) + "\n")
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+                flat = [dict(r, verdicts=json.dumps(r["verdicts"])) for r in rows]
+                pq.write_table(pa.Table.from_pylist(flat), tmp)
         return path

@@ -30,6 +30,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from ..errors import InfrastructureError
 
 
 class _Feature(ctypes.Structure):
@@ -91,7 +92,7 @@ def load_backends(llama_cpp: Any) -> None:
         return
     lib.ggml_backend_load_all_from_path(str(lib_dir(llama_cpp)).encode())
     if lib.ggml_backend_reg_count() == 0:
-        raise RuntimeError(f"ggml found no CPU backend it can run in {lib_dir(llama_cpp)} "
+        raise InfrastructureError(f"ggml found no CPU backend it can run in {lib_dir(llama_cpp)} "
                            f"(variants: {', '.join(cpu_variants(llama_cpp))}); run `testtime env`")
 
 

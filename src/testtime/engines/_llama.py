@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from . import _ggml
+from ..errors import InputError
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """The model file is missing, is not GGUF, or llama.cpp cannot load it."""
 
 

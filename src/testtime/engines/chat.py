@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 from functools import lru_cache
 from typing import Sequence
+from ..errors import InputError
 
 # The ChatML format, as Jinja source (tests and servers that need a known template).
 CHATML = (
@@ -27,7 +28,7 @@ CHATML = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """The chat template could not be found, or not rendered for these messages."""
 
 

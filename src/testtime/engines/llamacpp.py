@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ..errors import InputError
 from ..flops import ModelShape
 from ..spec import SamplingParams
 from ._llama import LlamaModel, ModelError, default_model_path, fingerprint, resolve_model
@@ -133,10 +134,10 @@ class LlamaCppEngine:
             fixed (Gemma), and otherwise an error at the first chat request, never a guess.
         """
         if slots < 1 or max_prefixes < 1:
-            raise ValueError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
+            raise InputError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
         n_seq = slots + max_prefixes
         if n_seq > 256:
-            raise ValueError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
+            raise InputError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
         path = resolve_model(model)
         self.slots = slots
         self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
@@ -266,7 +267,7 @@ class LlamaCppEngine:
         toks = tuple(self.prefix_tokens(req))
         limit = min(self.seq_ctx, self.llm.n_ctx_train)
         if len(toks) + req.params.max_tokens > limit:
-            raise ValueError(f"request {req.key!r}: prompt of {len(toks)} tokens plus max_tokens="
+            raise InputError(f"request {req.key!r}: prompt of {len(toks)} tokens plus max_tokens="
                              f"{req.params.max_tokens} exceeds the {limit} tokens a sequence can hold "
                              f"(seq_ctx={self.seq_ctx}, model trained on {self.llm.n_ctx_train})")
         return _Job(req=req, tokens=toks, todo=deque(range(req.n)))

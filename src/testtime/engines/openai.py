@@ -57,6 +57,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterable, Iterator
 
+from ..errors import InfrastructureError, InputError
 from ..spec import SpecError
 from .base import ENGINES, Completion, Request, TokenLogprob
 from .chat import ChatTemplate, TemplateError, read_template
@@ -65,7 +66,7 @@ MAX_TEMPERATURE = 2.0
 """The OpenAI API's bound, which vLLM enforces ("temperature must be in [0, 2]")."""
 
 
-class EngineError(RuntimeError):
+class EngineError(InfrastructureError):
     """The server could not produce samples (unreachable, unknown model, bad request)."""
 
 
@@ -90,9 +91,9 @@ class OpenAIEngine:
         import openai
 
         if continuation not in ("completions", "vllm"):
-            raise ValueError(f"continuation must be 'completions' or 'vllm', got {continuation!r}")
+            raise InputError(f"continuation must be 'completions' or 'vllm', got {continuation!r}")
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+            raise InputError(f"concurrency must be >= 1, got {concurrency}")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         self.concurrency, self.n_per_request, self.continuation_mode = concurrency, n_per_request, continuation
@@ -344,7 +345,7 @@ def _template_source(value: str) -> tuple[str, str]:
     try:
         source = read_template(value)
     except TemplateError as e:
-        raise ValueError(f"chat_template must be Jinja source or a path to a .gguf or tokenizer_config.json: "
+        raise InputError(f"chat_template must be Jinja source or a path to a .gguf or tokenizer_config.json: "
                          f"{e}") from None
     bos = ""
     p = Path(value)

@@ -40,6 +40,7 @@ import itertools
 from collections import deque
 from typing import Any, Iterable, Iterator
 
+from ..errors import MissingDependencyError
 from ..spec import SpecError
 from .base import ENGINES, Completion, Request, TokenLogprob
 from .chat import read_template
@@ -64,7 +65,7 @@ class VLLMEngine:
         try:
             import vllm
         except ImportError:
-            raise ImportError("the vllm engine needs vLLM and a GPU: pip install 'testtime[vllm]' "
+            raise MissingDependencyError("the vllm engine needs vLLM and a GPU: pip install 'testtime[vllm]' "
                               "(or use the llamacpp engine on a CPU, or the openai engine against a vLLM server)") from None
         self._vllm = vllm
         self.model_name = model

@@ -1,20 +1,18 @@
-"""Writing report files: figures, JSON and pages, each atomically (a temporary
-name, then a rename), so an interrupted report never leaves a torn file."""
+"""Writing report files: figures, JSON and pages (rendered from `templates/`), each
+atomically (`testtime.files`), so an interrupted report never leaves a torn file."""
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_path, write_text
+
 
 def write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -26,14 +24,28 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or None)
+    finally:
+        plt.close(fig)
     return path
 
 
-def embed_png(path: Path, style: str = "max-width:100%") -> str:
-    """An <img> carrying the PNG itself, so the page is one self-contained file."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.stem)}" style="{style}" src="data:image/png;base64,{data}">'
+def png_uri(path: Path) -> str:
+    """A PNG as a data URI, so the page that shows it is one self-contained file."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+_ENV = None
+
+
+def render_page(template: str, out: Path, **context: Any) -> Path:
+    """Render a page template from `report/templates` (autoescaped) and write it atomically."""
+    global _ENV
+    if _ENV is None:
+        import jinja2
+
+        _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+                                  autoescape=True, trim_blocks=True)
+    return write_atomic(out, _ENV.get_template(template).render(**context))

@@ -40,11 +40,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ..errors import InfrastructureError, InputError
 from ..flops import Usage
 from .base import REWARD_MODELS, Scoring
 
 
-class RewardServerError(RuntimeError):
+class RewardServerError(InfrastructureError):
     """The reward server could not be reached or answered something unusable."""
 
 
@@ -67,9 +68,9 @@ class ServedPRM:
             FLOPs can count what scoring computed; without it only tokens are counted.
         """
         if wire not in ("vllm", "logprobs", "scores"):
-            raise ValueError(f"wire must be 'vllm', 'logprobs' or 'scores', got {wire!r}")
+            raise InputError(f"wire must be 'vllm', 'logprobs' or 'scores', got {wire!r}")
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise InputError(f"batch must be >= 1, got {batch}")
         self.base_url = base_url.rstrip("/")
         self.model, self.wire = model, wire
         self.step_tag, self.good_index, self.question_template = step_tag, good_index, question_template

@@ -35,11 +35,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from ..errors import InfrastructureError, InputError
 
 SERVER = Path(__file__).with_name("_server.py")
 
 
-class SandboxError(RuntimeError):
+class SandboxError(InfrastructureError):
     """The sandbox could not start or stopped working: an infrastructure failure,
     never a verdict on the code."""
 
@@ -64,9 +65,9 @@ class Limits:
         for name in ("mem_mb", "nproc", "fsize_mb", "nofile", "output_cap", "tmpfs_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"sandbox limit {name} must be a positive integer, got {value!r}")
+                raise InputError(f"sandbox limit {name} must be a positive integer, got {value!r}")
         if not self.timeout_s > 0:
-            raise ValueError(f"sandbox limit timeout_s must be > 0, got {self.timeout_s!r}")
+            raise InputError(f"sandbox limit timeout_s must be > 0, got {self.timeout_s!r}")
 
 
 @dataclass
@@ -282,9 +283,9 @@ class Sandbox:
 
     def __post_init__(self) -> None:
         if self.network not in ("auto", "required"):
-            raise ValueError(f"network must be 'auto' or 'required', got {self.network!r}")
+            raise InputError(f"network must be 'auto' or 'required', got {self.network!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+            raise InputError(f"workers must be a positive integer, got {self.workers!r}")
         if not sys.platform.startswith("linux"):
             raise SandboxError(f"the sandbox needs Linux (process groups, namespaces, rlimits); this is {sys.platform}")
         self._idle: queue.Queue[_Worker] = queue.Queue()

@@ -123,6 +123,9 @@ def _write(path: str, text: str) -> None:
 
 def setup(cfg: dict) -> tuple[dict, str]:
     """Enter the namespaces; return the isolation in force and the work root."""
+    # Long on purpose: one ordered sequence of unshare/mount/setuid steps, each of which
+    # may be unavailable on a given host and is recorded as such; split up, the order
+    # (which is the security argument) would be harder to read.
     iso: dict = {"process_group": True, "env": "empty", "wall_clock": "killed from outside"}
     root = os.geteuid() == 0
     outer_uid, outer_gid = os.getuid(), os.getgid()
@@ -365,6 +368,8 @@ def _workdir(work_root: str) -> str:
 
 
 def run_job(job: dict, cfg: dict, work_root: str, pid_ns: str | None, reply) -> dict:
+    # Long on purpose: fork, limits, exec and the reaping loop share the pipes and the
+    # child's pid; every exit path must close and kill in the same place.
     workdir = _workdir(work_root)
     uid = cfg.get("uid")
     if uid is not None:

@@ -1,9 +1,19 @@
-"""Strategies, registered by name: one file each, one signature (see `base`)."""
+"""Strategies, registered by name: one file each, one signature (see `base`).
 
-from . import beam, dvts, lookahead, revision, sampling  # noqa: F401  (registers them)
+This module is the registry's front: importing it registers every built-in
+strategy, and the defaults that name strategies live here and nowhere else.
+"""
+
+from . import beam, best_of_n, dvts, lookahead, majority, revision, sampling  # noqa: F401  (registers them)
 from .base import (STRATEGIES, Candidate, ProblemResult, SearchContext, Strategy, StrategyParams, load_strategy,
-                   strategy_params)
-from .search import Path, SearchConfig, SearchResult, best_of_n, tree_search  # the previous API, until callers move
+                   strategy_params, trait)
+
+COMPARED = ("best_of_n", "beam_search", "dvts")
+"""What `testtime compare` compares unless told otherwise."""
+CANDIDATES = ("best_of_n", "majority", "beam_search", "dvts")
+"""What `testtime optimal` chooses among unless told otherwise."""
+BASELINE = "best_of_n"
+"""The strategy a compute-optimal policy is measured against (the paper's baseline)."""
 
 __all__ = ["STRATEGIES", "Candidate", "ProblemResult", "SearchContext", "Strategy", "StrategyParams", "load_strategy",
-           "strategy_params", "Path", "SearchConfig", "SearchResult", "best_of_n", "tree_search"]
+           "strategy_params", "trait", "COMPARED", "CANDIDATES", "BASELINE"]

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..engines.base import Request
-from ..prompts import PromptTemplate
 from ..rewards.base import Scoring
 from ..select import aggregate
 from ..spec import SamplingParams, sample_seed
@@ -50,13 +49,13 @@ class Path:
                          tuple(self.steps), tuple(self.scores))
 
 
-def request(key, problem: Problem, path: Path, template: PromptTemplate, params: SamplingParams,
+def request(key, problem: Problem, path: Path, ctx: SearchContext, params: SamplingParams,
             seeds: tuple[int, ...], delimiter: str, final: bool) -> Request:
     """Continue a path: the chat, then the steps so far as the assistant's partial answer."""
-    continuation = template.continuation(problem.question) + "".join(s + delimiter for s in path.steps)
+    continuation = ctx.continuation(problem) + "".join(s + delimiter for s in path.steps)
     stop = params.stop if final else tuple(dict.fromkeys((delimiter,) + params.stop))
     return Request(key=key, seeds=seeds, params=replace(params, stop=stop), retain=not final,
-                   messages=tuple(template.messages(problem.question)), continuation=continuation)
+                   messages=ctx.messages(problem), continuation=continuation)
 
 
 def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], parents: list[tuple[str, Path, int]],
@@ -65,19 +64,25 @@ def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], paren
     """One generation round: parents (problem id, path, children wanted) to children
     (problem id, child, index of its parent), in a stable order."""
     seed = ctx.seed if seed is None else seed
-    requests = [request((pid, i), problems[pid], path, ctx.template, params,
-                        tuple(sample_seed(seed, f"{pid}/{it}/{i}", j) for j in range(count)), delimiter, final)
-                for i, (pid, path, count) in enumerate(parents)]
+    # a parent's seeds come from its problem and its place among that problem's parents, never
+    # from the batch, so a problem searches the same whichever problems share its batch
+    ordinal: dict[str, int] = {}
+    requests = []
+    for i, (pid, path, count) in enumerate(parents):
+        k = ordinal[pid] = ordinal.get(pid, -1) + 1
+        requests.append(request((pid, i), problems[pid], path, ctx, params,
+                                tuple(sample_seed(seed, f"{pid}/{it}/{k}", j) for j in range(count)), delimiter,
+                                final))
     children = []
     for c in ctx.engine.generate(requests):
         pid, i = c.key
         step_done = c.stop_hit == delimiter
         child = parents[i][1].child(c.text, c.completion_tokens, not step_done, c.finish_reason, c.seed,
                                     c.prompt_tokens)
-        children.append((pid, child, i))
+        children.append((pid, child, i, c.index))
         meter.completion(pid, c)
-    children.sort(key=lambda t: t[2])  # whatever order the engine finished in
-    return children
+    children.sort(key=lambda t: (t[2], t[3]))  # whatever order the engine finished in
+    return [(pid, child, i) for pid, child, i, _ in children]
 
 
 def score(meter: Meter, problems: dict[str, Problem], paths: Sequence[tuple[str, Path]]) -> int:

@@ -72,6 +72,17 @@ class SearchContext:
     scorer: str = ""
     """The reward model's name in the step-score table."""
 
+    def messages(self, problem: Problem) -> tuple[dict[str, str], ...]:
+        """The chat a problem is asked in: its own (`meta["messages"]`, a served
+        request's turns) or the template's."""
+        own = problem.meta.get("messages") if problem.meta else None
+        return tuple(own) if own else tuple(self.template.messages(problem.question))
+
+    def continuation(self, problem: Problem) -> str:
+        """The start of the assistant's answer the template writes (none for a problem with its own chat)."""
+        own = problem.meta.get("messages") if problem.meta else None
+        return "" if own else self.template.continuation(problem.question)
+
 
 @dataclass(frozen=True)
 class StrategyParams:
@@ -125,6 +136,12 @@ class Strategy(Protocol):
     Params: ClassVar[type[StrategyParams]]
     needs_prm: ClassVar[bool]
     """True when the strategy cannot run without a reward model."""
+    # Optional class attributes (read with `trait`):
+    #   independent = True   its candidates are independent samples: its run is a sampling
+    #                        run, extendable, and every k <= N is a subset of one draw
+    #   selection            how the final answer is chosen from the candidates: "weighted"
+    #                        (votes weighted by aggregated step scores; a plain vote where
+    #                        nothing was scored) or "vote" (a plain vote)
 
     def run(self, problems: Sequence[Problem], ctx: SearchContext, params: StrategyParams) -> Iterator[ProblemResult]:
         """Yield each problem's result as soon as it is final."""
@@ -136,6 +153,12 @@ STRATEGIES: Registry[type] = Registry("strategy")
 
 def load_strategy(name: str) -> Strategy:
     return STRATEGIES.get(name)()
+
+
+def trait(name: str, attr: str) -> Any:
+    """A strategy's optional class attribute (see `Strategy`), with its default."""
+    defaults = {"independent": False, "selection": "weighted"}
+    return getattr(STRATEGIES.get(name), attr, defaults[attr])
 
 
 def strategy_params(name: str, values: dict[str, Any] | None = None) -> StrategyParams:

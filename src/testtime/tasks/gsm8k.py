@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import TASKS, Problem, Task, file_digest
+from .base import TASKS, Problem, Task, file_digest, hf_rows
 from .jsonl import DatasetError, field_text, load_rows
 
 
@@ -48,11 +48,5 @@ def gsm8k_task(path: str | None = None, split: str = "test", template: str = "ma
 
 
 def _load_hf(split: str, limit: int | None) -> list[Problem]:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise RuntimeError("loading GSM8K from the Hugging Face hub needs `pip install datasets`; "
-                           "or pass path=<gsm8k jsonl>") from None
-    ds = load_dataset("openai/gsm8k", "main", split=split)
-    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
-    return [_row_to_problem(f"{split}{i}", dict(r), f"openai/gsm8k[{split}][{i}]") for i, r in enumerate(rows)]
+    return [_row_to_problem(f"{split}{i}", r, f"openai/gsm8k[{split}][{i}]")
+            for i, r in hf_rows("openai/gsm8k", "main", split, limit, "path=<gsm8k jsonl>")]

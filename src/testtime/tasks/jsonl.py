@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..errors import InputError
 from .base import TASKS, Problem, Task, file_digest
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A data file is malformed; the message names the file and line."""
 
 

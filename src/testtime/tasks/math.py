@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..verifiers.math_answer import last_boxed
-from .base import TASKS, Problem, Task, file_digest
+from .base import TASKS, Problem, Task, file_digest, hf_rows
 from .jsonl import DatasetError, field_text, load_rows
 
 
@@ -57,11 +57,5 @@ def math_task(path: str | None = None, dataset: str = "HuggingFaceH4/MATH-500", 
 
 
 def _load_hf(dataset: str, split: str, limit: int | None) -> list[Problem]:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise RuntimeError("loading MATH from the Hugging Face hub needs `pip install datasets`; "
-                           "or pass path=<MATH-format jsonl>") from None
-    ds = load_dataset(dataset, split=split)
-    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
-    return [math_row(f"{split}{i}", dict(r), f"{dataset}[{split}][{i}]") for i, r in enumerate(rows)]
+    return [math_row(f"{split}{i}", r, f"{dataset}[{split}][{i}]")
+            for i, r in hf_rows(dataset, None, split, limit, "path=<MATH-format jsonl>")]

@@ -29,6 +29,7 @@ import ast
 import re
 from typing import Any, Iterable
 
+from ..errors import InputError
 from ..sandbox import ExecResult, Limits, Sandbox, SandboxError
 from ..tasks.base import Problem
 from .base import VERIFIERS, Verdict
@@ -143,7 +144,7 @@ class CodeVerifier:
                 "create the task with allow_code_execution=True (CLI: --arg allow_code_execution=true) "
                 "or the verifier with allow_code_execution=True")
         if "tests" not in problem.meta:
-            raise ValueError(f"problem {problem.id!r} has no tests (meta['tests']); the code verifier needs them")
+            raise InputError(f"problem {problem.id!r} has no tests (meta['tests']); the code verifier needs them")
 
     def verify(self, problem: Problem, candidate: str) -> Verdict:
         return self.verify_many([(problem, candidate)])[0]
