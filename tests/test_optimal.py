@@ -102,6 +102,17 @@ def test_optimal_writes_a_policy_that_run_applies(tmp_path):
     for pid, r in applied["per_problem"].items():
         c = pol.choose(4, r["bin"])
         assert r["choice"] == f"{c.config} N={c.n}"
+    # the applied policy is one stored run of the `policy` strategy, like any other
+    summary = api.summary(applied["run_id"], tmp_path / "ws")
+    assert summary["strategy"]["name"] == "policy" and summary["strategy"]["policy_sha"]
+    assert summary["accuracy"] == pytest.approx(applied["accuracy"]) and summary["problems"] == 10
+    assert api.report(applied["run_id"], tmp_path / "ws").is_file()
+    r = CliRunner().invoke(app, ["sample", "--engine", "toy", "--strategy", "policy", "--param",
+                                 f"path={tmp_path / 'p.json'}", "-n", "4", "--arg", "levels=1,2", "--arg", "seed=7",
+                                 "--limit", "3", "-w", str(tmp_path / "cli")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "policy, 3 problems" in r.output, r.output
+    # the probe's cost is charged to each problem beside its choice's: more than the choices alone
+    assert applied["tokens_per_problem"] > 0 and api.cost(applied["run_id"], tmp_path / "ws")["tokens"]["decode"] > 0
     # the policy runs on any engine from the command line; a dead one is a one-line infrastructure error
     r = CliRunner().invoke(app, ["run", "--policy", str(tmp_path / "p.json"), "--budget", "4", "--engine", "openai",
                                  "--engine-arg", "base_url=http://127.0.0.1:9/v1", "--engine-arg", "max_retries=0",

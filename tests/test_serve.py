@@ -227,7 +227,8 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
              "lookahead@4": {**step, "width": 2, "lookahead": 1}, "revision@4": {"sequential": 2},
              "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {}}
     builtin = {s for s in STRATEGIES.names() if STRATEGIES.get(s).__module__.startswith("testtime.")}
-    assert {m.split("@")[0] for m in asked} == builtin  # a new built-in strategy gets a line here
+    # a new built-in strategy gets a line here; the policy is served with the server's own file (below)
+    assert {m.split("@")[0] for m in asked} == builtin - {"policy"}
     for model, params in asked.items():
         before = judge.usage.sequences
         r = client.chat.completions.create(model=model, messages=MSG, seed=1, max_tokens=32,
@@ -242,4 +243,7 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
                                        extra_body={"testtime": {"params": {"width": 3}}})
     assert e.value.body["param"] == "testtime.params" and "width must be an integer" in e.value.body["message"]
     ids = [m.id for m in client.models.list()]
-    assert "revision@8" in ids and "beam_search@8" in ids
+    assert "revision@8" in ids and "beam_search@8" in ids and not any(i.startswith("policy") for i in ids)
+    with pytest.raises(openai.NotFoundError, match="no policy"):  # a request never names a policy file
+        client.chat.completions.create(model="x", messages=MSG, extra_body={"testtime": {
+            "strategy": "policy", "params": {"path": "/etc/passwd"}}})

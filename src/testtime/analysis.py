@@ -232,32 +232,44 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
     return curves
 
 
-def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = "last",
-                   n_boot: int = 1000) -> dict[str, Any]:
-    """What a search run bought, per problem: the selected answer's accuracy (weighted
-    by aggregated step scores over the final candidates; majority without scores),
-    the oracle coverage of its candidates, candidates, tokens and FLOPs."""
+def selected(store: Store, run_id: str, verifier: str, aggregation: str = "last") -> dict[str, tuple[float, bool]]:
+    """Per problem of a strategy run: whether the selected answer is right (ties share the
+    credit) and whether any candidate is. The answer is chosen by the strategy's
+    selection: votes weighted by aggregated step scores, or a plain vote where the
+    strategy votes, or where nothing of the problem was scored."""
     from .select import AnswerKeys, aggregate
-
     from .strategies.base import trait
 
     graded = graded_samples(store, run_id, verifier)
-    problems = store.problems(run_id)
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
     weighted = trait(store.run_spec(run_id).strategy["name"], "selection") == "weighted"
     keys = AnswerKeys()
-    acc, cov, level = [], [], []
-    diff = {p["problem_id"]: p["difficulty"] for p in problems}
+    out = {}
     for pid, items in graded.items():
         ans = [keys.of_text(t) for _, t, _ in items]
         ok = [p for _, _, p in items]
         sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
-        scored = weighted and any((pid, i) in scores for i, _, _ in items)  # a plain vote where nothing was scored
-        acc.append(metrics.selection_at_k(ans, ok, len(ans), "weighted" if scored else "vote",
-                                          sc if scored else None).mean)
-        cov.append(float(any(ok)))
-        level.append(diff.get(pid))
+        scored = weighted and any((pid, i) in scores for i, _, _ in items)
+        out[pid] = (metrics.selection_at_k(ans, ok, len(ans), "weighted" if scored else "vote",
+                                           sc if scored else None).mean, any(ok))
+    return out
+
+
+def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = "last",
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """What a search run bought, per problem: the selected answer's accuracy (`selected`),
+    the oracle coverage of its candidates, candidates, tokens and FLOPs."""
+    from .strategies.base import trait
+
+    per = selected(store, run_id, verifier, aggregation)
+    graded = graded_samples(store, run_id, verifier)
+    scorers = store.scorers(run_id)
+    weighted = trait(store.run_spec(run_id).strategy["name"], "selection") == "weighted"
+    diff = {p["problem_id"]: p["difficulty"] for p in store.problems(run_id)}
+    acc = [a for a, _ in per.values()]
+    cov = [float(c) for _, c in per.values()]
+    level = [diff.get(pid) for pid in per]
     tab = np.asarray([acc, cov]).T if acc else np.zeros((0, 2))
     lo, hi = metrics.bootstrap_ci(tab, n_boot=n_boot) if acc else (np.zeros(2), np.zeros(2))
     cost = run_cost(store, run_id)
@@ -268,7 +280,7 @@ def search_summary(store: Store, run_id: str, verifier: str, aggregation: str = 
         if lv is not None and lv >= 0:
             by_level.setdefault(int(lv), []).append(a)
     return {
-        "problems": len(graded), "selection": "weighted best-of-N" if scores and weighted else "vote",
+        "problems": len(per), "selection": "weighted best-of-N" if scorers and weighted else "vote",
         "accuracy": float(np.mean(acc)) if acc else None, "accuracy_ci": [float(lo[0]), float(hi[0])],
         "coverage": float(np.mean(cov)) if cov else None, "coverage_ci": [float(lo[1]), float(hi[1])],
         "candidates_per_problem": float(np.mean([len(v) for v in graded.values()])) if graded else 0.0,

@@ -21,6 +21,7 @@ from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
 from .searchspec import DEFAULT_STRATEGY, SearchSpec
 from .spec import SamplingParams, SpecError
 from .store import Store
+from .strategies import strategy_params
 from .tasks import load_task
 from .verifiers import load_verifier
 
@@ -331,14 +332,17 @@ def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit
                  task_args: dict[str, Any] | None = None, seed: int = 0, engine: str | Engine = "llamacpp",
                  engine_args: dict[str, Any] | None = None, prm: Any = None, prm_args: dict[str, Any] | None = None,
                  workspace: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run a policy file at a budget on a task's problems (default: the task it was fitted
-    on, with `task_args` overriding its arguments; use new problems, e.g. another
-    arithmetic `seed`, not the ones it was fitted on). Returns accuracy overall and
-    per difficulty bin, tokens and FLOPs per problem (the difficulty probe included)
-    and the stored runs. The reward model defaults to the judge when the policy's
-    difficulty is predicted or one of its choices needs a reward model."""
-    from .optimal import apply_policy as run_apply, policy_candidates
+    """Run a policy file at a budget on a task's problems, as one stored run of the
+    `policy` strategy (default task: the one it was fitted on, with `task_args`
+    overriding its arguments; use new problems, e.g. another arithmetic `seed`, not the
+    ones it was fitted on). Returns accuracy overall and per difficulty bin, tokens and
+    FLOPs per problem (the difficulty probe included) and the run id. The reward model
+    defaults to the judge when the policy's difficulty is predicted or one of its
+    choices needs a reward model."""
+    from .analysis import run_cost, selected
+    from .optimal import policy_candidates
     from .policy import Policy, parse_config
+    from .strategies.policy import PolicyStrategy
 
     pol = Policy.load(policy)
     if budget < 1:
@@ -351,19 +355,38 @@ def apply_policy(policy: str | Path, budget: int, task: str | None = None, limit
     args = {} if task and task != meta_task.get("name") else dict(meta_task.get("args") or {})
     args.update(task_args or {})
     the_task = load_task(name, **args)
-    problems = the_task.problems(limit)
     verifier = load_verifier(the_task.verifier)
     chosen = tuple(parse_config(c.config)[0] for by in pol.choices.values() for c in by.values())
     if prm is None and pol.difficulty is not None and pol.difficulty.kind != "oracle":
         prm = "judge"
+    params = strategy_params(PolicyStrategy.name, {"n": budget, "path": str(policy), "verifier": verifier.name})
     try:
         with _stack(engine, engine_args, _default_prm(chosen, prm), prm_args) as (eng, the_prm), \
                 Store(workspace) as store:
-            res = run_apply(store, the_task, problems, eng, the_prm, verifier, pol, budget, seed=seed,
-                            template=pol.meta.get("template"), progress=progress)
-            return {"task": the_task.identity, "budget": budget, "sampling": cands.sampling.to_dict(), **res}
+            res = run_strategy(store, the_task, eng, PolicyStrategy.name, params, cands.sampling, the_prm,
+                               limit=limit, template=pol.meta.get("template"), seed=seed,
+                               progress=(lambda k, t: progress(f"{k} candidates stored")) if progress else None)
+            grade(store, res.run_id, verifier)
+            per = selected(store, res.run_id, verifier.name)
+            decided = store.decisions(res.run_id)
+            usage = store.role_usage(res.run_id)
+            cost = run_cost(store, res.run_id)
     finally:
         _close(verifier)
+    by_bin: dict[int, list[str]] = {}
+    for pid, d in decided.items():
+        by_bin.setdefault(int(d["bin"]), []).append(pid)
+    flops = cost.get("flops", {}).get("total", 0.0) + cost.get("prm", {}).get("flops", {}).get("total", 0.0)
+    return {"task": the_task.identity, "budget": budget, "sampling": cands.sampling.to_dict(), "run_id": res.run_id,
+            "problems": len(per), "accuracy": float(sum(a for a, _ in per.values()) / max(1, len(per))),
+            "by_bin": {b: {"problems": len(pids), "accuracy": sum(per[p][0] for p in pids) / len(pids),
+                           "choice": f"{decided[pids[0]]['choice']} N={decided[pids[0]]['n']}"}
+                       for b, pids in sorted(by_bin.items())},
+            "tokens_per_problem": sum(u.get("policy", {}).get("decode", 0) for u in usage.values()) / max(1, len(usage)),
+            "flops_per_problem": flops / max(1, len(per)) if "flops" in cost else None,
+            "per_problem": {pid: {"bin": d["bin"], "choice": f"{d['choice']} N={d['n']}", "correct": per[pid][0]}
+                            for pid, d in decided.items()},
+            "difficulty": pol.difficulty.kind if pol.difficulty else None}
 
 
 def compare_models(models: list[str], task: str = "arithmetic", limit: int | None = 20, *,

@@ -4,8 +4,8 @@ training split, check it on a held-out split, and apply it to new problems.
 Fitting runs every candidate (strategy, hyperparameters) at every budget on
 every problem through `testtime.compare` (durable cells, so it resumes), then
 `testtime.policy` chooses per difficulty bin and budget on the training split.
-Applying draws the difficulty probe, bins the problems with the policy's
-stored edges and runs each bin's choice on its problems.
+Applying a policy is the `policy` strategy (`strategies/policy.py`): the
+difficulty probe, the policy's stored edges, and each bin's choice, as one run.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import InputError
-from .compare import Cell, CompareConfig, arm_from_config, cell_cost, make_arms, run_compare
+from .compare import Cell, CompareConfig, cell_cost, make_arms, run_compare
 from .difficulty import fit_difficulty
 from .engines.base import Engine
-from .flops import ModelShape, Usage
+from .flops import ModelShape
 from .report.files import png_uri, render_page, save_figure, write_json
 from .policy import AccuracyTable, Policy, budget_to_reach, evaluate_policy, select_policy
 from .rewards.base import RewardModel
-from .searchspec import DEFAULT_STRATEGY
 from .spec import SamplingParams, SpecError, stable_hash
 from .store import Store
 from .strategies import BASELINE
@@ -242,64 +241,3 @@ def policy_candidates(policy: Policy) -> Candidates:
     sampling["stop"] = tuple(sampling.get("stop") or ())
     return Candidates(tuple(c["strategies"]), dict(c.get("params") or {}), dict(c.get("grid") or {}),
                       int(c["n_max"]), int(c["bon_max"]), SamplingParams(**sampling), int(c.get("probe", 4)))
-
-
-def _pow2_at_least(k: int) -> int:
-    n = 1
-    while n < k:
-        n *= 2
-    return n
-
-
-def apply_policy(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel | None,
-                 verifier: Verifier, policy: Policy, budget: int, seed: int = 0, template: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Bin the problems by the probe, run each bin's choice at its N, and grade the
-    selected answers. The probe and every group are stored runs (a rerun resumes);
-    the probe's samples are the first samples of the independent choices' draws."""
-    if policy.difficulty is None:
-        raise SpecError("the policy has no difficulty bins")
-    cands = policy_candidates(policy)
-    if policy.difficulty.kind != "oracle" and prm is None:  # checked before anything runs
-        raise SpecError("this policy's difficulty is predicted by a reward model: give one (--prm)")
-    probe = CompareConfig((arm_from_config(DEFAULT_STRATEGY, cands.params),), n_max=_pow2_at_least(cands.probe),
-                          seeds=(seed,), sampling=cands.sampling, probe=cands.probe)
-    predicted = policy.difficulty.kind != "oracle"
-    got = run_compare(store, task, problems, engine, prm if predicted else None, verifier, probe, template=template)
-    first = next(c for c in got.cells if c.n == 1)
-    values = first.probe if predicted else first.oracle
-    bins = policy.difficulty.assign(values)
-    groups: dict[tuple[str, int], list[Problem]] = {}
-    for p in problems:
-        c = policy.choose(budget, bins[p.id])
-        groups.setdefault((c.config, c.n), []).append(p)
-    correct, tokens, chosen = {}, {}, {}
-    # the probe is part of what the policy costs
-    spent = next(c for c in got.cells if c.n == probe.n_max).usage
-    usage = {r: Usage.from_dict(spent.get(r)) for r in ("policy", "prm")}
-    runs = list(got.runs)
-    for (config, n), group in sorted(groups.items()):
-        arm = arm_from_config(config, cands.params)
-        cfg = CompareConfig((arm,), n_max=n, seeds=(seed,), sampling=cands.sampling, probe=cands.probe, only=(n,))
-        t = time.perf_counter()
-        res = run_compare(store, task, group, engine, prm, verifier, cfg, template=template)
-        cell = next(c for c in res.cells if c.n == n)
-        runs += res.runs
-        for p in group:
-            correct[p.id], tokens[p.id], chosen[p.id] = cell.correct[p.id], cell.tokens[p.id], f"{config} N={n}"
-        for role, u in cell.usage.items():
-            usage[role] += Usage.from_dict(u)
-        if progress:
-            progress(f"{config} N={n} on {len(group)} problems: {time.perf_counter() - t:.0f} s")
-    shapes = _shapes(engine, prm)
-    flops = sum(shapes[r].flops(u) for r, u in usage.items() if shapes.get(r) is not None)
-    by_bin: dict[int, list[float]] = {}
-    for pid, b in bins.items():
-        by_bin.setdefault(b, []).append(correct[pid])
-    return {"accuracy": float(np.mean(list(correct.values()))), "problems": len(problems),
-            "by_bin": {b: {"problems": len(v), "accuracy": float(np.mean(v)),
-                           "choice": f"{policy.choose(budget, b).config} N={policy.choose(budget, b).n}"}
-                       for b, v in sorted(by_bin.items())},
-            "tokens_per_problem": float(np.mean(list(tokens.values()))), "flops_per_problem": flops / len(problems),
-            "per_problem": {pid: {"bin": bins[pid], "choice": chosen[pid], "correct": correct[pid]} for pid in correct},
-            "difficulty": policy.difficulty.kind, "runs": runs}

@@ -21,7 +21,7 @@ per difficulty bin beats any single strategy at equal compute. Here:
    equal accuracy.
 
 A `Policy` is written to and read from JSON (`save` / `load`), and applied to
-new problems by `apply_policy` (which draws the difficulty probe, bins the
+new problems by the `policy` strategy (which draws the difficulty probe, bins the
 problems with the stored edges and runs each bin's choice).
 """
 

@@ -144,7 +144,8 @@ def store_result(store: Store, run_id: str, res: ProblemResult, scorer: str) -> 
     rows = [SampleRow(run_id, res.problem_id, j, c.seed, c.text, c.prompt_tokens, None, c.tokens, c.finish_reason)
             for j, c in enumerate(res.candidates)]
     scores = {j: list(c.scores) for j, c in enumerate(res.candidates) if c.scores}
-    store.add_result(run_id, res.problem_id, rows, scores, scorer, {role: u.to_dict() for role, u in res.usage.items()})
+    store.add_result(run_id, res.problem_id, rows, scores, scorer, {role: u.to_dict() for role, u in res.usage.items()},
+                     res.decision)
     return len(rows), int(res.usage["policy"].decode) if "policy" in res.usage else 0
 
 

@@ -52,7 +52,9 @@ from .strategies.base import STRATEGIES, Candidate, ProblemResult, SearchContext
 from .tasks.base import Problem
 
 SAMPLE, POLICY = "sample", "policy"
-"""The two model names that are not registered strategies: one plain sample, and a fitted policy."""
+"""Model names served apart from the registry: one plain sample, and the server's own policy
+file (the registered `policy` strategy, with the file the server was started with; a
+request can never name a file)."""
 _MODEL = re.compile(r"^([a-z_]+)(?:@(\d+))?$")
 _CHAT = PromptTemplate("serve", user="{question}")
 """Unused for prompts (each request brings its own turns); names the context's template."""
@@ -231,11 +233,11 @@ class Worker:
             for j, res in zip(jobs, self._strategy(name, jobs, params, sampling)):
                 self._finish(j, name, res)
 
-    def _finish(self, j: Job, strategy: str, res: ProblemResult, extra: dict[str, Any] | None = None) -> None:
+    def _finish(self, j: Job, strategy: str, res: ProblemResult, extra: dict[str, Any] | None = None,
+                aggregation: str | None = None) -> None:
         for u in res.usage.values():
             j.usage += u
-        agg = getattr(j.params, "aggregation", "last")
-        pick = choose(strategy, res.candidates, self.keys, agg)
+        pick = choose(strategy, res.candidates, self.keys, aggregation or getattr(j.params, "aggregation", "last"))
         answers = [self.keys.of_text(c.text) for c in res.candidates]
         chosen = answers[pick] if answers else None
         best = res.candidates[pick]
@@ -246,27 +248,14 @@ class Worker:
         j.done.set()
 
     def _policy_job(self, j: Job) -> None:
-        """Probe, bin, and run the bin's choice for one request."""
-        from .compare import PROBE_DELIMITER, arm_from_config
-        from .optimal import policy_candidates
+        """The `policy` strategy on one request: probe, bin, and the bin's choice."""
+        from .strategies.policy import run_policy
 
-        pol = self.policy
-        cands = policy_candidates(pol)
-        sampling = cands.sampling  # the sampler the policy was fitted and evaluated with
-        probe = strategy_params(DEFAULT_STRATEGY, {"n": cands.probe, "delimiter": PROBE_DELIMITER})
-        [seen] = self._strategy(DEFAULT_STRATEGY, [j], probe, sampling)
-        for u in seen.usage.values():
-            j.usage += u
-        ranks = [max(aggregate(list(c.scores), "last"), 0.0) for c in seen.candidates]
-        level = pol.difficulty.bin_of(sum(ranks) / max(1, len(ranks)))
-        choice = pol.choose(j.n, level)
-        arm = arm_from_config(choice.config, cands.params)
-        params = arm.at(choice.n)
-        if params is None:
-            raise SpecError(f"the policy's choice {choice.config} does not run at N={choice.n}")
-        j.params = params
-        [res] = self._strategy(arm.strategy, [j], params, sampling)
-        self._finish(j, arm.strategy, res, {"policy": {"bin": level, "choice": f"{choice.config} N={choice.n}"}})
+        ctx = SearchContext(self.engine, self.judge, _CHAT, j.sampling, 0)
+        [res] = list(run_policy([j.problem()], ctx, self.policy, j.n))
+        d = res.decision
+        self._finish(j, d["strategy"], res, {"policy": {"bin": d["bin"], "choice": f"{d['choice']} N={d['n']}"}},
+                     aggregation=d["params"].get("aggregation", "last"))
 
 
 def _response(job: Job, model: str) -> dict[str, Any]:
@@ -299,7 +288,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
         policy_candidates(policy)  # a policy file this version cannot run fails here, not per request
     worker = Worker(engine, judge, policy=policy)
     # independent samples first (the common case), then the step-wise strategies
-    servable = sorted((s for s in STRATEGIES.names() if judge is not None or not STRATEGIES.get(s).needs_prm),
+    servable = sorted((s for s in STRATEGIES.names() if s != POLICY and (judge is not None or not STRATEGIES.get(s).needs_prm)),
                       key=lambda s: (not trait(s, "independent"), trait(s, "selection") == "weighted", s))
 
     class Handler(BaseHTTPRequestHandler):

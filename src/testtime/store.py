@@ -99,6 +99,12 @@ CREATE TABLE IF NOT EXISTS score_usage (
     usage        TEXT NOT NULL,
     PRIMARY KEY (run_id, problem_id, sample_index, scorer)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decisions (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    decision     TEXT NOT NULL,
+    PRIMARY KEY (run_id, problem_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     run_id       TEXT NOT NULL,
     problem_id   TEXT NOT NULL,
@@ -345,10 +351,12 @@ class Store:
     # -- strategy results: candidates, step scores and usage, one problem at a time
 
     def add_result(self, run_id: str, problem_id: str, samples: list[SampleRow],
-                   scores: dict[int, list[float]], scorer: str, usage: dict[str, dict[str, float]]) -> None:
-        """Store one problem's final candidates, their step scores and what they cost,
-        in one transaction: a problem is either wholly stored or not at all, so a
-        search killed at any moment resumes at the problems it had not finished."""
+                   scores: dict[int, list[float]], scorer: str, usage: dict[str, dict[str, float]],
+                   decision: dict[str, Any] | None = None) -> None:
+        """Store one problem's final candidates, their step scores, what they cost and
+        what the strategy decided for it (`decision`: e.g. a policy's difficulty bin and
+        choice), in one transaction: a problem is either wholly stored or not at all, so
+        a search killed at any moment resumes at the problems it had not finished."""
         now = time.time()
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -367,10 +375,17 @@ class Store:
                 [(run_id, problem_id, i, scorer, k, float(v)) for i, vals in scores.items() for k, v in enumerate(vals)])
             cur.executemany("INSERT INTO usage(run_id, problem_id, role, usage) VALUES (?,?,?,?)",
                             [(run_id, problem_id, role, json.dumps(u)) for role, u in usage.items()])
+            if decision:
+                cur.execute("INSERT INTO decisions VALUES (?,?,?)", (run_id, problem_id, json.dumps(decision)))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+
+    def decisions(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """What a strategy decided per problem (only strategies that record one)."""
+        return {r[0]: json.loads(r[1]) for r in self.db.execute(
+            "SELECT problem_id, decision FROM decisions WHERE run_id = ?", (run_id,))}
 
     def finished_problems(self, run_id: str) -> set[str]:
         """Problems of a strategy run whose results are stored."""

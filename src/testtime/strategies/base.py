@@ -57,6 +57,9 @@ class ProblemResult:
     usage: dict[str, Usage] = field(default_factory=dict)
     """What this problem cost, by role: "policy" (the engine, rollouts included) and
     "prm" (the reward model; a batched scoring call is shared out by text length)."""
+    decision: dict[str, Any] = field(default_factory=dict)
+    """What the strategy decided for this problem, stored with it (a policy's bin and
+    choice); empty for strategies that decide nothing per problem."""
 
 
 @dataclass(frozen=True)
