@@ -137,3 +137,88 @@ def test_a_beam_search_run_on_the_embedded_model_is_a_run_like_any_other(tmp_pat
     assert "accuracy" in again
     with Store(ws) as store:
         assert [s.text for s in store.samples(rid)] == texts
+
+
+def test_a_bad_context_size_is_an_error_not_a_crash(tmp_path):
+    """Issue 16.12: --seq-ctx -1 printed an error then segfaulted (the model freed twice);
+    --seq-ctx 1 aborted on a GGML_ASSERT."""
+    for value in ("-1", "0", "1", "63"):
+        r = runner.invoke(app, ["sample", "--seq-ctx", value, "--limit", "1", "-n", "1", "-w", str(tmp_path)])
+        assert r.exit_code == 2 and "seq_ctx must be an integer >= 64" in r.output, (value, r.output)
+
+
+@requires_model
+@pytest.mark.model
+def test_a_context_llama_cpp_cannot_allocate_fails_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "testtime.cli", "sample", "--seq-ctx", "50000000", "--limit", "1",
+                          "-n", "1", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    # not 139 (a double free), 134 (an abort) or -9 (killed while allocating a KV cache nothing can use)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "exceed the model's training context of 8192 tokens" in " ".join(out.stderr.split())
+
+
+def test_careless_input_gets_one_line_errors_not_tracebacks(tmp_path, monkeypatch):
+    """Issue 16.13 and 16.14, each as a user hit it."""
+    from testtime import api
+    ws = tmp_path / "ws"
+
+    def run(*args):
+        r = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+        assert "Traceback" not in r.output and not isinstance(r.exception, (TypeError, OSError)), r.output
+        return r
+
+    # a single level, and arguments a task or an engine does not take
+    assert run("sample", "--engine", "toy", "--arg", "levels=2", "--limit", "2", "-n", "2", "-w", ws).exit_code == 0
+    r = run("sample", "--engine", "toy", "--arg", "levles=2", "-w", ws)
+    assert r.exit_code == 2 and "task 'arithmetic' takes no argument 'levles'" in r.output and "levels" in r.output
+    r = run("sample", "--engine", "openai", "--engine-arg", "base_ur=http://x", "-w", ws)
+    assert r.exit_code == 2 and "Did you mean 'base_url'" in r.output
+    # a workspace that is a file; a mistyped workspace for commands that only read
+    (tmp_path / "afile").write_text("x")
+    r = run("sample", "--engine", "toy", "-w", tmp_path / "afile")
+    assert r.exit_code == 2 and "is a file" in r.output
+    for cmd in (["runs"], ["report"], ["cost"], ["export", "x", tmp_path / "o.jsonl"]):
+        r = run(*cmd, "-w", tmp_path / "wss")
+        assert r.exit_code == 2 and "no testtime workspace" in r.output, (cmd, r.output)
+    assert not (tmp_path / "wss").exists()  # nothing created by a read
+    # run ids are prefixes, not patterns
+    r = run("report", "%", "-w", ws)
+    assert r.exit_code == 2 and "no run matches '%'" in r.output
+    # zero where at least one is meant
+    assert run("cost", "-n", "0", "-w", ws).exit_code == 2
+    assert run("report", "--fit-k", "0", "-w", ws).exit_code == 2
+    assert run("serve", "--port", "-1").exit_code == 2
+    # a sample that failed before its first sample leaves a run that is not "the latest"
+    from testtime.engines.toy import ToyEngine
+    from testtime.errors import InfrastructureError
+
+    class DiesAtOnce(ToyEngine):
+        def generate(self, requests):
+            raise InfrastructureError("the server went away")
+            yield
+
+    dead = tmp_path / "dead"
+    with pytest.raises(InfrastructureError):
+        api.sample("arithmetic", n=1, limit=1, engine=DiesAtOnce(), workspace=dead)
+    r = run("report", "-w", dead)
+    assert r.exit_code == 2 and "grade it first" not in r.output and "no run with samples" in r.output
+    rid = api.runs(dead)[0]["run_id"]
+    r = run("report", rid, "-w", dead)
+    assert r.exit_code == 2 and "has no samples" in r.output and "run the same command again" in r.output
+    # a corrupt database: which file, that it is corrupt, and how to recover
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "testtime.db").write_bytes(b"\x00" * 4096)
+    r = run("runs", "-w", bad)
+    assert r.exit_code == 2 and "is corrupt" in r.output and ".recover" in r.output
+    # a read-only workspace can still be listed (root ignores file modes, so the check is faked here)
+    import testtime.store as store_module
+
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: mode != store_module.os.W_OK)
+    r = run("runs", "-w", ws)
+    assert r.exit_code == 0 and "arithmetic" in r.output
+    r = run("grade", "x", "-w", ws)
+    assert r.exit_code == 2 and "read-only" in r.output

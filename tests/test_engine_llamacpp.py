@@ -171,3 +171,26 @@ def test_every_decode_presents_sequences_in_increasing_order(engine):
     multi = [s for s in seen if len(set(s.tolist())) > 1]
     assert len(multi) > 5
     assert all((s[1:] > s[:-1]).all() for s in multi)
+
+
+def test_a_model_with_damaged_weights_is_a_clear_error(tmp_path):
+    """Issue 16.9: a GGUF whose tensor data is overwritten with 0xFF loaded and sampled
+    the same garbage for every seed."""
+    import shutil
+
+    from testtime.engines._llama import default_model_path
+
+    dst = tmp_path / "damaged.gguf"
+    shutil.copy(default_model_path(), dst)
+    size = dst.stat().st_size
+    with open(dst, "r+b") as f:  # the header (and its tokenizer) stays; the weights after it do not
+        f.seek(size // 2)
+        f.write(b"\xff" * (size - size // 2))
+    engine = load_engine("llamacpp", model=str(dst), slots=2, max_prefixes=2, seq_ctx=256)
+    try:
+        req = Request(key=0, seeds=(1, 2), params=SamplingParams(max_tokens=8),
+                      messages=({"role": "user", "content": "What is 2 + 2?"},))
+        with pytest.raises(ModelError, match="first logits are not finite"):
+            list(engine.generate([req]))
+    finally:
+        engine.close()

@@ -136,3 +136,44 @@ def test_report_shows_forecast_and_cost(tmp_path):
     assert summary["cost"]["flops"]["total"] > 0
     text = page.read_text()
     assert "forecast" in text and "if no prefix were shared" in text
+
+
+def test_export_never_writes_over_the_store_or_an_existing_file(run, tmp_path):
+    """Issue 16.5: `export RUN WORKSPACE/testtime.db` replaced the database with JSONL (exit 0)."""
+    r0, ws = run
+    db = ws / "testtime.db"
+    before = db.read_bytes()[:16]
+    for target in (db, ws / "testtime.db-wal", ws / "." / "testtime.db"):
+        for force in ([], ["--force"]):
+            r = CliRunner().invoke(app, ["export", r0.run_id, str(target), *force, "-w", str(ws)])
+            assert r.exit_code == 2 and "database" in r.output, (target, force, r.output)
+    assert db.read_bytes()[:16] == before == b"SQLite format 3\x00" and api.runs(ws)
+    out_dir = tmp_path / "out"
+    other = out_dir / "other-ws"
+    Store(other).close()
+    r = CliRunner().invoke(app, ["export", r0.run_id, str(other / "testtime.db"), "--force", "-w", str(ws)])
+    assert r.exit_code == 2 and "SQLite database" in r.output
+    out = out_dir / "samples.jsonl"
+    out.write_text("keep me\n")
+    r = CliRunner().invoke(app, ["export", r0.run_id, str(out), "-w", str(ws)])
+    assert r.exit_code == 2 and "--force" in r.output and out.read_text() == "keep me\n"
+    assert CliRunner().invoke(app, ["export", r0.run_id, str(out), "--force", "-w", str(ws)]).exit_code == 0
+    assert out.read_text() != "keep me\n"
+    r = CliRunner().invoke(app, ["export", r0.run_id, str(out_dir), "-w", str(ws)])
+    assert r.exit_code == 2 and "directory" in r.output
+
+
+def test_a_failed_export_leaves_no_temporary_file(run, tmp_path, monkeypatch):
+    r0, ws = run
+
+    def broken(self, run_id):
+        yield {"problem_id": "p", "verdicts": {}}
+        raise RuntimeError("the disk filled up")
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.setattr(Store, "iter_export", broken)
+    for name in ("out.jsonl", "out.parquet"):
+        with pytest.raises(RuntimeError, match="disk filled"):
+            api.export(r0.run_id, out_dir / name, workspace=ws)
+    assert list(out_dir.iterdir()) == []  # neither the file nor a temporary one

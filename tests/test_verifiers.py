@@ -135,3 +135,62 @@ def test_a_percent_answers_its_number_and_its_hundredth(gold, answer, verdict):
 
     assert MathAnswerVerifier().verify(Problem("p", "q", gold), f"The answer is ${answer}$.").verdict == verdict
     assert bool(verify(parse(f"${gold}$"), parse(f"${answer}$"))) == (verdict == "pass")
+
+
+@pytest.mark.parametrize("gold, candidate, verdict", [
+    # issue 16.7: a different number inside another, and a hedged answer, were passed
+    ("100000", "the result is 1e100000", "fail"),
+    ("2", "So \\boxed{x = 1 \\text{ or } x = 2}", "fail"),
+    ("3", "The answer is 3 or 4.", "fail"),
+    ("5", "It could be either 5 or 6", "fail"),
+    ("5", "The answer is 1e9999999999.", "fail"),  # never built as an exact number
+    ("0", "The answer is 1e-100000.", "fail"),
+    # what stays right
+    ("1000", "The answer is 1e3.", "pass"),
+    ("2", "\\boxed{x = 2}", "pass"),
+    ("10", "So he has 10 apples left.", "pass"),
+    ("1000", "That makes 1,000 in all.", "pass"),
+    ("7", "3 + 4 = 7. The answer is 7.", "pass"),
+    ("4", "The 2nd box holds 4.", "pass"),
+    ("2", "The 2nd box holds 4.", "fail"),  # "2nd" is not the number 2
+])
+def test_hedged_or_embedded_answers_are_wrong(gold, candidate, verdict):
+    assert MathAnswerVerifier().verify(Problem("p", "q", gold), candidate).verdict == verdict
+
+
+def _in_thread(fn):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(fn).result()
+
+
+def test_math_answers_are_graded_and_keyed_alike_in_any_thread():
+    """Issue 16.6: math-verify's signal timeouts fail off the main thread, so `serve`
+    (which votes in a thread) judged and keyed answers wrongly."""
+    from testtime.select import AnswerKeys
+
+    p = Problem("p", "q", "\\frac{\\pi}{2}")
+
+    def judge():
+        return MathAnswerVerifier().verify(p, "So \\boxed{\\pi/2}.").verdict
+
+    def keys():
+        k = AnswerKeys()
+        return {k.key(a) for a in ("\\sqrt{2}", "2^{1/2}", "\\sqrt 2")}
+
+    assert judge() == "pass" and _in_thread(judge) == "pass"
+    assert len(keys()) == 1 and _in_thread(keys) == keys()
+
+
+def test_a_bounded_call_that_overruns_is_killed_and_the_next_one_works():
+    import math
+
+    from testtime.verifiers.bounded import bounded
+
+    def overrun():
+        with pytest.raises(TimeoutError, match="more than 0.5 s"):
+            bounded(time.sleep, 30, deadline=0.5)
+        return bounded(math.sqrt, 16.0)
+
+    assert _in_thread(overrun) == 4.0

@@ -89,8 +89,11 @@ def pick_verifier(store: Store, run_id: str, verifier: str | None) -> str:
     """The verifier asked for, or the run's first; a clear error when it has none of them."""
     known = store.verifiers(run_id)
     if verifier is None:
+        if not known and not store.db.execute("SELECT 1 FROM samples WHERE run_id = ? LIMIT 1", (run_id,)).fetchone():
+            raise InputError(f"run {run_id} has no samples: its sampling failed or was stopped before the first "
+                             "sample; run the same command again to draw them")
         if not known:
-            raise InputError(f"run {run_id} has no verdicts yet: grade it first")
+            raise InputError(f"run {run_id} has no verdicts yet: grade it first (testtime grade {run_id})")
         return known[0]
     if verifier not in known:
         raise InputError(f"run {run_id} has no verdicts from {verifier!r}; it has: {', '.join(known) or 'none'}")

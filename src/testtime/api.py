@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
-from .errors import NotFoundError
+from .errors import InputError, NotFoundError
 from .report import write_report
 from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
 from .searchspec import DEFAULT_STRATEGY, SearchSpec
@@ -135,7 +135,9 @@ def regrade(run_id: str, verifier: str | None = None, workspace: str | Path | No
             verifier_args: dict[str, Any] | None = None) -> int:
     """Grade a stored run's samples that this verifier has not judged yet; returns how many.
     The default verifier is `code` for a run of code problems, else `math_answer`."""
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
+        if store.read_only:
+            raise InputError(f"workspace {store.workspace} is read-only; grading writes verdicts into it")
         rid = store.resolve_run(run_id)
         if verifier is None:
             problems = store.problems(rid)
@@ -149,7 +151,7 @@ def regrade(run_id: str, verifier: str | None = None, workspace: str | Path | No
 
 def grading_info(run_id: str, verifier: str, workspace: str | Path | None = None) -> dict[str, Any] | None:
     """What a verifier recorded about grading a run (for code: the sandbox's isolation)."""
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
         return store.grading_info(store.resolve_run(run_id), verifier)
 
 
@@ -159,7 +161,7 @@ def summary(run_id: str, workspace: str | Path | None = None, verifier: str | No
     (its analysis is `Run.analysis()`)."""
     from .analysis import is_strategy_run, pick_verifier, search_summary
 
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
         rid = store.resolve_run(run_id)
         spec = store.run_spec(rid).to_dict()
         if not is_strategy_run(spec):
@@ -172,34 +174,40 @@ def format_check(run_id: str, workspace: str | Path | None = None) -> dict[str, 
     """Samples that ran to max tokens writing chat control text (see `analysis.format_check`)."""
     from .analysis import format_check as check
 
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
         return check(store, store.resolve_run(run_id))
 
 
 def report(run_id: str | None = None, workspace: str | Path | None = None, verifier: str | None = None,
            fit_k: int | None = None, prices: str | None = None) -> Path:
     """Write the report of a run (default: the latest) and return the HTML page's path."""
-    with Store(workspace) as store:
+    if fit_k is not None and fit_k < 4:
+        raise InputError(f"fit_k must be >= 4 (the power law is fitted on k = 1, 2, 4, ... <= fit_k, at least 3 "
+                         f"values), got {fit_k}")
+    with Store(workspace, create=False) as store:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
-            raise NotFoundError(f"no runs in {store.path}")
+            raise NotFoundError(f"no run with samples in {store.path}")
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
 def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
     """Summaries of every run in a workspace, oldest first."""
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
         return store.runs()
 
 
 def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str | Path | None = None, *,
-           verifier: str | None = None, drop_shots: bool = False, pairs_per_problem: int = 4) -> Path:
+           verifier: str | None = None, drop_shots: bool = False, pairs_per_problem: int = 4,
+           force: bool = False) -> Path:
     """Write a run's samples with their verdicts to JSONL or Parquet; or, with fmt
     'sft' or 'dpo', its verified samples as training data in TRL's formats
-    (see `testtime.export`)."""
+    (see `testtime.export`). An existing file is replaced only with `force`, and
+    the workspace's database (or its journal files) never, whatever `force` says."""
     from .export import dpo_rows, sft_rows, write_jsonl
 
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
+        store.check_writable_target(path, force)
         rid = store.resolve_run(run_id)
         if fmt == "sft":
             return write_jsonl(sft_rows(store, rid, verifier, drop_shots), path)[0]
@@ -212,12 +220,14 @@ def cost(run_id: str | None = None, workspace: str | Path | None = None, prices:
          n: int | None = None, shape_from: str | None = None) -> dict[str, Any]:
     """FLOPs (prefill and decode; computed and as if no prefix were shared) and
     dollars of a run's samples (the first n per problem if given)."""
+    if n is not None and n < 1:
+        raise InputError(f"n must be >= 1 (the first n samples of each problem), got {n}")
     from .analysis import run_cost
 
-    with Store(workspace) as store:
+    with Store(workspace, create=False) as store:
         rid = store.resolve_run(run_id) if run_id else store.latest_run()
         if rid is None:
-            raise NotFoundError(f"no runs in {store.path}")
+            raise NotFoundError(f"no run with samples in {store.path}")
         return {"run_id": rid, **run_cost(store, rid, prices, n, shape_from)}
 
 

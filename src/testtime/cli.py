@@ -515,10 +515,14 @@ def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefi
 @app.command()
 def runs(workspace: Optional[Path] = WorkspaceOpt):
     """List the runs in a workspace."""
+    try:
+        listed = api.runs(workspace)
+    except USER_ERRORS as e:
+        _fail(e)
     t = Table()
     for col in ("run", "label", "task", "model", "strategy", "problems", "samples", "n", "tokens", "status"):
         t.add_column(col, overflow="fold")
-    for r in api.runs(workspace):
+    for r in listed:
         spec = r["spec"]
         t.add_row(r["run_id"], r["label"] or "", spec["task"]["name"], spec["model"].get("model", spec["model"]["engine"]).removesuffix(".gguf"),
                   spec["strategy"]["name"],
@@ -545,18 +549,20 @@ def export(run_id: str, path: Path,
            verifier: Optional[str] = typer.Option(None, help="sft/dpo: whose verdicts decide \\[default: the run's only one]"),
            drop_shots: bool = typer.Option(False, help="sft/dpo: leave the few-shot turns out of the prompt"),
            pairs_per_problem: int = typer.Option(4, help="dpo: most (chosen, rejected) pairs per problem"),
+           force: bool = typer.Option(False, "--force", help="Replace the file if it exists (never the workspace's "
+                                                           "database)"),
            workspace: Optional[Path] = WorkspaceOpt):
     """Export a run's samples and verdicts (JSONL, Parquet), or its verified samples as
     training data for TRL: sft (prompt-completion) or dpo (chosen/rejected pairs)."""
     try:
         out.print(str(api.export(run_id, path, fmt, workspace, verifier=verifier, drop_shots=drop_shots,
-                                 pairs_per_problem=pairs_per_problem)))
+                                 pairs_per_problem=pairs_per_problem, force=force)))
     except USER_ERRORS as e:
         _fail(e)
 
 
 @app.command()
-def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000, min=0, max=65535),
           engine: str = EngineOpt, model: Optional[Path] = ModelOpt, chat_template: Optional[str] = ChatTemplateOpt,
           engine_arg: List[str] = EngineArgOpt,
           upstream: Optional[str] = typer.Option(None, help="Shorthand for --engine openai --engine-arg base_url=URL: "

@@ -8,8 +8,8 @@ a config or on the command line is caught at once, before a model loads.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
-from .errors import NotFoundError
+from typing import Any, Callable, Generic, TypeVar
+from .errors import InputError, NotFoundError
 
 T = TypeVar("T")
 
@@ -45,11 +45,39 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(known) or '(none)'}"
             ) from None
 
+    def build(self, name: str, **kwargs: Any) -> Any:
+        """The named implementation built with keyword arguments, checked against its
+        signature first: an unknown argument (`--arg`, `--engine-arg`, `--prm-arg`) is an
+        error that names it and lists the ones it takes, not a TypeError from inside."""
+        factory = self.get(name)
+        check_arguments(f"{self.kind} {name!r}", factory, kwargs)
+        return factory(**kwargs)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def check_arguments(what: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Raise InputError for keyword arguments `factory` does not take (a factory with
+    **kwargs takes anything)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"{what} takes no argument {', '.join(map(repr, unknown))}.{hint} "
+                         f"It takes: {', '.join(names) or '(none)'}")
 
 
 DEFAULT_STRATEGY = "repeated_sampling"

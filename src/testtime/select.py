@@ -18,6 +18,7 @@ import re
 from collections import defaultdict
 from typing import Sequence
 
+from .verifiers.bounded import bounded
 from .verifiers.math_answer import arithmetic_value, as_number, extract_answer
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
@@ -75,17 +76,25 @@ class AnswerKeys:
         text = _SPACES.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
         if self.use_math_verify and len(answer) <= self.max_chars:
             try:
-                from math_verify import parse
-
-                parsed = parse(f"${answer}$", parsing_timeout=2)
-                if parsed:
-                    value = parsed[0]
-                    if getattr(value, "is_Rational", False):  # \\sqrt{4}, 2^3: plain numbers after all
-                        return f"num:{value.p}/{value.q}"
-                    return f"expr:{value}"
-            except Exception:  # noqa: BLE001 - unparseable answers fall back to text
+                key = bounded(math_verify_key, answer, 2, deadline=15)
+                if key is not None:
+                    return key
+            except Exception:  # noqa: BLE001 - unparseable (or overrunning) answers fall back to text
                 pass
         return f"text:{text}"
+
+
+def math_verify_key(answer: str, timeout_s: int) -> str | None:
+    """math-verify's reading of an answer as a key, in a main thread (see `bounded`)."""
+    from math_verify import parse
+
+    parsed = parse(f"${answer}$", parsing_timeout=timeout_s)
+    if not parsed:
+        return None
+    value = parsed[0]
+    if getattr(value, "is_Rational", False):  # \\sqrt{4}, 2^3: plain numbers after all
+        return f"num:{value.p}/{value.q}"
+    return f"expr:{value}"
 
 
 def majority_vote(keys: Sequence[str | None]) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .errors import InputError, NotFoundError
+from .errors import InfrastructureError, InputError, NotFoundError
 from .files import atomic_path
 from .spec import RunSpec
 
@@ -174,21 +174,65 @@ def resolve_workspace(workspace: str | os.PathLike | None = None) -> Path:
     return Path(workspace or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE)
 
 
+def _rollback(cur: sqlite3.Cursor) -> None:
+    """Roll back after a failure, keeping the failure: when SQLite has already rolled
+    back itself (a full disk), ROLLBACK raises "cannot rollback", which would hide the
+    real cause."""
+    try:
+        cur.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _open_error(path: Path, e: sqlite3.DatabaseError) -> Exception:
+    """What to tell a user whose workspace database cannot be opened."""
+    msg = str(e)
+    if "not a database" in msg or "malformed" in msg:
+        return InputError(f"{path} is corrupt ({msg}). Keep a copy, then recover what can be read with "
+                          f"`sqlite3 {path} .recover | sqlite3 recovered.db` and use recovered.db's folder as -w")
+    if "readonly" in msg or "unable to open" in msg:
+        return InputError(f"cannot write the workspace database {path} ({msg}); is the folder writable? "
+                          "Copy the workspace somewhere writable to read it")
+    if "disk" in msg and "full" in msg or "SQLITE_FULL" in msg:
+        return InfrastructureError(f"the disk holding {path} is full ({msg}); free space and run again")
+    return InfrastructureError(f"cannot open the workspace database {path}: {msg}")
+
+
 class Store:
     """Access to one workspace's database. Cheap to open; one per process or thread."""
 
-    def __init__(self, workspace: str | os.PathLike | None = None):
+    def __init__(self, workspace: str | os.PathLike | None = None, create: bool = True):
+        """create=False (commands that only read): a workspace that does not exist is an
+        error, so a mistyped -w never silently answers from a new, empty workspace."""
         self.workspace = resolve_workspace(workspace)
-        self.workspace.mkdir(parents=True, exist_ok=True)
         self.path = self.workspace / DB_NAME
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a committed transaction survives a killed process
-        # (the WAL is in the OS page cache); only a power cut can lose the last ones.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        self._migrate()
+        if self.workspace.exists() and not self.workspace.is_dir():
+            raise InputError(f"workspace {self.workspace} is a file, not a folder; choose another -w")
+        if not create and not self.path.is_file():
+            raise NotFoundError(f"no testtime workspace at {self.workspace} (no {DB_NAME} there); check -w or "
+                                f"${ENV_WORKSPACE}")
+        if not create and not os.access(self.workspace, os.W_OK):
+            # a read-only workspace (a shared copy, a mounted archive) can still be read
+            self.db = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.read_only = True
+            return
+        self.read_only = False
+        try:
+            self.workspace.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create workspace {self.workspace}: {e.strerror}") from None
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed transaction survives a killed process
+            # (the WAL is in the OS page cache); only a power cut can lose the last ones.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise _open_error(self.path, e) from None
 
     def _migrate(self) -> None:
         """Bring a workspace written by an earlier version up to this schema, in one
@@ -209,7 +253,7 @@ class Store:
                 cur.execute("DROP TABLE samples_v1")
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
 
     def close(self) -> None:
@@ -229,7 +273,7 @@ class Store:
             count = cur.rowcount
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
         return count
 
@@ -256,7 +300,7 @@ class Store:
             )
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
         return run_id
 
@@ -269,7 +313,8 @@ class Store:
     def resolve_run(self, prefix: str) -> str:
         """A run id from a unique prefix of it, or a label."""
         rows = self.db.execute(
-            "SELECT run_id FROM runs WHERE run_id LIKE ? OR label = ?", (prefix + "%", prefix)
+            # a prefix by comparison, not LIKE: '%' and '_' in what the user typed are characters
+            "SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? OR label = ?", (len(prefix), prefix, prefix)
         ).fetchall()
         ids = sorted({r["run_id"] for r in rows})
         if not ids:
@@ -280,7 +325,10 @@ class Store:
         return ids[0]
 
     def latest_run(self) -> str | None:
-        row = self.db.execute("SELECT run_id FROM runs ORDER BY created DESC LIMIT 1").fetchone()
+        """The run created last that holds a sample (a run whose sampling failed before
+        its first sample is not what `report` or `cost` without a run id means)."""
+        row = self.db.execute("SELECT run_id FROM runs r WHERE EXISTS (SELECT 1 FROM samples s WHERE "
+                              "s.run_id = r.run_id) ORDER BY created DESC LIMIT 1").fetchone()
         return row["run_id"] if row else None
 
     def problems(self, run_id: str) -> list[dict[str, Any]]:
@@ -379,7 +427,7 @@ class Store:
                 cur.execute("INSERT INTO decisions VALUES (?,?,?)", (run_id, problem_id, json.dumps(decision)))
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
 
     def decisions(self, run_id: str) -> dict[str, dict[str, Any]]:
@@ -409,7 +457,7 @@ class Store:
                                 [(run_id, pid, i, scorer, json.dumps(u)) for (pid, i, _), u in zip(rows, usage)])
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            _rollback(cur)
             raise
         return count
 
@@ -565,6 +613,24 @@ class Store:
                 "flops_unshared": shape.flops(u, shared=False) if shape else None,
                 "verdicts": verdicts.get((s.problem_id, s.sample_index), {}),
             }
+
+    def check_writable_target(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Refuse to write an output file over this store's database or its journals (ever),
+        over a directory, or over any existing file unless `force`."""
+        target = Path(path).resolve()
+        db = self.path.resolve()
+        if target in {db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                      db.with_name(db.name + "-journal")}:
+            raise InputError(f"{path} is this workspace's database: writing there would destroy every stored run; "
+                             "choose another file")
+        if target.is_dir():
+            raise InputError(f"{path} is a directory; give a file name (e.g. {Path(path) / 'samples.jsonl'})")
+        if target.exists() and not force:
+            raise InputError(f"{path} exists; pass --force to replace it")
+        if target.exists() and target.is_file():
+            with open(target, "rb") as f:  # another workspace's database is still a database
+                if f.read(16) == b"SQLite format 3\x00":
+                    raise InputError(f"{path} is a SQLite database (a testtime workspace?); choose another file")
 
     def export(self, run_id: str, path: str | os.PathLike, fmt: str | None = None) -> Path:
         """Write a run's samples to JSONL or Parquet (chosen by `fmt` or the file suffix).

@@ -143,6 +143,14 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        if n_ctx // max(1, n_seq) > self.n_ctx_train:
+            # llama.cpp would try to allocate the KV cache anyway (gigabytes for a large
+            # seq_ctx, until the kernel kills the process); no sequence can use it
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+            raise ModelError(f"{self.path}: {n_ctx // max(1, n_seq)} KV cells per sequence (seq_ctx) exceed the "
+                             f"model's training context of {self.n_ctx_train} tokens; use --seq-ctx "
+                             f"{self.n_ctx_train} or less")
 
         threads = n_threads or os.cpu_count() or 1
         cparams = llama_cpp.llama_context_default_params()
@@ -161,6 +169,7 @@ class LlamaModel:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
+            self.model = None  # freed: close() and __del__ must not free it again (a double free segfaults)
             raise ModelError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq={n_seq}) for {self.path}")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)

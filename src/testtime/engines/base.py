@@ -109,4 +109,4 @@ ENGINES: Registry[Callable[..., Engine]] = Registry("engine")
 
 
 def load_engine(name: str, **kwargs: Any) -> Engine:
-    return ENGINES.get(name)(**kwargs)
+    return ENGINES.build(name, **kwargs)

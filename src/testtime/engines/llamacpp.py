@@ -111,6 +111,10 @@ class _Slot:
         return len(self.job.tokens) + len(self.ids) - 1
 
 
+MIN_SEQ_CTX = 64
+"""Fewest KV cells per sequence: below this no prompt fits, and llama.cpp asserts."""
+
+
 @ENGINES.register("llamacpp")
 class LlamaCppEngine:
     """Batched, prefix-sharing generation with llama.cpp (CPU or whatever it was built for)."""
@@ -135,6 +139,10 @@ class LlamaCppEngine:
         """
         if slots < 1 or max_prefixes < 1:
             raise InputError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
+        if not isinstance(seq_ctx, int) or seq_ctx < MIN_SEQ_CTX:
+            # checked here: llama.cpp aborts (GGML_ASSERT) on a tiny context instead of failing
+            raise InputError(f"seq_ctx must be an integer >= {MIN_SEQ_CTX} (KV cells per sequence: the prompt plus "
+                             f"max_tokens), got {seq_ctx!r}")
         n_seq = slots + max_prefixes
         if n_seq > 256:
             raise InputError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
@@ -145,6 +153,7 @@ class LlamaCppEngine:
         self.seq_ctx = self.llm.n_ctx // n_seq
         self.template, self.template_origin = self._resolve_template(chat_template)
         self._fingerprint = fingerprint(self.llm.path)
+        self._logits_checked = False
         self._shape: ModelShape | None = None
         self._free_slots = set(range(slots))
         self._free_prefix_seqs = list(range(n_seq - 1, slots - 1, -1))
@@ -355,6 +364,18 @@ class LlamaCppEngine:
         p.done = end
         if out[-1]:
             p.logits = np.array(logits[0])  # copy: the buffer is reused by the next decode
+            if not self._logits_checked:
+                self._check_logits(p.logits)
+
+    def _check_logits(self, row: np.ndarray) -> None:
+        """Once per engine, on the first logits it computes: a model whose weights are
+        damaged (overwritten bytes, a truncated download that still parses) gives NaN or
+        infinite logits, and would otherwise sample the same garbage for every seed."""
+        self._logits_checked = True
+        if not np.isfinite(row).all():
+            bad = int((~np.isfinite(row)).sum())
+            raise ModelError(f"{self.llm.path}: the model's first logits are not finite ({bad} of {row.size} "
+                             "values are NaN or infinite); its weights are damaged: download it again")
 
     # -- samples -----------------------------------------------------------
 

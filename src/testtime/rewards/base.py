@@ -42,7 +42,7 @@ REWARD_MODELS: Registry[Callable[..., RewardModel]] = Registry("reward model")
 
 
 def load_reward_model(name: str, **kwargs: Any) -> RewardModel:
-    return REWARD_MODELS.get(name)(**kwargs)
+    return REWARD_MODELS.build(name, **kwargs)
 
 
 def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:

@@ -51,7 +51,7 @@ TASKS: Registry[Callable[..., Task]] = Registry("task")
 
 def load_task(name: str, **kwargs: Any) -> Task:
     """Build a registered task by name with its keyword arguments."""
-    return TASKS.get(name)(**kwargs)
+    return TASKS.build(name, **kwargs)
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -42,4 +42,4 @@ VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier")
 
 
 def load_verifier(name: str, **kwargs) -> Verifier:
-    return VERIFIERS.get(name)(**kwargs)
+    return VERIFIERS.build(name, **kwargs)

@@ -17,7 +17,8 @@ one problem repeat the same few answers many times over.
 
 Answers are untrusted model output: an answer longer than `max_answer_chars` or
 nested deeper than `max_depth` gets a `fail` without being parsed, and SymPy
-runs under math-verify's own timeouts.
+runs under math-verify's own timeouts, which need the main thread; from any other
+thread the call goes to a worker process with a hard deadline (`bounded`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import re
 from fractions import Fraction
 
 from ..tasks.base import Problem
+from .bounded import bounded
 from .base import VERIFIERS, Verdict
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\d.]*[a-zA-Z_])|-?\.\d+"
+"""A number, with an exponent if it has one ("1e100000" is one number, never 100000),
+and not the start of a word ("3x", "2nd", "10km" are not numbers here)."""
 _NUMBER_RE = re.compile(_NUMBER)
 _ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)[:\s]*", re.IGNORECASE)
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
@@ -103,12 +107,24 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     return None, "none"
 
 
+_MAX_EXPONENT = 400
+"""Larger exponents are never a reference's value; building the exact number would
+take the machine (10^(10^10))."""
+
+
+def _out_of_range(number: str) -> bool:
+    exp = re.search(r"[eE]([+-]?\d+)\s*$", number.strip().rstrip(".%"))
+    return bool(exp) and abs(int(exp.group(1))) > _MAX_EXPONENT
+
+
 def as_number(answer: str) -> Fraction | None:
     """A plain numeric answer as an exact fraction; None when it is not one."""
     m = _PLAIN_NUMBER_RE.match(answer)
     if not m:
         return None
     s = m.group(1).replace(",", "").replace(" ", "")
+    if _out_of_range(s):
+        return None
     try:
         if "/" in s:
             num, den = s.split("/")
@@ -126,8 +142,11 @@ _OPERATOR_RE = re.compile(r"[\d+*/^=<>×÷]|\\(?:times|cdot|div|frac|sqrt)|\s[x-
 
 def leading_number(answer: str) -> Fraction | None:
     """A number followed only by words: "22, which is the final answer" -> 22, and
-    after an equation's last "=" ("N = 4.5" -> 4.5). None when anything after the
-    number could be mathematics (digits, operators), so that goes to math-verify."""
+    after an equation's "=" ("N = 4.5" -> 4.5). None when anything after the
+    number could be mathematics (digits, operators), so that goes to math-verify,
+    and None for several equations ("x = 1 or x = 2" states two answers)."""
+    if answer.count("=") > 1:
+        return None
     if "=" in answer:
         left, right = answer.rsplit("=", 1)
         answer = right if any(ch.isdigit() for ch in right) else left  # "24208 = N"
@@ -202,7 +221,6 @@ class MathAnswerVerifier:
         self.max_depth = max_depth
         self.timeout_s = timeout_s
         self._cache: dict[tuple[str, str], Verdict] = {}
-        self._gold: dict[str, object] = {}
 
     def verify(self, problem: Problem, candidate: str) -> Verdict:
         if problem.answer is None:
@@ -222,7 +240,12 @@ class MathAnswerVerifier:
             return Verdict("fail", f"answer longer than {self.max_answer_chars} characters", answer[:80])
         if _depth(answer) > self.max_depth:
             return Verdict("fail", f"answer nested deeper than {self.max_depth}", answer[:80])
+        if _HEDGE_RE.search(answer) and len(_NUMBER_RE.findall(answer)) > 1:
+            # "x = 1 or x = 2", "3 or 4": several answers offered, so none is given
+            return Verdict("fail", f"hedged: several answers offered ({rule})", answer)
         gold_num, cand_num = as_number(problem.answer), as_number(answer)
+        if gold_num is not None and _PLAIN_NUMBER_RE.match(answer) and _out_of_range(answer):
+            return Verdict("fail", f"numeric, exponent beyond 1e{_MAX_EXPONENT} ({rule})", answer)
         if gold_num is not None and cand_num is None:
             cand_num = leading_number(answer)
         if gold_num is not None and cand_num is None:
@@ -246,27 +269,43 @@ class MathAnswerVerifier:
         return self._math_verify(problem, answer, rule, gold_num)
 
     def _math_verify(self, problem: Problem, answer: str, rule: str, gold_num: Fraction | None = None) -> Verdict:
+        gold = None if gold_num is None else (gold_num.numerator, gold_num.denominator)
         try:
-            from math_verify import parse, verify
+            verdict, reason = bounded(math_verify_judge, problem.answer, answer, gold, self.timeout_s,
+                                      deadline=4 * self.timeout_s + 10)
         except ImportError as e:  # the harness is broken, not the model
             return Verdict("infra_error", f"math-verify unavailable: {e}", answer)
-        try:
-            if problem.id not in self._gold:
-                self._gold[problem.id] = parse(_as_latex(problem.answer), parsing_timeout=self.timeout_s)
-            gold = self._gold[problem.id]
-            pred = parse(_as_latex(answer), parsing_timeout=self.timeout_s)
-            if not gold:
-                return Verdict("infra_error", f"reference answer {problem.answer!r} does not parse", answer)
-            if not pred:
-                return Verdict("fail", f"answer does not parse ({rule})", answer)
-            if gold_num is not None and _far_from(gold_num, gold, pred, self.timeout_s):
-                return Verdict("fail", f"numeric reference, a constant of another value ({rule})", answer)
-            ok = verify(gold, pred, timeout_seconds=self.timeout_s)
         except TimeoutError:
             return Verdict("timeout", "math-verify timed out", answer)
-        except Exception as e:  # noqa: BLE001 - SymPy raises anything on hostile input
-            return Verdict("fail", f"answer could not be compared: {type(e).__name__}", answer)
-        return Verdict("pass" if ok else "fail", f"math-verify ({rule})", answer)
+        return Verdict(verdict, reason.format(rule=rule), answer)
+
+
+_GOLD: dict[str, object] = {}
+"""Parsed references, per process (the worker process keeps its own)."""
+
+
+def math_verify_judge(reference: str, answer: str, gold: tuple[int, int] | None, timeout_s: int) -> tuple[str, str]:
+    """(verdict, reason) from math-verify, with its own signal-based timeouts; so it must
+    run in a main thread (`bounded` sees to that). `reason` has a {rule} slot."""
+    from math_verify import parse, verify
+
+    try:
+        if reference not in _GOLD:
+            _GOLD[reference] = parse(_as_latex(reference), parsing_timeout=timeout_s)
+        parsed_gold = _GOLD[reference]
+        pred = parse(_as_latex(answer), parsing_timeout=timeout_s)
+        if not parsed_gold:
+            return "infra_error", f"reference answer {reference!r} does not parse"
+        if not pred:
+            return "fail", "answer does not parse ({rule})"
+        if gold is not None and _far_from(Fraction(*gold), parsed_gold, pred, timeout_s):
+            return "fail", "numeric reference, a constant of another value ({rule})"
+        ok = verify(parsed_gold, pred, timeout_seconds=timeout_s)
+    except TimeoutError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SymPy raises anything on hostile input
+        return "fail", f"answer could not be compared: {type(e).__name__}"
+    return ("pass" if ok else "fail"), "math-verify ({rule})"
 
 
 def _far_from(gold_num: Fraction, gold: list, pred: list, timeout_s: int) -> bool:
@@ -302,6 +341,7 @@ def _far_from(gold_num: Fraction, gold: list, pred: list, timeout_s: int) -> boo
 
 
 _PERCENT_END_RE = re.compile(r"\\?%\s*$")
+_HEDGE_RE = re.compile(r"(?<![a-zA-Z])(?:or|either)(?![a-zA-Z])|\\lor|\\vee", re.IGNORECASE)
 
 
 def _as_latex(s: str) -> str:
