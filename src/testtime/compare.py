@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .analysis import graded_samples
+from .analysis import graded_samples, selected
 from .engines.base import Engine
 from .flops import Usage
 from .metrics import pass_at_k, selection_at_k
@@ -258,24 +258,13 @@ def _independent_cells(store: Store, run_id: str, arm: Arm, ids: list[str], cfg:
     return cells
 
 
-def _strategy_cell(store: Store, run_id: str, arm: Arm, n: int, ids: list[str], seed: int, scorer: str | None,
-                   verifier: str, keys: AnswerKeys) -> Cell:
-    """A step-wise arm's cell: per problem, the answer its candidates select."""
-    graded = graded_samples(store, run_id, verifier)
-    scores = store.step_scores(run_id, scorer) if scorer else {}
+def _strategy_cell(store: Store, run_id: str, arm: Arm, n: int, ids: list[str], seed: int, verifier: str) -> Cell:
+    """A step-wise arm's cell: per problem, the answer its candidates select (`analysis.selected`)."""
+    chosen = selected(store, run_id, verifier, arm.values.get("aggregation", "last"))
     recorded = store.role_usage(run_id)
-    agg = arm.values.get("aggregation", "last")
-    correct, tokens = {}, {}
-    for pid in ids:
-        items = graded.get(pid, [])
-        ks = [keys.of_text(t) for _, t, _ in items]
-        ok = [p for _, _, p in items]
-        ranks = [max(aggregate(scores.get((pid, i), []), agg), 0.0) for i, _, _ in items]
-        weighted = arm.weighted and any((pid, i) in scores for i, _, _ in items)
-        correct[pid] = selection_at_k(ks, ok, len(ks), "weighted" if weighted else "vote",
-                                      ranks if weighted else None).mean if ks else 0.0
-        # everything generated for the problem: pruned paths and rollouts included
-        tokens[pid] = float(recorded.get(pid, {}).get("policy", {}).get("decode", 0.0))
+    correct = {pid: chosen[pid][0] if pid in chosen else 0.0 for pid in ids}
+    # everything generated for the problem: pruned paths and rollouts included
+    tokens = {pid: float(recorded.get(pid, {}).get("policy", {}).get("decode", 0.0)) for pid in ids}
     usage = {role: _sum_usage({pid: r[role] for pid, r in recorded.items() if role in r}, ids).to_dict()
              for role in ("policy", "prm")}
     return Cell(arm.label, n, seed, correct, tokens, {}, usage, {}, run_id)
@@ -322,8 +311,7 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
                                        template=template, seed=seed, problems=problems)
                     grade(store, res.run_id, verifier)
                     runs.append({"arm": arm.label, "seed": seed, "n": n, "run_id": res.run_id})
-                    cells.append(_strategy_cell(store, res.run_id, arm, n, ids, seed,
-                                                scorer_name(prm) if prm is not None else None, verifier.name, keys))
+                    cells.append(_strategy_cell(store, res.run_id, arm, n, ids, seed, verifier.name))
             if progress:
                 progress(f"{arm.label} seed {seed}: {time.perf_counter() - t:.0f} s")
     return Comparison(key, cells, runs)

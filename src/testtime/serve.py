@@ -237,6 +237,10 @@ class Worker:
                 aggregation: str | None = None) -> None:
         for u in res.usage.values():
             j.usage += u
+        if not res.candidates:
+            j.error = RuntimeError(f"{strategy} finished this request without a candidate")
+            j.done.set()
+            return
         pick = choose(strategy, res.candidates, self.keys, aggregation or getattr(j.params, "aggregation", "last"))
         answers = [self.keys.of_text(c.text) for c in res.candidates]
         chosen = answers[pick] if answers else None
