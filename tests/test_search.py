@@ -273,6 +273,7 @@ def test_compare_sweeps_budgets_as_stored_runs_and_resumes(tmp_path):
         summary = search_summary(store, beam.run_id, "math_answer", "min")
         assert summary["accuracy"] == pytest.approx(np.mean(list(beam.correct.values())))
         assert store.run_spec(beam.run_id).strategy["name"] == "beam_search" and store.run_spec(beam.run_id).seed == 1
+        assert store.resolve_run(f"compare-{got.key}/beam_search/N=4/seed=1") == beam.run_id  # found by its label
         calls = len(eng.calls)
         again = run_compare(store, task, problems, eng, MazePRM(), MathAnswerVerifier(), cfg, template="plain")
         assert again.key == got.key and len(eng.calls) == calls  # all stored: nothing re-run

@@ -273,7 +273,9 @@ def _strategy_cell(store: Store, run_id: str, arm: Arm, n: int, ids: list[str], 
 def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engine, prm: RewardModel | None,
                 verifier: Verifier, cfg: CompareConfig, template: str | None = None,
                 progress: Callable[[str], None] | None = None) -> Comparison:
-    """Run (or find in the store) every run the comparison needs and read its cells."""
+    """Run (or find in the store) every run the comparison needs and read its cells. Each
+    run is labelled by the comparison that last used it (`compare-<key>/<arm>/N=<n>/seed=<s>`),
+    so `testtime report LABEL` finds a point by name."""
     needs = sorted({a.strategy for a in cfg.arms if a.needs_prm})
     if prm is None and needs:
         raise SpecError(f"strategies {', '.join(needs)} need a reward model (--prm judge, or --prm served "
@@ -292,7 +294,7 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
             if arm.independent:
                 if draw is None:
                     draw = draw_samples(store, task, engine, cfg.n_max, cfg.sampling, template=template, seed=seed,
-                                        problems=problems).run_id
+                                        problems=problems, label=f"compare-{key}/samples/seed={seed}").run_id
                     grade(store, draw, verifier)
                     runs.append({"arm": "independent samples", "seed": seed, "n": cfg.n_max, "run_id": draw})
                 probe_scorer = scorer = None
@@ -308,7 +310,8 @@ def run_compare(store: Store, task: Task, problems: list[Problem], engine: Engin
             else:
                 for n in cfg.budgets(arm):
                     res = run_strategy(store, task, engine, arm.strategy, arm.at(n), cfg.sampling, prm,
-                                       template=template, seed=seed, problems=problems)
+                                       template=template, seed=seed, problems=problems,
+                                       label=f"compare-{key}/{arm.label}/N={n}/seed={seed}")
                     grade(store, res.run_id, verifier)
                     runs.append({"arm": arm.label, "seed": seed, "n": n, "run_id": res.run_id})
                     cells.append(_strategy_cell(store, res.run_id, arm, n, ids, seed, verifier.name))
