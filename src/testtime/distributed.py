@@ -175,23 +175,24 @@ def run_sharded(store: Store, task: Task, engine: str, engine_args: dict[str, An
     actor handles whenever they change (tests use it to kill one)."""
     if n < 1 or unit < 1:
         raise SpecError(f"n and unit must be >= 1, got n={n}, unit={unit}")
-    pool = _Pool(engine, engine_args, actors, actor_cpus, actor_gpus, None, ray_address, restart_dead, max_restarts,
-                 on_actors)
-    problems = task.problems(limit)
+    problems = task.problems(limit)  # before any actor starts: a bad task argument fails here
     by_id = {p.id: p for p in problems}
     tmpl, params = template_sampling(task, template, params)
-    spec = RunSpec(model=pool.identity, task=task.identity, template=tmpl.identity(), sampling=params, seed=seed)
-    run_id = store.register_run(spec, n, problems, label=label)
-    pool.record_shapes(store, run_id)
-
-    def call(actor: Any, pids: list[str]) -> Any | None:
-        reqs = list(sample_requests([by_id[pid] for pid in pids], store.missing(run_id, pids, n), tmpl, params, seed))
-        return actor.sample.remote(reqs) if reqs else None
-
-    ids = [p.id for p in problems]
-    drawn = tokens = ended = 0
-    start = time.perf_counter()
+    pool = _Pool(engine, engine_args, actors, actor_cpus, actor_gpus, None, ray_address, restart_dead, max_restarts,
+                 on_actors)
     try:
+        spec = RunSpec(model=pool.identity, task=task.identity, template=tmpl.identity(), sampling=params, seed=seed)
+        run_id = store.register_run(spec, n, problems, label=label)
+        pool.record_shapes(store, run_id)
+
+        def call(actor: Any, pids: list[str]) -> Any | None:
+            reqs = list(sample_requests([by_id[pid] for pid in pids], store.missing(run_id, pids, n), tmpl, params,
+                                        seed))
+            return actor.sample.remote(reqs) if reqs else None
+
+        ids = [p.id for p in problems]
+        drawn = tokens = ended = 0
+        start = time.perf_counter()
         for c in pool.drive([ids[i:i + unit] for i in range(0, len(ids), unit)], call):
             pid, indices = c.key
             if not store_completion(store, run_id, pid, indices[c.index], c):
@@ -221,24 +222,24 @@ def run_strategy_sharded(store: Store, task: Task, engine: str, engine_args: dic
         raise SpecError(f"strategy {strategy!r} needs a reward model (--prm judge, or --prm served with its url)")
     if unit < 1:
         raise SpecError(f"unit must be >= 1, got {unit}")
-    pool = _Pool(engine, engine_args, actors, actor_cpus, actor_gpus, prm, ray_address, restart_dead, max_restarts,
-                 on_actors)
     problems = task.problems(limit)
     by_id = {p.id: p for p in problems}
     tmpl, sampling = template_sampling(task, template, sampling)
-    spec = strategy_spec(pool.identity, task, tmpl, sampling, strategy, params, pool.prm_identity, seed)
-    run_id = store.register_run(spec, params.n, problems, label=label)
-    pool.record_shapes(store, run_id)
-
-    def call(actor: Any, pids: list[str]) -> Any | None:
-        done = store.finished_problems(run_id)
-        todo = [by_id[pid] for pid in pids if pid not in done]
-        return actor.search.remote(todo, strategy, params, tmpl, sampling, seed, pool.scorer) if todo else None
-
-    ids = [p.id for p in problems]
-    drawn = tokens = 0
-    start = time.perf_counter()
+    pool = _Pool(engine, engine_args, actors, actor_cpus, actor_gpus, prm, ray_address, restart_dead, max_restarts,
+                 on_actors)
     try:
+        spec = strategy_spec(pool.identity, task, tmpl, sampling, strategy, params, pool.prm_identity, seed)
+        run_id = store.register_run(spec, params.n, problems, label=label)
+        pool.record_shapes(store, run_id)
+
+        def call(actor: Any, pids: list[str]) -> Any | None:
+            done = store.finished_problems(run_id)
+            todo = [by_id[pid] for pid in pids if pid not in done]
+            return actor.search.remote(todo, strategy, params, tmpl, sampling, seed, pool.scorer) if todo else None
+
+        ids = [p.id for p in problems]
+        drawn = tokens = 0
+        start = time.perf_counter()
         for res in pool.drive([ids[i:i + unit] for i in range(0, len(ids), unit)], call):
             rows, generated = store_result(store, run_id, res, pool.scorer)
             drawn += rows
