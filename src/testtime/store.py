@@ -430,8 +430,15 @@ class Store:
             _rollback(cur)
             raise
 
+    def _has_table(self, name: str) -> bool:
+        """False only for a read-only workspace from before the table existed (it is never migrated)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() \
+            is not None
+
     def decisions(self, run_id: str) -> dict[str, dict[str, Any]]:
         """What a strategy decided per problem (only strategies that record one)."""
+        if not self._has_table("decisions"):
+            return {}
         return {r[0]: json.loads(r[1]) for r in self.db.execute(
             "SELECT problem_id, decision FROM decisions WHERE run_id = ?", (run_id,))}
 
@@ -467,6 +474,8 @@ class Store:
         where = ("AND sample_index < ? " if n is not None else "") + ("AND scorer = ?" if scorer is not None else "")
         args = (run_id,) + ((n,) if n is not None else ()) + ((scorer,) if scorer is not None else ())
         out: dict[str, dict[str, float]] = {}
+        if not self._has_table("score_usage"):
+            return out
         for pid, u in self.db.execute("SELECT problem_id, usage FROM score_usage WHERE run_id = ? " + where, args):
             acc = out.setdefault(pid, {})
             for k, v in json.loads(u).items():
