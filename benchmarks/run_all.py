@@ -31,6 +31,14 @@ ORDER = ["engine_throughput", "search_overhead", "verify_throughput", "ray_scali
 TAIL = 25
 
 
+def scrub(text: str, baseline: str | None = None) -> str:
+    """This machine's paths out of what the page keeps: the checkout, the home folder,
+    the baseline interpreter."""
+    if baseline:
+        text = text.replace(baseline, "BASELINE_PYTHON")
+    return text.replace(str(ROOT), ".").replace(str(Path.home()), "~").replace(sys.executable, "python")
+
+
 def machine() -> dict:
     out = subprocess.run([sys.executable, "-m", "testtime.cli", "env", "--json"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
@@ -94,7 +102,7 @@ def main() -> None:
             page.append("```\n" + tail + "\n```")
         else:
             page.append(last)
-    write_text(args.out, "\n".join(page) + "\n")  # atomic: a killed run leaves the old page whole
+    write_text(args.out, scrub("\n".join(page) + "\n", args.baseline_python))  # atomic: a kill leaves the old page
     print(f"wrote {args.out}")
 
 
