@@ -440,3 +440,48 @@ def test_host_killed_mid_program_leaves_nothing_behind():
     assert _processes_with(marker) == []
     assert not Path(f"/proc/{server_pid}").exists() or \
         Path(f"/proc/{server_pid}/stat").read_text().split()[2] == "Z"
+
+
+WALK = r'''
+import os
+mounts = {}
+for line in open("/proc/self/mountinfo"):
+    left, right = line.split(" - ")
+    mounts[left.split()[4]] = right.split()[0]  # mount point -> file system type
+writable, foreign = [], []
+for root, dirs, files in os.walk("/", topdown=True):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in ("/proc", "/sys")]
+    if os.access(root, os.W_OK):
+        writable.append(root)
+        # the program's own: a tmpfs mounted for it (or a folder inside one)
+        top = max((m for m in mounts if root == m or root.startswith(m.rstrip("/") + "/")), key=len)
+        if mounts[top] != "tmpfs":
+            foreign.append(root)
+        dirs[:] = []
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+print("FOREIGN", sorted(foreign))
+print("WRITABLE", len(writable))
+print("PIDS", len(pids))
+for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
+    if os.access(d, os.W_OK):
+        open(os.path.join(d, "left-behind"), "w").write("secret")
+'''
+
+
+def test_a_program_can_write_only_to_its_own_fresh_tmpfs_and_sees_no_host_process(sb):
+    """Issue 16.1-3: /run/lock was writable on the host's disk; /tmp, /var/tmp and
+    /dev/shm were shared by the programs of a worker; /proc was the host's."""
+    host_file = Path("/run/lock/left-behind")
+    host_file.unlink(missing_ok=True)  # left by a run of this test against code without the fix
+    first = sb.run(WALK)
+    assert first.status == "ok", (first.status, first.message, first.output)
+    lines = dict(line.split(" ", 1) for line in first.output.splitlines())
+    assert lines["FOREIGN"] == "[]"  # every writable directory is a tmpfs of the program's own
+    assert int(lines["WRITABLE"]) >= 1
+    assert int(lines["PIDS"]) <= 2  # its own PID namespace's processes, not the host's
+    for _ in range(sb.workers):  # whichever worker runs it: nothing the first program left
+        nxt = sb.run("import os\nprint(sorted(p for d in ('/tmp', '/var/tmp', '/dev/shm', '/run/lock') "
+                     "for p in ([os.path.join(d, 'left-behind')] if os.path.exists(os.path.join(d, 'left-behind')) "
+                     "else [])))")
+        assert nxt.status == "ok" and nxt.output.strip() == "[]", nxt.output
+    assert not host_file.exists()  # and nothing reached the host's disk

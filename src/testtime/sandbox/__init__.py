@@ -134,7 +134,10 @@ def _lower_priority(pgid: int) -> None:
     except OSError:  # no autogroups here, or the program is gone
         pass
 
-HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run/user", "/mnt", "/media")
+HIDE = ("/root", "/home", "/tmp", "/var/tmp", "/dev/shm", "/run/user", "/run/lock", "/mnt", "/media")
+"""Covered by an empty tmpfs: in each worker, and again in each program (a fresh one per
+program, so nothing one program leaves there is seen by the next). /run/lock is
+world-writable on the host's disk on most distributions."""
 
 
 class _Worker:
@@ -315,6 +318,7 @@ class Sandbox:
                  + (f" (except the interpreter, read-only: {', '.join(iso['read_only_inside_hidden'])})"
                     if iso.get("read_only_inside_hidden") else ""),
                  f"workdir: {iso['workdir']}",
+                 f"per program: {iso.get('per_program', 'shared with the worker')}",
                  "rlimits: " + ", ".join(f"{k}={v}" for k, v in iso["rlimits"].items()),
                  "empty environment", "wall clock killed from outside"]
         return "; ".join(parts)

@@ -40,7 +40,8 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x20, 0x1000, 0x4000, 0x40000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (0x1, 0x2, 0x4, 0x8, 0x20, 0x1000,
+                                                                           0x4000, 0x40000)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
@@ -121,6 +122,37 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _cover(path: str, size_mb: int, keep: list[str]) -> list[str]:
+    """Mount an empty tmpfs over `path`, binding back read-only the kept paths inside
+    it (the interpreter may live there); returns those."""
+    inside = [k for k in keep if k.startswith(path.rstrip("/") + "/")]
+    handles = {k: os.open(k, os.O_PATH) for k in inside}
+    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,mode=1777")
+    for k, fd in handles.items():
+        os.makedirs(k, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+        _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        os.close(fd)
+    return inside
+
+
+def _private_mounts(cfg: dict, workdir: str) -> None:
+    """In the program process, before it drops privileges: its own mount namespace,
+    a fresh empty tmpfs over every hidden path (so nothing one program writes there is
+    seen by the next, and nothing reaches the host's disk), its work directory again
+    inside the fresh /tmp, and a procfs of its own PID namespace (the host's processes
+    and their command lines stay out of sight)."""
+    _unshare(CLONE_NEWNS)
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    for path in cfg["private"]:
+        _cover(path, cfg["tmpfs_mb"] if path == "/tmp" else 1, cfg["keep_paths"])
+    os.makedirs(workdir, 0o711, exist_ok=True)
+    if cfg.get("uid") is not None:
+        os.chown(workdir, cfg["uid"], cfg["uid"])
+    if cfg.get("pid_ns"):  # a procfs shows the PID namespace it is mounted in
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
 def setup(cfg: dict) -> tuple[dict, str]:
     """Enter the namespaces; return the isolation in force and the work root."""
     # Long on purpose: one ordered sequence of unshare/mount/setuid steps, each of which
@@ -159,16 +191,7 @@ def setup(cfg: dict) -> tuple[dict, str]:
                 continue
             if any(path == k or path.startswith(k.rstrip("/") + "/") for k in keep):
                 continue  # hiding it would hide the interpreter itself
-            inside = [k for k in keep if k.startswith(path.rstrip("/") + "/")]
-            handles = {k: os.open(k, os.O_PATH) for k in inside}
-            size = cfg["tmpfs_mb"] if path == "/tmp" else 1
-            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
-            for k, fd in handles.items():
-                os.makedirs(k, exist_ok=True)
-                _mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
-                _mount("none", k, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-                os.close(fd)
-                kept.append(k)
+            kept += _cover(path, cfg["tmpfs_mb"] if path == "/tmp" else 1, keep)
             hidden.append(path)
         if "/tmp" in hidden:
             work_root = "/tmp/work"
@@ -178,6 +201,10 @@ def setup(cfg: dict) -> tuple[dict, str]:
         os.chmod(work_root, 0o711)
     iso["hidden_paths"] = hidden
     iso["read_only_inside_hidden"] = kept
+    if namespaces:
+        cfg["private"] = hidden
+        cfg["keep_paths"] = keep
+        iso["per_program"] = "own mount namespace: fresh tmpfs over the hidden paths, own procfs"
     iso["workdir"] = ("tmpfs, %d MiB" % cfg["tmpfs_mb"]) if "/tmp" in hidden else "host temporary directory"
     if "/tmp" not in hidden:
         iso["work_root"] = work_root  # removed when the server stops (a tmpfs goes with its namespace)
@@ -206,6 +233,7 @@ def setup(cfg: dict) -> tuple[dict, str]:
         iso["pid_namespace"] = os.waitstatus_to_exitcode(status) == 0
         iso["pid_namespace_by"] = "leader" if iso["pid_namespace"] else None
 
+    cfg["pid_ns"] = bool(iso["pid_namespace"])
     uid = cfg.get("uid")
     if uid is not None and root and not iso.get("user_namespace"):
         iso["user"] = f"uid {uid} (unprivileged, no supplementary groups)"
@@ -280,6 +308,8 @@ def _enter_program(job: dict, cfg: dict, workdir: str, out_r: int, out_w: int, s
         for lo, hi in zip([-1] + keep, keep + [top]):
             if hi - lo > 1:
                 os.closerange(lo + 1, hi)
+        if cfg.get("private") is not None:
+            _private_mounts(cfg, workdir)
         os.chdir(workdir)
         _limits(job, cfg)
         uid = cfg.get("uid")
