@@ -397,6 +397,22 @@ def _workdir(work_root: str) -> str:
         return tempfile.mkdtemp(dir=work_root)
 
 
+def _host_gone() -> bool:
+    """Whether stdin, which select() reports readable, is at end of file: the host died or
+    closed it. The host sends nothing while a program runs, so nothing is consumed here:
+    a readable pipe with no bytes in it is EOF."""
+    import array
+    import fcntl
+    import termios
+
+    pending = array.array("i", [0])
+    try:
+        fcntl.ioctl(0, termios.FIONREAD, pending)
+    except OSError:
+        return True
+    return pending[0] == 0
+
+
 def run_job(job: dict, cfg: dict, work_root: str, pid_ns: str | None, reply) -> dict:
     # Long on purpose: fork, limits, exec and the reaping loop share the pipes and the
     # child's pid; every exit path must close and kill in the same place.
@@ -429,6 +445,7 @@ def run_job(job: dict, cfg: dict, work_root: str, pid_ns: str | None, reply) -> 
     # The host kills the group at the wall-clock limit. This later backstop is for a
     # host that died (kill -9) mid-program: nothing outlives it for long.
     backstop = time.monotonic() + float(job["timeout"]) + 10.0
+    watch_host = True  # the host closing our stdin (it died, or closed the sandbox) ends the program at once
     while open_fds:
         if time.monotonic() > backstop:
             try:
@@ -436,7 +453,15 @@ def run_job(job: dict, cfg: dict, work_root: str, pid_ns: str | None, reply) -> 
             except ProcessLookupError:
                 pass
             backstop = float("inf")
-        ready, _, _ = select.select(list(open_fds), [], [], 0.05)
+        ready, _, _ = select.select(list(open_fds) + ([0] if watch_host else []), [], [], 0.05)
+        if 0 in ready:
+            ready.remove(0)
+            if _host_gone():
+                watch_host = False
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for fd in ready:
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -470,6 +495,9 @@ def run_job(job: dict, cfg: dict, work_root: str, pid_ns: str | None, reply) -> 
         report = {"exc": "garbled status", "msg": status_buf[:200].decode(errors="replace")}
     if report is not None and "setup_error" in report:
         return {"infra_error": report["setup_error"]}
+    if not watch_host:
+        # killed because the host went away: not the program's doing, never a verdict on it
+        return {"infra_error": "the sandbox was closed (or its host died) while the program ran"}
     if report is not None and "done" in report:
         report = {"done": True} if report["done"] == nonce else {"exc": "forged sentinel", "msg": ""}
     exit_code = signal_num = None
