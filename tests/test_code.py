@@ -183,11 +183,19 @@ def test_custom_code_task_needs_the_opt_in(tmp_path):
         r = draw_samples(store, task, ScriptedEngine(CANDIDATES), 4, SamplingParams(max_tokens=64))
         v = CodeVerifier(workers=1, limits=Limits(timeout_s=1.5))
         try:
-            with pytest.raises(CodeExecutionNotAllowed, match="allow_code_execution"):
+            with pytest.raises(CodeExecutionNotAllowed, match="--allow-code-execution") as refused:
                 grade(store, r.run_id, v)
             assert store.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 0  # nothing ran
         finally:
             v.close()
+        # issue 16.14: the advice must work on the run as stored. The task's argument does not (the
+        # problems are stored without it); what the message names first does
+        assert "testtime grade RUN --allow-code-execution" in str(refused.value)
+        opted = CodeVerifier(workers=1, limits=Limits(timeout_s=1.5), allow_code_execution=True)
+        try:
+            assert grade(store, r.run_id, opted) == 4
+        finally:
+            opted.close()
 
 
 def test_code_run_graded_through_the_store(tmp_path):

@@ -140,9 +140,10 @@ class CodeVerifier:
     def _check_allowed(self, problem: Problem) -> None:
         if not (self.allow_code_execution or problem.meta.get("allow_code_execution")):
             raise CodeExecutionNotAllowed(
-                f"problem {problem.id!r} would run generated code, which is off unless asked for: "
-                "create the task with allow_code_execution=True (CLI: --arg allow_code_execution=true) "
-                "or the verifier with allow_code_execution=True")
+                f"problem {problem.id!r} would run generated code, which is off unless asked for: grade with "
+                "--allow-code-execution (`testtime grade RUN --allow-code-execution`, or on `testtime sample`), "
+                "or build the verifier with allow_code_execution=True. The task argument allow_code_execution=true "
+                "counts only for problems stored with it, so it cannot opt in a run whose problems are stored")
         if "tests" not in problem.meta:
             raise InputError(f"problem {problem.id!r} has no tests (meta['tests']); the code verifier needs them")
 
