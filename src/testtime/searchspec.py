@@ -17,7 +17,6 @@ from .spec import SamplingParams, SpecError
 from .strategies.base import STRATEGIES, StrategyParams, strategy_params
 
 
-
 @dataclass(frozen=True)
 class RewardModelSpec:
     """Which reward model scores steps, and its arguments."""
