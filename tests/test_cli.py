@@ -222,3 +222,17 @@ def test_careless_input_gets_one_line_errors_not_tracebacks(tmp_path, monkeypatc
     assert r.exit_code == 0 and "arithmetic" in r.output
     r = run("grade", "x", "-w", ws)
     assert r.exit_code == 2 and "read-only" in r.output
+
+
+def test_sample_says_when_another_process_holds_the_run(tmp_path):
+    from testtime.store import Store
+
+    ws = tmp_path / "ws"
+    args = ("sample", "--engine", "toy", "--arg", "levels=1", "--limit", 3, "-n", 2, "-w", ws)
+    invoke(*args)
+    with Store(ws) as s:
+        rid = s.latest_run()
+        assert s.claim(rid, [p["problem_id"] for p in s.problems(rid)], "elsewhere:4242:abc") == {}
+    out = invoke(*args[:-3], 4, "-w", ws)
+    assert "3 problems of this run are being sampled by another process (pid 4242 on elsewhere)" in out
+    assert "pass@k" not in out and "0 new samples" in out

@@ -156,3 +156,66 @@ def test_on_plan_reports_only_the_samples_this_call_draws(workspace):
     api.sample("arithmetic", n=6, limit=3, workspace=workspace, on_plan=planned.append, **TOY)
     api.sample("arithmetic", n=6, limit=3, workspace=workspace, on_plan=planned.append, **TOY)
     assert planned == [12, 6, 0]
+
+
+def test_claims_are_exclusive_and_lapse_with_their_owner(tmp_path):
+    from testtime.store import claim_owner
+
+    with Store(tmp_path) as s:
+        a, b = claim_owner(), claim_owner()
+        assert s.claim("r", ["p1", "p2"], a) == {}
+        assert s.claim("r", ["p2", "p3"], b) == {"p2": a}  # p3 is b's now
+        assert s.claim("r", ["p3"], a) == {"p3": b}
+        s.release("r", a, ["p1"])
+        assert s.claim("r", ["p1"], b) == {}
+        s.release("r", b)
+        assert s.claim("r", ["p1", "p3"], a) == {}
+        # a lease that ran out lapses, whoever held it
+        far = "another-host:1:abc"
+        s.db.execute("UPDATE claims SET owner = ?, expires = ? WHERE problem_id = 'p1'", (far, time.time() - 1))
+        assert s.claim("r", ["p1"], b) == {}
+        # another machine's live claim is trusted until its lease runs out
+        s.db.execute("UPDATE claims SET owner = ?, expires = ? WHERE problem_id = 'p1'", (far, time.time() + 60))
+        assert s.claim("r", ["p1"], b) == {"p1": far}
+        # a process of this machine that is gone (kill -9) holds nothing, lease or not
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        gone = f"{a.split(':')[0]}:{dead.pid}:abc"
+        s.db.execute("UPDATE claims SET owner = ?, expires = ? WHERE problem_id = 'p1'", (gone, time.time() + 60))
+        assert s.claim("r", ["p1"], b) == {}
+
+
+def test_a_second_sampler_of_a_run_leaves_the_first_ones_problems_to_it(tmp_path):
+    ws = tmp_path / "ws"
+    first = start(ws, 12, 6, engine_args={"delay_s": 0.05})  # 72 samples, a few seconds
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((ws / "testtime.db").exists() and stored(ws)):
+        time.sleep(0.02)
+    assert first.poll() is None, "the first sampler ended before the second began; the test proved nothing"
+    second = api.sample("arithmetic", n=12, limit=6, workspace=ws, engine="toy", task_args={"levels": [1, 2]},
+                        params=PARAMS)
+    assert first.poll() is None, "the first sampler ended before the second claimed; the test proved nothing"
+    assert second.drawn == 0 and len(second.left) == 6
+    assert {o.split(":")[1] for o in second.left.values()} == {str(first.pid)}
+    assert first.wait(timeout=120) == 0
+    assert len(stored(ws)) == 72
+    again = api.sample("arithmetic", n=12, limit=6, workspace=ws, engine="toy", task_args={"levels": [1, 2]},
+                       params=PARAMS)
+    assert again.drawn == 0 and again.left == {}
+    with Store(ws) as s:
+        assert s.db.execute("SELECT count(*) FROM claims").fetchone()[0] == 0  # released at the end
+
+
+def test_a_sampler_extending_a_run_takes_only_unclaimed_problems(tmp_path):
+    ws = tmp_path / "ws"
+    base = dict(workspace=ws, engine="toy", task_args={"levels": [1, 2]}, params=PARAMS)
+    run = api.sample("arithmetic", n=2, limit=4, **base)
+    with Store(ws) as s:
+        problems = [p["problem_id"] for p in s.problems(run.run_id)]
+        other = "elsewhere:1:abc"
+        assert s.claim(run.run_id, problems[:2], other) == {}
+    got = api.sample("arithmetic", n=4, limit=4, **base)
+    assert got.drawn == 4 and set(got.left) == set(problems[:2])  # 2 problems x 2 new samples
+    with Store(ws) as s:
+        s.release(run.run_id, other)
+    assert api.sample("arithmetic", n=4, limit=4, **base).drawn == 4

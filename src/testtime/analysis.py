@@ -7,6 +7,7 @@ report prints the forecast's error at the largest measured k.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class CoverageAnalysis:
     selection: list["SelectionCurve"] = field(default_factory=list)
     """maj@k (and weighted best-of-N@k where steps were scored) at the table's k, beside
     pass@k: what a selector picks against what a verifier could find."""
+    extraction: dict[str, Any] | None = None
+    """Passes per answer-extraction rule and the chance baseline at the table's k
+    (`extraction_summary`); None unless graded by `math_answer`."""
 
 
 def analyse(counts: ProblemCounts, run_id: str, verifier: str, fit_k: int | None = None,
@@ -107,6 +111,7 @@ def analyse_run(store: Store, run_id: str, verifier: str | None = None, fit_k: i
     a = analyse(store.counts(run_id, verifier, n=n), run_id, verifier, fit_k=fit_k)
     if verifier == "math_answer":  # answers that can be compared, so voted on
         a.selection = selection_curves(store, run_id, verifier, a.table_ks)
+        a.extraction = extraction_summary(store, run_id, verifier, a.table_ks, n)
     return a
 
 
@@ -204,6 +209,89 @@ def graded_samples(store: Store, run_id: str, verifier: str) -> dict[str, list[t
     return out
 
 
+def answer_rules(store: Store, run_id: str) -> dict[str, tuple[str, ...]]:
+    """Per problem of a run, the rules its final answers are read by (`problem_rules`)."""
+    from .verifiers.math_answer import problem_rules
+
+    return {p["problem_id"]: problem_rules(p["meta"]) for p in store.problems(run_id)}
+
+
+_RULE_RE = re.compile(r"\((boxed|answer_is|hashes|last_number)\)$")
+
+
+def chance_probability(question: str, text: str, reference: str | None) -> float:
+    """The chance that an answer drawn at random from the distinct numbers in the
+    problem and the sample equals the (numeric) reference; 0 for a reference that
+    is not a plain number, or where no number appears."""
+    from .verifiers.math_answer import _NUMBER_RE, as_number
+
+    gold = as_number(reference) if reference is not None else None
+    if gold is None:
+        return 0.0
+    values = {v for v in (as_number(m) for m in _NUMBER_RE.findall(question + "\n" + text)) if v is not None}
+    return (gold in values) / len(values) if values else 0.0
+
+
+def extraction_summary(store: Store, run_id: str, verifier: str, ks: list[int],
+                       n: int | None = None) -> dict[str, Any] | None:
+    """Where a run's passes came from, and what luck alone would reach.
+
+    `passes_by_rule`: passing samples per extraction rule (`verifiers.math_answer`;
+    the rule is in each verdict's reason). `chance`: at each k, the coverage that
+    guessing would reach, each sample answering with one of the distinct numbers in
+    its problem and its own text, drawn at random (`chance_probability`,
+    `metrics.chance_at_k`). A coverage near the chance baseline, or passes mostly
+    from `last_number`, counts numbers that happen to appear rather than answers.
+    `stated` (where the rules include `last_number`): coverage at each k counting
+    only answers the text states.
+    None for runs not graded by `math_answer`. With `n`, the first n samples of
+    each problem only, as the coverage table has them."""
+    if verifier != "math_answer":
+        return None
+    limit = n if n is not None else 2 ** 62
+    reasons = {(r["problem_id"], r["sample_index"]): r["reason"] or "" for r in store.db.execute(
+        "SELECT problem_id, sample_index, reason FROM verdicts WHERE run_id = ? AND verifier = ? AND verdict = 'pass' "
+        "AND sample_index < ?", (run_id, verifier, limit))}
+    by_rule: dict[str, int] = {}
+    for reason in reasons.values():
+        m = _RULE_RE.search(reason)
+        by_rule[m.group(1) if m else "unknown"] = by_rule.get(m.group(1) if m else "unknown", 0) + 1
+    problems = {p["problem_id"]: p for p in store.problems(run_id)}
+    rules = answer_rules(store, run_id)
+    rows, n_used, stated = [], [], []
+    for pid, items in graded_samples(store, run_id, verifier).items():
+        p = problems[pid]
+        q = [chance_probability(p["question"], text, p["answer"]) for i, text, _ in items if i < limit]
+        rows.append(metrics.chance_at_k(q, ks))
+        n_used.append(len(q))
+        stated.append(sum(1 for i, _, ok in items if ok and i < limit
+                          and not reasons.get((pid, i), "").endswith("(last_number)")))
+    table = np.asarray(rows).reshape(len(rows), len(ks))
+    known = (~np.isnan(table)).sum(axis=0)  # problems with at least k samples
+    chance = np.where(known > 0, np.nansum(table, axis=0) / np.maximum(known, 1), np.nan)
+    used: dict[str, int] = {}
+    for r in rules.values():
+        used[",".join(r)] = used.get(",".join(r), 0) + 1
+    out = {"passes": len(reasons), "passes_by_rule": dict(sorted(by_rule.items(), key=lambda kv: -kv[1])),
+           "answer_rules": used, "chance": [{"k": int(k), "coverage": float(c)} for k, c in zip(ks, chance)]}
+    if any("last_number" in r for r in rules.values()) and rows:
+        # last_number is tried last, so without it exactly its passes would fail: the
+        # coverage of stated answers needs no re-grading
+        per = metrics.pass_at_k_matrix(np.asarray(n_used), np.asarray(stated), ks)
+        known = (~np.isnan(per)).sum(axis=0)
+        cov = np.where(known > 0, np.nansum(per, axis=0) / np.maximum(known, 1), np.nan)
+        out["stated"] = [{"k": int(k), "coverage": float(c)} for k, c in zip(ks, cov)]
+    return out
+
+
+def extraction_columns(extraction: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Columns to set beside pass@k: the coverage of stated answers only (where the
+    last-number rule counted) and the chance baseline (`extraction_summary`)."""
+    ex = extraction or {}
+    cols = {"stated only": [c["coverage"] for c in ex["stated"]]} if "stated" in ex else {}
+    return cols | ({"chance": [c["coverage"] for c in ex["chance"]]} if ex else {})
+
+
 def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], aggregation: str = "last",
                      n_boot: int = 1000) -> list[SelectionCurve]:
     """maj@k for a sampling run, and weighted best-of-N@k where a reward model scored
@@ -214,7 +302,7 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
     graded = graded_samples(store, run_id, verifier)
     if not graded:
         return []
-    keys = AnswerKeys()
+    keys, rules = AnswerKeys(), answer_rules(store, run_id)
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
     methods = ["vote"] + (["weighted"] if scores else [])
@@ -222,7 +310,7 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
     for method in methods:
         rows = []
         for pid, items in graded.items():
-            ans = [keys.of_text(t) for _, t, _ in items]
+            ans = [keys.of_text(t, rules[pid]) for _, t, _ in items]
             ok = [p for _, _, p in items]
             sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
             rows.append([metrics.selection_at_k(ans, ok, k, method, sc if method == "weighted" else None,
@@ -247,10 +335,10 @@ def selected(store: Store, run_id: str, verifier: str, aggregation: str = "last"
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
     weighted = trait(store.run_spec(run_id).strategy["name"], "selection") == "weighted"
-    keys = AnswerKeys()
+    keys, rules = AnswerKeys(), answer_rules(store, run_id)
     out = {}
     for pid, items in graded.items():
-        ans = [keys.of_text(t) for _, t, _ in items]
+        ans = [keys.of_text(t, rules[pid]) for _, t, _ in items]
         ok = [p for _, _, p in items]
         sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
         scored = weighted and any((pid, i) in scores for i, _, _ in items)

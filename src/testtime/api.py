@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,9 @@ class Run:
     completion_tokens: int = 0
     engine_ended: int = 0
     """Samples the engine ended itself (abort, error) in that call: not stored; a rerun draws them."""
+    left: dict[str, str] = field(default_factory=dict)
+    """Problems another live process was sampling when this call began (problem id ->
+    `host:pid:tag`): left to it, not drawn twice."""
 
     def analysis(self, verifier: str | None = None, fit_k: int | None = None) -> CoverageAnalysis:
         with Store(self.workspace) as store:
@@ -120,7 +123,7 @@ def sample(task: str = "arithmetic", n: int = 16, limit: int | None = None, *,
                                       limit=limit, template=template, seed=seed, label=label, progress=progress)
             grade(store, result.run_id, the_verifier)
             return Run(result.run_id, store.workspace, result.drawn, result.seconds, result.completion_tokens,
-                       result.engine_ended)
+                       result.engine_ended, getattr(result, "left", {}))
     finally:
         _close(the_verifier)
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
+from .analysis import extraction_columns
 from .errors import InputError, TesttimeError
 from .searchspec import DEFAULT_STRATEGY
 from .spec import SamplingParams, SpecError
@@ -123,10 +124,18 @@ def _print_coverage(run: api.Run, title: str) -> None:
     t.add_column("95% CI", justify="right")
     for sel in a.selection:
         t.add_column(sel.method, justify="right")
+    extra = extraction_columns(a.extraction)
+    for head in extra:
+        t.add_column(head, justify="right")
     for i, row in enumerate(a.table):
         t.add_row(str(row["k"]), f"{row['pass_at_k']:.3f}", f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]",
-                  *[f"{sel.mean[i]:.3f}" for sel in a.selection])
+                  *[f"{sel.mean[i]:.3f}" for sel in a.selection], *[f"{col[i]:.3f}" for col in extra.values()])
     out.print(t)
+    if a.extraction and a.extraction["passes"]:
+        ex = a.extraction
+        out.print("passes by answer rule: " + ", ".join(f"{rule} {count} ({100 * count / ex['passes']:.0f}%)"
+                                                         for rule, count in ex["passes_by_rule"].items())
+                  + "; chance = guessing a number from the problem and the sample", highlight=False)
     for level, curve in sorted(a.levels.items()):
         out.print(f"  level {level}: pass@1 {curve[0]:.3f} -> coverage@{a.n} {curve[-1]:.3f} ({a.level_sizes[level]} problems)")
     if a.infra_errors:
@@ -218,11 +227,16 @@ def _sample(task: str, n: int, limit: Optional[int], task_args: dict, engine: st
                          progress=update, on_plan=plan, verifier_args=verifier_args, **search)
     console.print(f"run [bold]{run.run_id}[/]: {run.drawn} new samples, {run.completion_tokens} tokens "
                   f"in {time.perf_counter() - t:.1f} s (workspace {run.workspace})")
-    _warn_engine_ended(run)
+    _warn_partial(run)
     return run
 
 
-def _warn_engine_ended(run: api.Run) -> None:
+def _warn_partial(run: api.Run) -> None:
+    if run.left:
+        owners = ", ".join(sorted({f"pid {o.split(':')[1]} on {o.split(':')[0]}" for o in run.left.values()}))
+        console.print(f"[yellow]{len(run.left)} problems of this run are being sampled by another process ({owners}); "
+                      "they were left to it. Run the same command again when it ends for the whole run's table[/]",
+                      highlight=False)
     if run.engine_ended:
         console.print(f"[yellow]infrastructure: the engine ended {run.engine_ended} samples itself (abort or error); "
                       "they were not stored, and running the same command again draws them[/]")
@@ -387,11 +401,12 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
                            params=params, template=template, seed=seed, workspace=workspace, label=label,
                            verifier_args=_verifier_args(allow_code_execution, code_timeout), ray_actors=ray_actors,
                            ray_address=ray_address, actor_cpus=actor_cpus, actor_gpus=actor_gpus, **search)
-            _warn_engine_ended(r)
+            _warn_partial(r)
         else:
             r = _sample(task, n, limit, _task_args(arg, data), engine, eargs, params, template, seed, workspace, label,
                         _verifier_args(allow_code_execution, code_timeout), **search)
-        _print_table(r, f"{task}: run {r.run_id}")
+        if not r.left:
+            _print_table(r, f"{task}: run {r.run_id}")
         if r.engine_ended:
             raise typer.Exit(3)
     except USER_ERRORS as e:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .analysis import graded_samples, selected
+from .analysis import answer_rules, graded_samples, selected
 from .engines.base import Engine
 from .flops import Usage
 from .metrics import pass_at_k, selection_at_k
@@ -226,11 +226,11 @@ def _independent_cells(store: Store, run_id: str, arm: Arm, ids: list[str], cfg:
     probe_scores = store.step_scores(run_id, probe_scorer) if probe_scorer else {}
     policy = _sum_usage(store.usage(run_id, n=cfg.n_max), ids)
     prm = _sum_usage(store.score_usage(run_id, cfg.n_max, scorer), ids) if scorer else Usage()
-    per = {}
+    per, rules = {}, answer_rules(store, run_id)
     for pid in ids:
         items = graded[pid]
         agg = arm.values.get("aggregation", "last")
-        per[pid] = ([keys.of_text(t) for _, t, _ in items], [ok for _, _, ok in items],
+        per[pid] = ([keys.of_text(t, rules[pid]) for _, t, _ in items], [ok for _, _, ok in items],
                     [max(aggregate(scores.get((pid, i), []), agg), 0.0) for i, _, _ in items])
     tokens: dict[str, list[int]] = {}
     for s in store.samples(run_id):

@@ -39,6 +39,30 @@ def pass_at_k(n, c, k: int) -> np.ndarray:
     return out
 
 
+def chance_at_k(q, ks) -> np.ndarray:
+    """Coverage at each k of a problem whose samples pass independently with
+    probabilities `q` (one per sample): 1 - E[prod of (1 - q_i) over a random
+    k-subset of the samples], the expectation taken exactly. With q in {0, 1} it is
+    `pass_at_k`. NaN where k exceeds the samples.
+
+    The mean of the products over k-subsets is e_k / C(m, k), e_k the elementary
+    symmetric polynomial of the (1 - q_i); it obeys a_k(m) = (m-k)/m a_k(m-1)
+    + k/m x_m a_{k-1}(m-1), every term in [0, 1], so no binomial is ever formed."""
+    x = 1.0 - np.asarray(q, dtype=np.float64)
+    if np.any(x < 0) or np.any(x > 1):
+        raise ValueError("each probability must be in [0, 1]")
+    ks = np.asarray(ks, dtype=np.int64)
+    kmax = int(min(ks.max(initial=0), len(x)))
+    a = np.zeros(kmax + 1)
+    a[0] = 1.0
+    j = np.arange(1, kmax + 1, dtype=np.float64)
+    for m, xm in enumerate(x, 1):
+        top = min(m, kmax)
+        jj = j[:top]
+        a[1:top + 1] = (m - jj) / m * a[1:top + 1] + jj / m * xm * a[:top]
+    return np.array([1.0 - a[k] if 1 <= k <= len(x) else np.nan for k in ks])
+
+
 def pass_at_k_matrix(n, c, ks) -> np.ndarray:
     """pass@k for every problem (rows) and every k in `ks` (columns)."""
     return np.stack([pass_at_k(n, c, int(k)) for k in ks], axis=1)

@@ -8,7 +8,7 @@ rows, so a re-grade never re-generates and a resumed run grades only what is new
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 from .engines.base import Engine, Request
@@ -16,7 +16,7 @@ from .flops import Usage
 from .prompts import get_template
 from .rewards.base import RewardModel
 from .spec import RunSpec, SamplingParams, SpecError, sample_seed, stable_hash
-from .store import SampleRow, Store, VerdictRow
+from .store import CLAIM_LEASE_S, SampleRow, Store, VerdictRow, claim_owner
 from .strategies.base import ProblemResult, SearchContext, StrategyParams, load_strategy
 from .tasks.base import Problem, Task
 from .verifiers.base import Verifier, load_verifier
@@ -49,6 +49,9 @@ class SampleResult:
     seconds: float
     engine_ended: int = 0
     """Samples the engine ended itself (abort, error): not stored, drawn again by a rerun."""
+    left: dict[str, str] = field(default_factory=dict)
+    """Problems another live process was sampling (problem id -> its claim's owner,
+    `host:pid:tag`): left to it, not drawn twice."""
 
 
 def sample_requests(problems: Sequence[Problem], missing: dict[str, list[int]], tmpl, params: SamplingParams,
@@ -86,25 +89,38 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
     shape = shape() if shape is not None else None  # an engine may not know its model's shape
     if shape is not None and store.model_shape(run_id) is None:
         store.set_model_shape(run_id, shape.to_dict())
-    missing = store.missing(run_id, [p.id for p in problems], n)
+    missing = {pid: idx for pid, idx in store.missing(run_id, [p.id for p in problems], n).items() if idx}
+    owner = claim_owner()
+    # two samplers of one run split its problems instead of both drawing every sample
+    left = store.claim(run_id, list(missing), owner) if missing else {}
+    if missing:  # again, now that they are ours: another sampler may have just finished some
+        ours = [pid for pid in missing if pid not in left]
+        missing = {pid: idx for pid, idx in store.missing(run_id, ours, n).items() if idx}
     if on_plan:
         on_plan(sum(len(v) for v in missing.values()))  # what this call will draw
-    if not any(missing.values()):
-        return SampleResult(run_id, 0, 0, 0.0)  # complete: the engine is not asked at all
+    if not missing:
+        store.release(run_id, owner)
+        return SampleResult(run_id, 0, 0, 0.0, left=left)  # complete, or all in other hands: no engine call
 
     requests = sample_requests(problems, missing, tmpl, params, seed)
     drawn = tokens = ended = 0
-    start = time.perf_counter()
-    for c in engine.generate(requests):
-        problem_id, indices = c.key
-        if not store_completion(store, run_id, problem_id, indices[c.index], c):
-            ended += 1
-            continue
-        drawn += 1
-        tokens += c.completion_tokens
-        if progress:
-            progress(1, c.completion_tokens)
-    return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended)
+    start = renewed = time.perf_counter()
+    try:
+        for c in engine.generate(requests):
+            problem_id, indices = c.key
+            if time.perf_counter() - renewed > CLAIM_LEASE_S / 10:
+                store.renew(run_id, owner)
+                renewed = time.perf_counter()
+            if not store_completion(store, run_id, problem_id, indices[c.index], c):
+                ended += 1
+                continue
+            drawn += 1
+            tokens += c.completion_tokens
+            if progress:
+                progress(1, c.completion_tokens)
+    finally:
+        store.release(run_id, owner)
+    return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended, left)
 
 
 def scorer_name(prm, delimiter: str | None = None) -> str:

@@ -5,7 +5,8 @@ string, never by pairwise equivalence tests: plain numbers become exact
 fractions ("1,000" and "1000.0" are the same answer), other LaTeX goes through
 math-verify's parser once and is keyed by the SymPy form it yields, and what
 does not parse is keyed by its normalised text. A candidate with no
-extractable answer does not vote.
+extractable answer does not vote; extraction follows the problem's task, as the
+verifier's does (`verifiers.math_answer`), so a vote and a verdict read one answer.
 
 Step scores from a process reward model are reduced to one number per
 candidate by `aggregate` (`last | min | prod | mean`).
@@ -19,7 +20,7 @@ from collections import defaultdict
 from typing import Sequence
 
 from .verifiers.bounded import bounded
-from .verifiers.math_answer import arithmetic_value, as_number, extract_answer
+from .verifiers.math_answer import RULES, arithmetic_value, as_number, extract_answer
 
 AGGREGATIONS = ("last", "min", "prod", "mean")
 
@@ -63,9 +64,10 @@ class AnswerKeys:
             hit = self._cache[answer] = self._canonical(answer)
         return hit
 
-    def of_text(self, text: str) -> str | None:
-        """The key of the final answer extracted from a whole candidate."""
-        return self.key(extract_answer(text)[0])
+    def of_text(self, text: str, rules: tuple[str, ...] = RULES) -> str | None:
+        """The key of the final answer extracted from a whole candidate by `rules`
+        (a problem's own: `verifiers.math_answer.problem_rules`)."""
+        return self.key(extract_answer(text, rules)[0])
 
     def _canonical(self, answer: str) -> str:
         num = as_number(answer)

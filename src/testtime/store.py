@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -112,6 +114,13 @@ CREATE TABLE IF NOT EXISTS usage (
     usage        TEXT NOT NULL,
     PRIMARY KEY (run_id, problem_id, role)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    expires      REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS gradings (
     run_id       TEXT NOT NULL,
     verifier     TEXT NOT NULL,
@@ -120,6 +129,43 @@ CREATE TABLE IF NOT EXISTS gradings (
     PRIMARY KEY (run_id, verifier)
 ) WITHOUT ROWID;
 """
+
+
+CLAIM_LEASE_S = 300.0
+"""How long a claim on a problem lasts without renewal: longer than any wait between
+two stored samples, so a live sampler never loses its claims."""
+
+
+def claim_owner() -> str:
+    """This process as a claims owner: host, process id and a random tag (a reused
+    process id is not the same owner)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether a claim's owner may still run: False only for a process of this machine
+    that is gone. Other machines' owners are trusted until their lease runs out."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _problem_meta(meta: dict | None, legacy: bool) -> dict:
+    """A problem's meta as stored. A run whose problems were stored before tasks chose
+    their answer-extraction rules keeps grading by all of them (`verifiers.math_answer`),
+    its new problems too: a run never mixes two gradings."""
+    meta = dict(meta or {})
+    if legacy:
+        meta.pop("answer_rules", None)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -292,10 +338,20 @@ class Store:
                 "label = coalesce(excluded.label, label)",
                 (run_id, spec_json, time.time(), n, label),
             )
+            first = cur.execute("SELECT meta FROM problems WHERE run_id = ? ORDER BY position LIMIT 1",
+                                (run_id,)).fetchone()
+            stored = json.loads(first["meta"] or "{}").get("answer_rules", "legacy") if first else None
+            legacy = stored == "legacy"
+            asked = {tuple(p.meta["answer_rules"]) for p in problems if (p.meta or {}).get("answer_rules")}
+            if stored and not legacy and asked - {tuple(stored)}:
+                raise InputError(f"run {run_id} reads answers by the rules {','.join(stored)}, fixed when its problems "
+                                 f"were stored; this call asks for {','.join(sorted(asked - {tuple(stored)})[0])}. "
+                                 "Its report shows coverage without the last-number rule; for other rules, start "
+                                 "a run of its own (another --seed)")
             cur.executemany(
                 "INSERT INTO problems(run_id, problem_id, position, question, answer, difficulty, meta) "
                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT(run_id, problem_id) DO NOTHING",
-                [(run_id, p.id, i, p.question, p.answer, p.difficulty, json.dumps(p.meta or {}))
+                [(run_id, p.id, i, p.question, p.answer, p.difficulty, json.dumps(_problem_meta(p.meta, legacy)))
                  for i, p in enumerate(problems)],
             )
             cur.execute("COMMIT")
@@ -364,6 +420,44 @@ class Store:
         return out
 
     # -- samples -----------------------------------------------------------
+
+    # -- claims: one process samples a problem of a run at a time ------------
+
+    def claim(self, run_id: str, problem_ids: list[str], owner: str, lease_s: float = CLAIM_LEASE_S) -> dict[str, str]:
+        """Claim the problems of a run that no live process holds, in one transaction.
+        Returns the problems held by others (problem id -> owner), which the caller
+        must leave to them. A claim lapses when its lease runs out without renewal
+        (`renew`), or at once when its owner is a process of this machine that is
+        gone (killed, even by kill -9)."""
+        now = time.time()
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            held = {r["problem_id"]: (r["owner"], r["expires"]) for r in cur.execute(
+                "SELECT problem_id, owner, expires FROM claims WHERE run_id = ?", (run_id,))}
+            others = {pid: o for pid, (o, exp) in held.items()
+                      if o != owner and exp > now and _owner_alive(o)}
+            cur.executemany("INSERT INTO claims(run_id, problem_id, owner, expires) VALUES (?,?,?,?) "
+                            "ON CONFLICT(run_id, problem_id) DO UPDATE SET owner = excluded.owner, "
+                            "expires = excluded.expires",
+                            [(run_id, pid, owner, now + lease_s) for pid in problem_ids if pid not in others])
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
+        return {pid: others[pid] for pid in problem_ids if pid in others}
+
+    def renew(self, run_id: str, owner: str, lease_s: float = CLAIM_LEASE_S) -> None:
+        """Extend this owner's claims on a run (a sampler calls it as it stores)."""
+        self._tx("UPDATE claims SET expires = ? WHERE run_id = ? AND owner = ?", [(time.time() + lease_s, run_id, owner)])
+
+    def release(self, run_id: str, owner: str, problem_ids: Iterable[str] | None = None) -> None:
+        """Give up this owner's claims on a run (all of them, or the given problems')."""
+        if problem_ids is None:
+            self._tx("DELETE FROM claims WHERE run_id = ? AND owner = ?", [(run_id, owner)])
+        else:
+            self._tx("DELETE FROM claims WHERE run_id = ? AND owner = ? AND problem_id = ?",
+                     [(run_id, owner, pid) for pid in problem_ids])
 
     def missing(self, run_id: str, problem_ids: list[str], n: int) -> dict[str, list[int]]:
         """For each problem, the sample indices below n that are not stored yet."""

@@ -31,6 +31,7 @@ def write_report(store: Store, run_id: str, verifier: str | None = None, fit_k: 
                                            "error_at_n": a.fit_error_at_n},
         "forecast": [f.__dict__ for f in a.forecast],
         "selection": [sel.__dict__ for sel in a.selection],
+        "extraction": a.extraction,
         "cost": {k: v for k, v in run_cost(store, run_id, prices).items() if k != "per_problem_flops"},
         "infra_errors": a.infra_errors,
         "format": format_check(store, run_id),

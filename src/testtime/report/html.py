@@ -7,15 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..analysis import CoverageAnalysis
+from ..analysis import CoverageAnalysis, extraction_columns
 from .files import png_uri, render_page
 
 
 def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], out: Path) -> Path:
     """A sampling run's page: pass@k beside the selections, levels, the fit, compute."""
+    ex = a.extraction or {}
+    extra = extraction_columns(ex)
     pass_rows = [[t["k"], f"{t['pass_at_k']:.3f}", f"[{t['ci_low']:.3f}, {t['ci_high']:.3f}]"]
                  + [f"{sel.mean[i]:.3f} [{sel.low[i]:.3f}, {sel.high[i]:.3f}]" for sel in a.selection]
+                 + [f"{col[i]:.3f}" for col in extra.values()]
                  for i, t in enumerate(a.table)]
+    rule_rows = [[rule, count, f"{100 * count / ex['passes']:.1f}%"] for rule, count in ex.get("passes_by_rule", {}).items()]
     level_rows = [[lv, a.level_sizes[lv], f"{curve[0]:.3f}", f"{curve[-1]:.3f}"]
                   for lv, curve in sorted(a.levels.items())]
     forecast_rows = [[f.k, f"{f.predicted:.3f}", f"[{f.low:.3f}, {f.high:.3f}]",
@@ -38,7 +42,8 @@ def render(a: CoverageAnalysis, summary: dict[str, Any], figures: list[Path], ou
         warning = {"count": fmt["control_text_at_max_tokens"], "samples": fmt["samples"],
                    "markers": ", ".join(sorted({e["marker"] for e in fmt["examples"]}))}
     return render_page("run.html.j2", out, a=a, images=[png_uri(f) for f in figures],
-                       pass_head=["k", "pass@k", "95% CI"] + [f"{sel.method} [95% CI]" for sel in a.selection],
+                       pass_head=["k", "pass@k", "95% CI"] + [f"{sel.method} [95% CI]" for sel in a.selection]
+                       + list(extra), rule_rows=rule_rows, extraction=ex,
                        pass_rows=pass_rows, level_rows=level_rows, forecast_rows=forecast_rows,
                        cost={"tokens": {}, **cost}, cost_rows=cost_rows, per_sample_flops=per_sample,
                        price_rule=rule, format_warning=warning, grading=summary.get("grading") or {},

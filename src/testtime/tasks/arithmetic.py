@@ -19,6 +19,7 @@ import hashlib
 import random
 
 from ..errors import InputError
+from ..verifiers.math_answer import STATED, parse_rules
 from .base import TASKS, Problem, Task
 
 LEVELS = {1: (1, "+-", 10), 2: (2, "+-", 20), 3: (3, "+-*", 50), 4: (4, "+-*/", 100), 5: (5, "+-*/", 500)}
@@ -78,9 +79,13 @@ def make_problem(seed: int, level: int, index: int) -> Problem:
 
 @TASKS.register("arithmetic")
 def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int = 0,
-                    template: str = "arithmetic_fewshot", verifier: str = "math_answer") -> Task:
+                    template: str = "arithmetic_fewshot", verifier: str = "math_answer",
+                    answer_rules: str = ",".join(STATED)) -> Task:
     """Seeded arithmetic word problems; problems of the given levels are interleaved
-    (one of each level in turn), so any limit gives a balanced mix."""
+    (one of each level in turn), so any limit gives a balanced mix. Answers count
+    where the text states them ("The answer is N", as the template's examples do);
+    the last-number fallback is opt-in (`answer_rules`): the answers are small
+    integers, which a text that states none contains by chance."""
     if isinstance(levels, (int, str)):  # one level, as `--arg levels=1` gives it
         levels = [levels]
     levels = tuple(sorted({int(x) for x in levels}))
@@ -93,4 +98,4 @@ def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int =
         return [make_problem(seed, levels[i % len(levels)], i // len(levels)) for i in range(total)]
 
     identity = {"name": "arithmetic", "levels": list(levels), "seed": seed}
-    return Task("arithmetic", identity, load, template, verifier)
+    return Task("arithmetic", identity, load, template, verifier, parse_rules(answer_rules))

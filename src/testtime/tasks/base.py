@@ -39,11 +39,19 @@ class Task:
     """Name of the default prompt template."""
     verifier: str
     """Name of the default verifier."""
+    answer_rules: tuple[str, ...] | None = None
+    """How a final answer is read from a candidate (`verifiers.math_answer.RULES`),
+    stored with each problem so that a later re-grade reads answers the same way;
+    None for tasks whose verifier reads no final answer (code)."""
 
     def problems(self, limit: int | None = None) -> list[Problem]:
         if limit is not None and limit < 1:
             raise InputError(f"limit must be >= 1, got {limit}")
-        return self.load(limit)
+        problems = self.load(limit)
+        if self.answer_rules is not None:
+            for p in problems:
+                p.meta.setdefault("answer_rules", list(self.answer_rules))
+        return problems
 
 
 TASKS: Registry[Callable[..., Task]] = Registry("task")

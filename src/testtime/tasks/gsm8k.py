@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..verifiers.math_answer import RULES, parse_rules
 from .base import TASKS, Problem, Task, file_digest, hf_rows
 from .jsonl import DatasetError, field_text, load_rows
 
@@ -34,9 +35,15 @@ def _row_to_problem(pid: str, obj: dict[str, Any], where: str) -> Problem:
 
 @TASKS.register("gsm8k")
 def gsm8k_task(path: str | None = None, split: str = "test", template: str = "math_cot",
-               verifier: str = "math_answer") -> Task:
+               verifier: str = "math_answer", answer_rules: str = ",".join(RULES)) -> Task:
     """GSM8K from a local JSONL file, or from the Hugging Face dataset `openai/gsm8k`
-    (config `main`, the given split) when no path is given and a network is there."""
+    (config `main`, the given split) when no path is given and a network is there.
+
+    Answers are read by every rule, the last number of the text included: that is
+    the convention GSM8K figures in the field are measured with (Large Language
+    Monkeys, lm-eval's flexible extract), so ours compare with theirs. The report
+    shows how many passes each rule found, and a chance baseline; pass
+    `answer_rules=boxed,answer_is,hashes` to count stated answers only."""
     if path is not None:
         path = str(path)
         identity = {"name": "gsm8k", "sha256": file_digest(path)}
@@ -44,7 +51,7 @@ def gsm8k_task(path: str | None = None, split: str = "test", template: str = "ma
     else:
         identity = {"name": "gsm8k", "hf": "openai/gsm8k", "split": split}
         load = lambda limit: _load_hf(split, limit)
-    return Task("gsm8k", identity, load, template, verifier)
+    return Task("gsm8k", identity, load, template, verifier, parse_rules(answer_rules))
 
 
 def _load_hf(split: str, limit: int | None) -> list[Problem]:

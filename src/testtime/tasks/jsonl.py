@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import InputError
+from ..verifiers.math_answer import STATED, parse_rules
 from .base import TASKS, Problem, Task, file_digest
 
 
@@ -67,14 +68,18 @@ def jsonl_task(path: str, question_field: str = "question", answer_field: str = 
                template: str | None = None, verifier: str | None = None,
                tests_field: str | None = None, entry_point_field: str | None = None,
                reference_field: str | None = None, setup_field: str | None = None,
-               allow_code_execution: bool = False) -> Task:
+               allow_code_execution: bool = False, answer_rules: str = ",".join(STATED)) -> Task:
     """Problems from any JSONL file. Field names map the file's keys to ours; the id is
     the `id_field` value when given, else the line number.
 
     With `tests_field` the problems are code problems for the `code` verifier: the
     tests run after the candidate (and `setup_field` before it). Running generated
     code is off unless `allow_code_execution` is true; the choice is stored with
-    each problem, so a later re-grade honours it."""
+    each problem, so a later re-grade honours it.
+
+    Math answers count where the text states them (`answer_rules`, default
+    boxed, answer_is, hashes; see `verifiers.math_answer`); add `last_number` for
+    data whose convention is the last number of the text."""
     path = str(path)
     if isinstance(allow_code_execution, str):  # from the command line's key=value
         allow_code_execution = allow_code_execution.strip().lower() in {"1", "true", "yes", "on"}
@@ -108,4 +113,5 @@ def jsonl_task(path: str, question_field: str = "question", answer_field: str = 
         fields += [tests_field, entry_point_field, reference_field, setup_field]
     identity = {"name": "jsonl", "file": Path(path).name, "sha256": file_digest(path), "fields": fields}
     return Task("jsonl", identity, lambda limit: load_rows(path, limit, to_problem),
-                template or ("code_write" if is_code else "math_cot"), verifier or ("code" if is_code else "math_answer"))
+                template or ("code_write" if is_code else "math_cot"), verifier or ("code" if is_code else "math_answer"),
+                None if is_code else parse_rules(answer_rules))

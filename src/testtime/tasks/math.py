@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..verifiers.math_answer import last_boxed
+from ..verifiers.math_answer import FINAL_LINE, last_boxed, parse_rules
 from .base import TASKS, Problem, Task, file_digest, hf_rows
 from .jsonl import DatasetError, field_text, load_rows
 
@@ -42,10 +42,15 @@ def math_row(pid: str, obj: dict[str, Any], where: str) -> Problem:
 
 @TASKS.register("math")
 def math_task(path: str | None = None, dataset: str = "HuggingFaceH4/MATH-500", split: str = "test",
-              template: str = "llama3_math", verifier: str = "math_answer") -> Task:
+              template: str = "llama3_math", verifier: str = "math_answer",
+              answer_rules: str = ",".join(FINAL_LINE)) -> Task:
     """MATH-format problems from a JSONL file, or from a Hugging Face dataset
     (`HuggingFaceH4/MATH-500`, or `EleutherAI/hendrycks_math` with its subject
-    configs) when no path is given and a network is there."""
+    configs) when no path is given and a network is there.
+
+    Answers are read as the template asks for them, from `\\boxed{}` or the
+    final-answer line (`answer_rules`; see `verifiers.math_answer`): a MATH answer
+    is rarely the last number of a text that never states one."""
     if path is not None:
         path = str(path)
         identity = {"name": "math", "sha256": file_digest(path)}
@@ -53,7 +58,7 @@ def math_task(path: str | None = None, dataset: str = "HuggingFaceH4/MATH-500", 
     else:
         identity = {"name": "math", "hf": dataset, "split": split}
         load = lambda limit: _load_hf(dataset, split, limit)
-    return Task("math", identity, load, template, verifier)
+    return Task("math", identity, load, template, verifier, parse_rules(answer_rules))
 
 
 def _load_hf(dataset: str, split: str, limit: int | None) -> list[Problem]:

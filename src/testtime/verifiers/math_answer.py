@@ -4,10 +4,19 @@ Extraction reads the candidate in this order and takes the first rule that match
 (within a rule, the last occurrence in the text wins, since models restate and
 correct themselves):
 
-1. `\\boxed{...}` or `\\fbox{...}`, braces balanced;
-2. "The answer is X" / "the final answer is X" / "Answer: X";
-3. `#### X` (GSM8K's format);
-4. the last number in the text.
+1. `boxed`: `\\boxed{...}` or `\\fbox{...}`, braces balanced;
+2. `answer_is`: "The answer is X" / "the final answer is X" / "Answer: X";
+3. `hashes`: `#### X` (GSM8K's format);
+4. `last_number`: the last number in the text.
+
+Which rules apply is the task's choice, stored with each problem
+(`meta["answer_rules"]`): a MATH task accepts only what its template asks for,
+the boxed answer or the final-answer line, because the last number of a text
+that never states an answer is a lucky guess, not an answer (at large k,
+coverage would count small integers that happen to appear). The last-number
+fallback is opt-in; GSM8K keeps it because the field's GSM8K numbers are
+measured with it. Problems stored before tasks chose (no `answer_rules`) are
+graded with all four rules, as they were, so a run never mixes two gradings.
 
 Equivalence: when both sides read as plain numbers (commas, `$`, `%` and a
 trailing period ignored) they are compared exactly as fractions; otherwise
@@ -28,6 +37,7 @@ import math
 import re
 from fractions import Fraction
 
+from ..errors import InputError
 from ..tasks.base import Problem
 from .bounded import bounded
 from .base import VERIFIERS, Verdict
@@ -87,23 +97,54 @@ def _last_match(pattern: re.Pattern, text: str, window: int = 1024) -> re.Match 
     return last
 
 
-def extract_answer(text: str) -> tuple[str | None, str]:
-    """The final answer in a candidate and the rule that found it (see module doc)."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip(), "boxed"
-    phrase = _last_match(_ANSWER_IS_RE, text)
-    if phrase:
-        ans = _trim(text[phrase.end():].split("\n", 1)[0])
-        if ans:
-            boxed = last_boxed(ans)
-            return (boxed.strip() if boxed is not None else ans), "answer_is"
-    hit = _last_match(_HASHES_RE, text)
-    if hit:
-        return _trim(hit.group(1)), "hashes"
-    number = _last_match(_NUMBER_RE, text)
-    if number:
-        return number.group(0), "last_number"
+RULES = ("boxed", "answer_is", "hashes", "last_number")
+"""Every extraction rule, in the order they are tried."""
+STATED = ("boxed", "answer_is", "hashes")
+"""The rules that read an answer the text states: the default for tasks."""
+FINAL_LINE = ("boxed", "answer_is")
+"""What a MATH-style template asks for: the boxed answer or the final-answer line."""
+
+
+def parse_rules(rules: str | list[str] | tuple[str, ...], where: str = "answer_rules") -> tuple[str, ...]:
+    """Extraction rules from a task argument ("boxed,answer_is" or a list), in the
+    order they are tried; an unknown name is an error that names it."""
+    names = [r.strip() for r in (rules.split(",") if isinstance(rules, str) else rules) if str(r).strip()]
+    bad = [r for r in names if r not in RULES]
+    if bad:
+        raise InputError(f"{where}: unknown extraction rule {bad[0]!r}; choose from {', '.join(RULES)}")
+    if not names:
+        raise InputError(f"{where}: no extraction rule given; choose from {', '.join(RULES)}")
+    return tuple(r for r in RULES if r in names)
+
+
+def problem_rules(meta: dict | None) -> tuple[str, ...]:
+    """The extraction rules a stored problem is graded with (see module doc)."""
+    rules = (meta or {}).get("answer_rules")
+    return RULES if rules is None else tuple(r for r in RULES if r in rules)
+
+
+def extract_answer(text: str, rules: tuple[str, ...] = RULES) -> tuple[str | None, str]:
+    """The final answer in a candidate and the rule that found it (see module doc),
+    trying only `rules`; (None, "none") when none of them finds one."""
+    if "boxed" in rules:
+        boxed = last_boxed(text)
+        if boxed is not None:
+            return boxed.strip(), "boxed"
+    if "answer_is" in rules:
+        phrase = _last_match(_ANSWER_IS_RE, text)
+        if phrase:
+            ans = _trim(text[phrase.end():].split("\n", 1)[0])
+            if ans:
+                boxed = last_boxed(ans)
+                return (boxed.strip() if boxed is not None else ans), "answer_is"
+    if "hashes" in rules:
+        hit = _last_match(_HASHES_RE, text)
+        if hit:
+            return _trim(hit.group(1)), "hashes"
+    if "last_number" in rules:
+        number = _last_match(_NUMBER_RE, text)
+        if number:
+            return number.group(0), "last_number"
     return None, "none"
 
 
@@ -220,15 +261,17 @@ class MathAnswerVerifier:
         self.max_answer_chars = max_answer_chars
         self.max_depth = max_depth
         self.timeout_s = timeout_s
-        self._cache: dict[tuple[str, str], Verdict] = {}
+        self._cache: dict[tuple[str, str, str], Verdict] = {}
 
     def verify(self, problem: Problem, candidate: str) -> Verdict:
         if problem.answer is None:
             return Verdict("infra_error", f"problem {problem.id} has no reference answer")
-        answer, rule = extract_answer(candidate)
+        rules = problem_rules(problem.meta)
+        answer, rule = extract_answer(candidate, rules)
         if answer is None:
-            return Verdict("fail", "no answer found")
-        key = (problem.id, answer)
+            return Verdict("fail", "no answer found" if rules == RULES
+                           else f"no answer found by the task's rules ({', '.join(rules)})")
+        key = (problem.id, answer, rule)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._judge(problem, answer, rule)
