@@ -292,6 +292,10 @@ def extraction_columns(extraction: dict[str, Any] | None) -> dict[str, list[floa
     return cols | ({"chance": [c["coverage"] for c in ex["chance"]]} if ex else {})
 
 
+FILTER_ETA = 0.1
+"""DeepConf's offline filter keeps the most confident 10% of traces (DeepConf-low)."""
+
+
 def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], aggregation: str = "last",
                      n_boot: int = 1000) -> list[SelectionCurve]:
     """maj@k for a sampling run, and weighted best-of-N@k where a reward model scored
@@ -306,6 +310,9 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
     scorers = store.scorers(run_id)
     scores = store.step_scores(run_id, scorers[0]) if scorers else {}
     methods = ["vote"] + (["weighted"] if scores else [])
+    if scores and scorers[0].startswith("confidence:"):  # DeepConf's selections, and the single best
+        methods += ["filtered", "naive"]
+    labels = {"weighted": "weighted", "filtered": f"top {FILTER_ETA:.0%} voting", "naive": "best single"}
     curves = []
     for method in methods:
         rows = []
@@ -313,11 +320,11 @@ def selection_curves(store: Store, run_id: str, verifier: str, ks: list[int], ag
             ans = [keys.of_text(t, rules[pid]) for _, t, _ in items]
             ok = [p for _, _, p in items]
             sc = [max(aggregate(scores.get((pid, i), []), aggregation), 0.0) for i, _, _ in items]
-            rows.append([metrics.selection_at_k(ans, ok, k, method, sc if method == "weighted" else None,
-                                                seed=k).mean if k <= len(ans) else np.nan for k in ks])
+            rows.append([metrics.selection_at_k(ans, ok, k, method, sc if method != "vote" else None, seed=k,
+                                                eta=FILTER_ETA).mean if k <= len(ans) else np.nan for k in ks])
         per_problem = np.asarray(rows)
         lo, hi = metrics.bootstrap_ci(per_problem, n_boot=n_boot)
-        label = "maj@k" if method == "vote" else f"best-of-N@k ({scorers[0].split(':')[0]}, weighted)"
+        label = "maj@k" if method == "vote" else f"best-of-N@k ({scorers[0].split(':')[0]}, {labels[method]})"
         curves.append(SelectionCurve(label, list(ks), [float(x) for x in np.nanmean(per_problem, axis=0)],
                                      [float(x) for x in lo], [float(x) for x in hi]))
     return curves

@@ -194,6 +194,39 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
+def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0.95, window: int = 4,
+             min_samples: int = 2, n: int | None = None, workspace: str | Path | None = None) -> dict[str, Any]:
+    """What adaptive stopping would have cost on a stored sampling run (`adaptive.replay`):
+    samples and tokens per problem, and accuracy, beside majority over all n."""
+    from .adaptive import StopRule, replay
+    from .analysis import is_strategy_run, pick_verifier
+
+    try:
+        stop = StopRule(rule, threshold, window, min_samples)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if n is not None and n < 1:
+        raise InputError(f"n must be >= 1, got {n}")
+    with Store(workspace, create=False) as store:
+        rid = store.resolve_run(run_id) if run_id else store.latest_run()
+        if rid is None:
+            raise NotFoundError(f"no run with samples in {store.path}")
+        if is_strategy_run(store.run_spec(rid).to_dict()):
+            raise InputError(f"run {rid} is a search run; adaptive stopping replays a sampling run's samples")
+        verifier = pick_verifier(store, rid, None)
+        if verifier != "math_answer":
+            raise InputError(f"run {rid} is graded by {verifier}; adaptive stopping votes on final answers "
+                             "(math_answer)")
+        rows = replay(store, rid, stop, n, verifier)
+    if not rows:
+        raise InputError(f"run {rid} has no graded samples")
+    m = len(rows)
+    return {"run_id": rid, "rule": stop.__dict__, "problems": m,
+            "samples": sum(r.samples for r in rows) / m, "samples_all": sum(r.samples_all for r in rows) / m,
+            "tokens": sum(r.tokens for r in rows), "tokens_all": sum(r.tokens_all for r in rows),
+            "accuracy": sum(r.correct for r in rows) / m, "accuracy_all": sum(r.correct_all for r in rows) / m}
+
+
 def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
     """Summaries of every run in a workspace, oldest first."""
     with Store(workspace, create=False) as store:

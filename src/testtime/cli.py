@@ -175,8 +175,10 @@ EngineArgOpt = typer.Option([], "--engine-arg", help="Engine argument key=value 
                                                      "base_url=http://host:8000/v1 for openai, model=... for vllm")
 ModelOpt = typer.Option(None, "--model", help="llamacpp: GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) "
                                               "\\[default: smollm2-135m]")
-PrmOpt = typer.Option(None, "--prm", help="Reward model: judge (the policy's model asked about each step) or "
-                                          "served (a PRM behind HTTP) \\[default: judge where a strategy needs one]")
+PrmOpt = typer.Option(None, "--prm", help="Reward model: judge (the policy's model asked about each step), "
+                                          "served (a PRM behind HTTP) or confidence (the policy's own token "
+                                          "confidence, free; --prm-arg metric=lowest_group) "
+                                          "\\[default: judge where a strategy needs one]")
 PrmArgOpt = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), e.g. "
                                                "base_url=http://gpu-box:8001 for served")
 ParamOpt = typer.Option([], "--param", help="Strategy parameter key=value (repeatable), given to every strategy "
@@ -481,6 +483,27 @@ def report(run_id: Optional[str] = typer.Argument(None, help="Run id, unique pre
                                  prices=str(prices) if prices else None)))
     except USER_ERRORS as e:
         _fail(e)
+
+
+@app.command()
+def adaptive(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label \\[default: latest]"),
+             rule: str = typer.Option("beta", help="beta (Adaptive-Consistency) or window (early-stopping "
+                                                   "self-consistency)"),
+             threshold: float = typer.Option(0.95, help="beta: the leader's posterior probability that stops"),
+             window: int = typer.Option(4, help="window: samples per window"),
+             min_samples: int = typer.Option(2, help="never stop before this many samples"),
+             n: Optional[int] = typer.Option(None, "-n", help="Budget per problem \\[default: all stored]"),
+             workspace: Optional[Path] = WorkspaceOpt):
+    """What adaptive stopping would have cost on a stored sampling run: each problem's
+    samples read in their (random) seed order until its vote is decided."""
+    try:
+        r = api.adaptive(run_id, rule, threshold, window, min_samples, n, workspace)
+    except USER_ERRORS as e:
+        _fail(e)
+    out.print(f"run {r['run_id']}, {r['problems']} problems, rule {rule}: {r['samples']:.1f} samples per problem "
+              f"instead of {r['samples_all']:.1f}; {r['tokens']:,} tokens instead of {r['tokens_all']:,} "
+              f"({r['tokens_all'] / max(1, r['tokens']):.2f}x fewer); accuracy {r['accuracy']:.3f} vs majority "
+              f"{r['accuracy_all']:.3f} ({r['accuracy'] - r['accuracy_all']:+.3f})", highlight=False)
 
 
 @app.command()

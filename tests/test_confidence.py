@@ -1,0 +1,209 @@
+"""Confidence signals (issue 13): each measure against a hand computation, the
+top-k path against the full-distribution path, the DeepConf filter and the
+adaptive stopping rules against brute force and known stopping points."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from conftest import requires_model
+from testtime import SamplingParams, api
+from testtime.adaptive import StopRule, leader_probability, replay, stop_point
+from testtime.confidence import from_top_logprobs, pack, row_stats, trace_score, unpack
+from testtime.errors import InputError
+from testtime.metrics import selection_at_k
+from testtime.rewards import ConfidenceScorer, Scoring
+from testtime.store import Store
+
+P = np.array([0.5, 0.25, 0.125, 0.125])
+
+
+def test_token_measures_by_hand():
+    logits = np.log(P)[None, :] + 3.0  # a shift changes nothing
+    conf, sc, lp = row_stats(logits, [1], k=2)[0]
+    assert conf == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2, rel=1e-6)
+    # KL(uniform || p) = sum 1/4 log((1/4) / p_j)
+    assert sc == pytest.approx(sum(0.25 * math.log(0.25 / p) for p in P), rel=1e-5)
+    assert lp == pytest.approx(math.log(0.25), rel=1e-6)
+    assert row_stats(np.zeros((1, 8)), [0])[0, 1] == pytest.approx(0.0, abs=1e-6)  # uniform: no certainty
+
+
+def test_a_servers_top_k_gives_the_same_confidence_and_a_lower_bound_on_self_certainty():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, 2000)).astype(np.float32) * 4
+    exact = row_stats(logits, [7])[0]
+    lp = logits[0] - (logits[0].max() + np.log(np.exp(logits[0] - logits[0].max()).sum()))
+    top = np.sort(lp)[::-1][:20]
+    conf, sc, chosen = from_top_logprobs(float(lp[7]), list(top), vocab=2000)
+    assert conf == pytest.approx(exact[0], rel=1e-4) and chosen == pytest.approx(exact[2], rel=1e-5)
+    # the mass outside the top 20 spread evenly: by Jensen a lower bound on self-certainty, whose
+    # value is set by the tail a server does not return
+    assert 0 < sc <= exact[1]
+    peaked = np.concatenate([[10.0], np.full(1999, -2.0)]).astype(np.float32)[None, :]  # a flat tail: exact
+    lp2 = peaked[0] - (peaked[0].max() + np.log(np.exp(peaked[0] - peaked[0].max()).sum()))
+    approx = from_top_logprobs(float(lp2[0]), list(np.sort(lp2)[::-1][:20]), vocab=2000)[1]
+    assert approx == pytest.approx(row_stats(peaked, [0])[0, 1], rel=1e-4)
+    assert math.isnan(from_top_logprobs(-1.0, list(top), vocab=None)[1])  # needs the vocabulary size
+
+
+def test_trace_measures_by_hand():
+    stats = np.zeros((5, 3), np.float32)
+    stats[:, 0] = [1, 2, 3, 4, 5]
+    stats[:, 1] = [0.5, 0.5, 1.0, 1.0, 1.0]
+    stats[:, 2] = np.log([0.5, 0.5, 0.5, 0.5, 0.5])
+    assert trace_score(stats, "mean") == 3
+    assert trace_score(stats, "lowest_group", window=2) == 1.5  # windows 1.5, 2.5, 3.5, 4.5
+    assert trace_score(stats, "bottom10", window=2) == 1.5  # the lowest ceil(10% of 4) = 1 window
+    assert trace_score(stats, "tail", tail=2) == 4.5
+    assert trace_score(stats, "self_certainty") == pytest.approx(0.8)
+    assert trace_score(stats, "mean_logprob") == pytest.approx(math.log(0.5))
+    assert trace_score(stats, "lowest_group", window=10) == 3  # shorter than a window: one group
+    assert np.array_equal(unpack(pack(stats)), stats)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        trace_score(stats, "median")
+
+
+def test_confidence_scorer_is_free_and_says_where_it_cannot_go():
+    s = ConfidenceScorer(metric="mean_logprob")
+    stats = np.array([[1, 1, math.log(0.25)], [1, 1, math.log(0.25)]], np.float32)
+    assert s.score_stats(stats) == pytest.approx(0.25)  # geometric-mean token probability
+    assert ConfidenceScorer().score_stats(np.zeros((0, 3), np.float32)) is None
+    with pytest.raises(InputError, match="step-wise search strategies cannot use it"):
+        s.score([Scoring("q", ("a",))])
+    with pytest.raises(InputError, match="metric must be one of"):
+        ConfidenceScorer(metric="loudness")
+
+
+def test_deepconf_filter_against_brute_force():
+    keys = ["a", "b", "a", "c", "b", "a", None]
+    ok = [True, False, True, False, False, True, False]
+    sc = [0.9, 0.8, 0.1, 0.7, 0.95, 0.2, 0.99]
+    for k in (1, 3, 5):
+        for eta in (0.1, 0.5, 1.0):
+            values = []
+            for c in itertools.combinations(range(7), k):
+                kept = sorted(c, key=lambda i: (-sc[i], i))[:math.ceil(eta * k)]
+                tot = {}
+                for i in kept:
+                    if keys[i] is not None:
+                        tot[keys[i]] = tot.get(keys[i], 0) + sc[i]
+                if not tot:
+                    values.append(0.0)
+                    continue
+                win = [a for a, v in tot.items() if v == max(tot.values())]
+                values.append(sum(any(ok[j] for j in range(7) if keys[j] == a) for a in win) / len(win))
+            assert selection_at_k(keys, ok, k, "filtered", sc, eta=eta).mean == pytest.approx(np.mean(values))
+
+
+def test_beta_rule_on_known_vote_streams():
+    # P(p > 1/2) for p ~ Beta(v + 1, 1) is 1 - 2^-(v+1)
+    assert leader_probability(["a"] * 3) == pytest.approx(1 - 0.5 ** 4)
+    assert leader_probability(["a", "b"]) == pytest.approx(0.5)
+    assert leader_probability([None, None]) == 0.0
+    rule = StopRule("beta", threshold=0.95)
+    assert stop_point(["a"] * 20, rule, 20) == 4  # 1 - 2^-5 = 0.969 is the first >= 0.95
+    assert stop_point(["a", "b"] * 10, rule, 20) == 20  # never decided: the budget
+    assert stop_point(["x", None, "a", "a", "a", "a", "a", "a", "a"], rule, 9) == 8
+    # a stricter threshold never stops earlier
+    for stream in (["a"] * 30, ["a", "b", "a", "a", "c", "a", "a", "a"] * 3):
+        assert stop_point(stream, StopRule("beta", 0.99), 24) >= stop_point(stream, rule, 24)
+
+
+def test_window_rule_stops_after_the_first_unanimous_window():
+    rule = StopRule("window", window=4)
+    assert stop_point(["a", "b", "a", "a", "a", "a", "a", "a"], rule, 8) == 8
+    assert stop_point(["a", "a", "a", "a", "b"], rule, 8) == 4
+    assert stop_point([None] * 8, rule, 8) == 8  # no answers never decide
+    with pytest.raises(ValueError):
+        StopRule("dice")
+
+
+def test_replay_on_a_stored_run(workspace):
+    run = api.sample("arithmetic", n=12, limit=6, engine="toy", task_args={"levels": [1]}, workspace=workspace,
+                     engine_args={"answer_range": 2})  # two answers: votes decide fast
+    with Store(workspace) as store:
+        got = replay(store, run.run_id, StopRule("beta", 0.9))
+        never = replay(store, run.run_id, StopRule("beta", 0.9, min_samples=12))
+        tokens = {(s.problem_id, s.sample_index): s.completion_tokens for s in store.samples(run.run_id)}
+    assert len(got) == 6 and all(r.samples_all == 12 for r in got)
+    assert any(r.samples < 12 for r in got)
+    for r in got:
+        assert r.tokens == sum(tokens[r.problem_id, i] for i in range(r.samples))
+    # forced to read everything, adaptive stopping is majority over all n
+    assert all(r.samples == 12 and r.correct == r.correct_all and r.tokens == r.tokens_all for r in never)
+
+
+class StatsEngine:
+    """The toy engine, with per-token stats as llama.cpp records them."""
+
+    name = "stats"
+
+    def __init__(self):
+        from testtime.engines.toy import ToyEngine
+
+        self.inner = ToyEngine()
+
+    def identity(self):
+        return {"engine": "stats"}
+
+    def generate(self, requests):
+        for c in self.inner.generate(requests):
+            rng = np.random.default_rng(c.seed % 2 ** 32)
+            c.token_stats = rng.uniform(0.5, 5, size=(max(1, c.completion_tokens), 3)).astype(np.float32)
+            yield c
+
+    def close(self):
+        pass
+
+
+def test_sampling_stores_token_stats_and_confidence_scores_select(workspace):
+    run = api.sample("arithmetic", n=6, limit=4, engine=StatsEngine(), task_args={"levels": [1]},
+                     workspace=workspace, prm="confidence", prm_args={"metric": "mean"})
+    with Store(workspace) as store:
+        stats = store.token_stats(run.run_id)
+        scorers = store.scorers(run.run_id)
+        scores = store.step_scores(run.run_id, scorers[0])
+    assert len(stats) == 24 and scorers[0].startswith("confidence:")
+    assert all(scores[key] == [pytest.approx(float(stats[key][:, 0].mean()), rel=1e-6)] for key in stats)
+    methods = [c.method for c in run.analysis().selection]
+    assert methods[0] == "maj@k" and any("top 10% voting" in m for m in methods)
+    # a run whose engine recorded nothing cannot be scored by confidence: said, not silently empty
+    with pytest.raises(InputError, match="has no token statistics"):
+        api.sample("arithmetic", n=2, limit=2, engine="toy", workspace=workspace, prm="confidence")
+
+
+@requires_model
+@pytest.mark.model
+def test_llamacpp_records_stats_that_agree_with_its_logprobs():
+    from testtime.engines.base import Request
+    from testtime.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(slots=2, seq_ctx=256)
+    try:
+        params = SamplingParams(max_tokens=8, logprobs=3)
+        out = list(eng.generate([Request(key="k", seeds=(1, 2), params=params, prompt="The sky is")]))
+    finally:
+        eng.close()
+    for c in out:
+        assert c.token_stats.shape == (len(c.token_ids), 3)
+        assert np.allclose(c.token_stats[:, 2], [t.logprob for t in c.logprobs], atol=1e-3)
+        tops = [from_top_logprobs(t.logprob, list(t.top.values()), None, k=3)[0] for t in c.logprobs]
+        assert np.all(c.token_stats[:, 0] >= np.array(tops) - 1e-3)  # the top 20 reach lower than the top 3
+
+
+def test_adaptive_command_replays_a_stored_run(workspace):
+    from typer.testing import CliRunner
+
+    from testtime.cli import app
+
+    api.sample("arithmetic", n=8, limit=4, engine="toy", task_args={"levels": [1]}, workspace=workspace,
+               engine_args={"answer_range": 2})
+    got = CliRunner().invoke(app, ["adaptive", "--threshold", "0.8", "-w", str(workspace)], env={"COLUMNS": "200"})
+    assert got.exit_code == 0, got.output
+    assert "4 problems, rule beta" in got.output and "instead of 8.0" in got.output
+    bad = CliRunner().invoke(app, ["adaptive", "--threshold", "1.5", "-w", str(workspace)])
+    assert bad.exit_code == 2 and "threshold must be in [0.5, 1)" in bad.output
+    bad = CliRunner().invoke(app, ["adaptive", "--rule", "coin", "-w", str(workspace)])
+    assert bad.exit_code == 2 and "stopping rule must be one of beta, window" in bad.output
