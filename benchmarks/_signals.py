@@ -22,6 +22,17 @@ class Drawn:
     run_id: str
     fit: list[str]
     report: list[str]
+    task_args: dict
+    limit: int
+    max_tokens: int
+
+    def problems(self, ids: list[str]):
+        """The task's problems with these ids, for a live run on them."""
+        from testtime.tasks import load_task
+
+        task = load_task(self.task, **self.task_args)
+        keep = set(ids)
+        return task, [p for p in task.problems(self.limit) if p.id in keep]
 
 
 def add_args(ap) -> None:
@@ -60,5 +71,5 @@ def draw(args) -> list[Drawn]:
             by_level.setdefault(p["difficulty"], []).append(p["problem_id"])
         fit = [pid for ids in by_level.values() for pid in ids[0::2]]
         report = [pid for ids in by_level.values() for pid in ids[1::2]]
-        out.append(Drawn(task, run.run_id, fit, report))
+        out.append(Drawn(task, run.run_id, fit, report, targs, limit, max_tokens))
     return out

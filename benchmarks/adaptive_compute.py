@@ -10,12 +10,20 @@ grid) and early-stopping self-consistency's window (window grid). For each rule
 the setting is fitted on the fit half (the fewest tokens whose accuracy is within
 0.005 of majority@N there) and reported on the other half.
 
-Not measured yet, and said so in the output: DeepConf online (stopping a sample
-whose confidence drops, issue 13 part 2) and live adaptive sampling with freed
-slots going to undecided problems (part 3's live half); replay gives the samples
-and tokens the live version would spend, not its wall time.
+Then, live, on the report half at the largest N, each against majority@N on the
+same problems (the stored run's first N samples; the live runs draw with the same
+seeds, though llama.cpp's batched arithmetic can make a sample's text differ when
+its batch does):
 
-Last line, for the better rule at the largest N:
+  - `adaptive_consistency` with the Beta threshold fitted above, 2 samples per
+    undecided problem per engine call;
+  - `deepconf_online` with DeepConf's own settings, not fitted (warm-up 4
+    samples, eta 0.9, consensus 0.95): samples whose confidence drops are ended
+    by the engine.
+
+Tokens are generated tokens (the problems' decode usage), stopped samples and
+samples drawn past a stop included. Last line, for the better of the live
+methods (by token ratio, among those within 0.005 of majority's accuracy):
 
     token_ratio=<x> acc_delta=<y>
 
@@ -76,10 +84,50 @@ def main() -> None:
                 print(f"  {kind:<6} fitted {name}: {s['samples']:.1f} of {n} samples, token_ratio {ratio:.2f}, "
                       f"accuracy {s['acc']:.3f} vs majority@{n} {s['acc_all']:.3f} (delta {delta:+.3f})"
                       + ("" if ok else "  [no setting kept accuracy on the fit half; the cheapest shown]"))
-            kept = [v for v in best_of.values() if v[1] >= -0.005] or list(best_of.values())
-            final = max(kept, key=lambda v: v[0])
-    print("\nnot measured: DeepConf online early stopping, and live adaptive sampling (replay only; issue 13)")
+            fitted_beta = next(r for r in GRID if label(r) == best_of["beta"][2])
+        n = budgets[-1]
+        live = {}
+        for method, sargs in (("adaptive_consistency", {"rule": "beta", "threshold": fitted_beta.threshold,
+                                                        "round": 2}),
+                              ("deepconf_online", {"warmup": 4, "eta": 0.9, "consensus": 0.95})):
+            acc, acc_all, tok, tok_all = [], [], 0, 0
+            for d in runs:
+                got = live_run(store, d, method, {"n": n, **sargs})
+                base = {r.problem_id: r for r in replay(store, d.run_id, fitted_beta, n, problems=d.report)}
+                for pid, (a, toks) in got.items():
+                    acc.append(a)
+                    tok += toks
+                    acc_all.append(base[pid].correct_all)
+                    tok_all += base[pid].tokens_all
+            ratio, delta = tok_all / max(1, tok), float(np.mean(acc) - np.mean(acc_all))
+            live[method] = (ratio, delta, f"{method} live")
+            print(f"  live {method}: {tok} tokens vs majority@{n} {tok_all}, token_ratio {ratio:.2f}, accuracy "
+                  f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f})", flush=True)
+        kept = [v for v in live.values() if v[1] >= -0.005] or list(live.values())
+        final = max(kept, key=lambda v: v[0])
     print(f"token_ratio={final[0]:.2f} acc_delta={final[1]:.3f}  ({final[2]}, N={budgets[-1]})")
+
+
+def live_run(store, d, method: str, values: dict) -> dict[str, tuple[float, int]]:
+    """A live strategy run on the report half: per problem, the accuracy of its
+    selected answer and the tokens it generated."""
+    from testtime.analysis import selected
+    from testtime.engines.llamacpp import LlamaCppEngine
+    from testtime.runner import grade, run_strategy
+    from testtime.spec import SamplingParams
+    from testtime.strategies.base import strategy_params
+    from testtime.verifiers.math_answer import MathAnswerVerifier
+
+    task, problems = d.problems(d.report)
+    engine = LlamaCppEngine()
+    try:
+        res = run_strategy(store, task, engine, method, strategy_params(method, values),
+                           SamplingParams(max_tokens=d.max_tokens), None, problems=problems)
+    finally:
+        engine.close()
+    grade(store, res.run_id, MathAnswerVerifier())
+    usage = store.usage(res.run_id)
+    return {pid: (acc, int(usage[pid]["decode"])) for pid, (acc, _) in selected(store, res.run_id, "math_answer").items()}
 
 
 if __name__ == "__main__":

@@ -207,3 +207,130 @@ def test_adaptive_command_replays_a_stored_run(workspace):
     assert bad.exit_code == 2 and "threshold must be in [0.5, 1)" in bad.output
     bad = CliRunner().invoke(app, ["adaptive", "--rule", "coin", "-w", str(workspace)])
     assert bad.exit_code == 2 and "stopping rule must be one of beta, window" in bad.output
+
+
+@pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9}, {"rule": "window", "window": 3}])
+def test_live_adaptive_consistency_keeps_what_replay_predicts(workspace, rule):
+    from testtime.adaptive import StopRule
+
+    base = dict(engine="toy", task_args={"levels": [1]}, workspace=workspace, engine_args={"answer_range": 3})
+    sampled = api.sample("arithmetic", n=12, limit=6, **base)
+    live = api.sample("arithmetic", n=12, limit=6, strategy="adaptive_consistency",
+                      strategy_args={**rule, "round": 1}, **base)
+    stop = StopRule(**{"rule": rule["rule"], **{k: v for k, v in rule.items() if k != "rule"}})
+    with Store(workspace) as store:
+        replayed = {r.problem_id: r for r in replay(store, sampled.run_id, stop, 12)}
+        kept = {}
+        for s in store.samples(live.run_id):
+            kept.setdefault(s.problem_id, []).append(s)
+        ref = {(s.problem_id, s.sample_index): s.text for s in store.samples(sampled.run_id)}
+        decisions = store.decisions(live.run_id)
+    assert set(kept) == set(replayed)
+    for pid, rows in kept.items():
+        assert len(rows) == replayed[pid].samples == decisions[pid]["stopped_at"] == decisions[pid]["drawn"]
+        assert all(s.text == ref[pid, s.sample_index] for s in rows)  # the same seeds, the same samples
+    assert any(r.samples < 12 for r in replayed.values())
+
+
+def test_live_adaptive_rounds_draw_past_the_stop_but_keep_to_it(workspace):
+    base = dict(engine="toy", task_args={"levels": [1]}, workspace=workspace, engine_args={"answer_range": 2})
+    live = api.sample("arithmetic", n=16, limit=6, strategy="adaptive_consistency",
+                      strategy_args={"threshold": 0.8, "round": 4}, **base)
+    with Store(workspace) as store:
+        d = store.decisions(live.run_id)
+        counts = {}
+        for s in store.samples(live.run_id):
+            counts[s.problem_id] = counts.get(s.problem_id, 0) + 1
+    assert all(counts[pid] == v["stopped_at"] <= v["drawn"] <= 16 and v["drawn"] % 4 == 0 for pid, v in d.items())
+    with pytest.raises(Exception, match="round must be an integer >= 1"):
+        api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"round": 0}, **base)
+
+
+class ConfidentToy:
+    """A toy engine that sees 'logits': each sample's token confidence is constant, set by
+    its seed (low for some seeds), and it honours `stop_below` as llama.cpp does."""
+
+    name = "confident_toy"
+    stops_on_confidence = True
+    token_stats = True
+
+    def __init__(self):
+        from testtime.engines.toy import ToyEngine
+
+        self.inner = ToyEngine(answer_range=3)
+        self.stopped = 0
+
+    def identity(self):
+        return {"engine": "confident_toy"}
+
+    def generate(self, requests):
+        for c in self.inner.generate(requests):
+            level = 1.0 if c.seed % 3 == 0 else 3.0  # a third of the samples are unsure
+            tokens = 40
+            stats = np.full((tokens, 3), level, np.float32)
+            c.token_stats = stats
+            c.token_ids = list(range(tokens))
+            c.n_tokens = None
+            yield c
+
+    def close(self):
+        pass
+
+
+class StoppingToy(ConfidentToy):
+    def generate(self, requests):
+        requests = list(requests)
+        by_key = {r.key: r for r in requests}
+        for c in super().generate(requests):
+            stop = by_key[c.key].stop_below
+            if stop is not None and float(c.token_stats[0, 0]) < stop[0]:
+                c.token_stats = c.token_stats[:stop[1]]
+                c.token_ids = c.token_ids[:stop[1]]
+                c.finish_reason = "low_confidence"
+                self.stopped += 1
+            yield c
+
+
+def test_deepconf_online_stops_unsure_samples_and_keeps_the_rest(workspace):
+    eng = StoppingToy()
+    run = api.sample("arithmetic", n=12, limit=4, engine=eng, task_args={"levels": [1]}, workspace=workspace,
+                     strategy="deepconf_online", strategy_args={"warmup": 6, "eta": 0.5, "window": 8,
+                                                                "consensus": 1.0})
+    with Store(workspace) as store:
+        d = store.decisions(run.run_id)
+        samples = store.samples(run.run_id)
+        usage = store.usage(run.run_id)
+        scorers = store.scorers(run.run_id)
+    assert eng.stopped > 0 and scorers == ["confidence:lowest_group"]
+    for pid, v in d.items():
+        assert v["drawn"] == 12 and v["kept"] + v["stopped_early"] == 12
+        kept = [s for s in samples if s.problem_id == pid]
+        assert len(kept) == v["kept"] and all(s.finish_reason != "low_confidence" for s in kept)
+        # the stopped samples' tokens are paid for: 8 each, against 40 for a finished one
+        assert usage[pid]["decode"] == 40 * v["kept"] + 8 * v["stopped_early"]
+    summary = api.summary(run.run_id, workspace=workspace)  # votes weighted by the kept samples' confidence
+    assert summary["selection"] == "weighted best-of-N" and summary["scorer"] == "confidence:lowest_group"
+    assert summary["tokens_per_problem"] == sum(u["decode"] for u in usage.values()) / len(usage)
+
+
+def test_deepconf_online_refuses_an_engine_that_cannot_stop(workspace):
+    with pytest.raises(Exception, match="needs an engine that sees the logits"):
+        api.sample("arithmetic", n=4, limit=1, engine="toy", workspace=workspace, strategy="deepconf_online")
+
+
+@requires_model
+@pytest.mark.model
+def test_llamacpp_stops_a_sample_forced_to_low_confidence_and_reuses_its_slot():
+    from testtime.engines.base import Request
+    from testtime.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(slots=1, seq_ctx=256)
+    try:
+        params = SamplingParams(max_tokens=24)
+        low = Request(key="low", seeds=(1,), params=params, prompt="Count: one, two,", stop_below=(1e9, 3))
+        free = Request(key="free", seeds=(2,), params=params, prompt="Count: one, two,")
+        out = {c.key: c for c in eng.generate([low, free])}
+    finally:
+        eng.close()
+    assert out["low"].finish_reason == "low_confidence" and len(out["low"].token_ids) == 3
+    assert out["free"].finish_reason in ("stop", "length") and len(out["free"].token_ids) > 3

@@ -225,10 +225,11 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
     step = {"max_steps": 2, "step_tokens": 16, "delimiter": "."}
     asked = {"beam_search@4": {**step, "width": 2}, "dvts@4": {**step, "width": 2},
              "lookahead@4": {**step, "width": 2, "lookahead": 1}, "revision@4": {"sequential": 2},
-             "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {}}
+             "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {},
+             "adaptive_consistency@4": {"threshold": 0.8}}
     builtin = {s for s in STRATEGIES.names() if STRATEGIES.get(s).__module__.startswith("testtime.")}
     # a new built-in strategy gets a line here; the policy is served with the server's own file (below)
-    assert {m.split("@")[0] for m in asked} == builtin - {"policy"}
+    assert {m.split("@")[0] for m in asked} == builtin - {"policy", "deepconf_online"}
     for model, params in asked.items():
         before = judge.usage.sequences
         r = client.chat.completions.create(model=model, messages=MSG, seed=1, max_tokens=32,
@@ -237,7 +238,11 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
         assert r.choices[0].message.content and info["strategy"] == model.split("@")[0], model
         assert info["candidates"] >= 1 and r.usage.completion_tokens > 0, model
         judged = judge.usage.sequences > before
-        assert judged == (model.split("@")[0] not in ("majority",)), model  # majority never asks the judge
+        # votes never ask the judge
+        assert judged == (model.split("@")[0] not in ("majority", "adaptive_consistency", "deepconf_online")), model
+    # deepconf_online needs an engine that can stop a sample on confidence: this server's (toy) cannot
+    with pytest.raises(openai.BadRequestError, match="deepconf_online needs an engine with stops_on_confidence"):
+        client.chat.completions.create(model="deepconf_online@4", messages=MSG)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="beam_search@4", messages=MSG,
                                        extra_body={"testtime": {"params": {"width": 3}}})

@@ -195,7 +195,8 @@ def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params
     _set_shapes(store, run_id, {"policy": engine, "prm": prm})
     done = store.finished_problems(run_id)
     todo = [p for p in problems if p.id not in done]
-    scorer = scorer_name(prm) if prm is not None else ""
+    # a strategy that scores its own candidates (deepconf_online: their confidence) names its scores
+    scorer = scorer_name(prm) if prm is not None else getattr(load_strategy(strategy), "scorer", "")
     ctx = SearchContext(engine, prm, tmpl, sampling, seed, scorer)
     drawn = tokens = 0
     start = time.perf_counter()

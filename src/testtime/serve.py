@@ -335,6 +335,11 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge
                 job = parse_request(body, max_n)
                 if job.strategy in STRATEGIES and STRATEGIES.get(job.strategy).needs_prm and judge is None:
                     raise BadRequest(f"{job.strategy} needs a judge, and this server has none", "model")
+                needs = getattr(STRATEGIES.get(job.strategy), "needs_engine", None) if job.strategy in STRATEGIES \
+                    else None
+                if needs and not getattr(engine, needs, False):
+                    raise BadRequest(f"{job.strategy} needs an engine with {needs}; this server's "
+                                     f"{getattr(engine, 'name', 'engine')} has not", "model")
                 if job.strategy == POLICY and policy is None:
                     raise BadRequest("this server has no policy (start it with --policy FILE)", "model", 404,
                                      "model_not_found")

@@ -35,6 +35,10 @@ class Request:
     """A hint that requests continuing these samples will follow (step-wise search):
     an engine with a prefix cache keeps each finished sample's KV cache, so the
     continuation computes only what is new. Never changes the text generated."""
+    stop_below: tuple[float, int] | None = None
+    """(threshold, window): end a sample once the mean token confidence of its last
+    `window` tokens falls below threshold (DeepConf online), with finish reason
+    "low_confidence". Only engines with `stops_on_confidence = True` honour it."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -73,8 +77,9 @@ class Completion:
     """Prompt tokens this sample did not compute itself (served from a shared KV cache);
     None when the engine cannot tell (a server that does not report it)."""
     finish_reason: str
-    """'stop' (EOS or a stop string) or 'length' (max_tokens reached); 'abort', 'error' or
-    'repetition' when the engine, not the model, ended the sample."""
+    """'stop' (EOS or a stop string) or 'length' (max_tokens reached); 'low_confidence' when
+    the request's `stop_below` ended it; 'abort', 'error' or 'repetition' when the engine,
+    not the model, ended the sample."""
     logprobs: list[TokenLogprob] | None = None
     latency_s: float = 0.0
     stop_hit: str | None = None

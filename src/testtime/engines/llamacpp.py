@@ -123,6 +123,8 @@ class LlamaCppEngine:
     """Batched, prefix-sharing generation with llama.cpp (CPU or whatever it was built for)."""
 
     name = "llamacpp"
+    stops_on_confidence = True
+    """Honours `Request.stop_below` (DeepConf online): the slot goes to waiting work at once."""
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
@@ -426,6 +428,17 @@ class LlamaCppEngine:
                 if stats is not None:
                     slots[i].stats.append(stats[j])
                 self._accept(slots[i], int(tok), logits[i])
+                if stats is not None and not slots[i].finish and slots[i].job.req.stop_below is not None:
+                    self._check_confidence(slots[i])
+
+    def _check_confidence(self, slot: _Slot) -> None:
+        """DeepConf online: end the sample once its last `window` tokens' mean
+        confidence is below the request's threshold."""
+        threshold, window = slot.job.req.stop_below
+        if len(slot.stats) >= window:
+            recent = sum(float(r[0]) for r in slot.stats[-window:]) / window
+            if recent < threshold:
+                slot.finish = "low_confidence"
 
     def _accept(self, slot: _Slot, tok: int, logits: np.ndarray) -> None:
         """Append a drawn token to a slot and decide whether the slot is finished."""

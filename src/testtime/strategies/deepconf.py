@@ -1,0 +1,136 @@
+"""DeepConf online (Fu et al. 2025, "Deep Think with Confidence"): stop samples whose
+confidence drops, and stop the problem once its confident votes agree.
+
+Per problem:
+
+1. Warm-up: `warmup` samples run to the end. Each one's lowest group confidence
+   (the least confident window of `window` tokens, `testtime.confidence`) is
+   measured, and the stopping threshold set so that a fraction `eta` of such
+   traces would pass it (the (1 - eta) quantile; DeepConf-low keeps 10%,
+   DeepConf-high 90%).
+2. Then rounds of `round` samples, each ended by the engine the moment the mean
+   confidence of its last `window` tokens falls below the threshold (finish reason
+   "low_confidence"; the slot goes to waiting work at once). Until the budget n is
+   spent, or the leading answer holds a share `consensus` of the
+   confidence-weighted votes.
+
+Samples ended early do not vote and are not kept; their tokens are counted in the
+problem's usage. The answer is the confidence-weighted majority of the kept
+samples: each candidate carries its lowest group confidence as its one score, so
+the weighted selection applies. Needs an engine that sees the logits (the
+llama.cpp engine); a server cannot be stopped mid-sample here yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..confidence import WINDOW, trace_score
+from ..engines.base import Request
+from ..select import AnswerKeys
+from ..spec import SpecError, sample_seed
+from ..tasks.base import Problem
+from ..verifiers.math_answer import problem_rules
+from .base import STRATEGIES, Candidate, Meter, ProblemResult, SearchContext, StrategyParams
+
+
+@dataclass(frozen=True)
+class DeepConfParams(StrategyParams):
+    """The budget n is the most samples a problem gets, warm-up included."""
+
+    warmup: int = 4
+    """Samples per problem that run to the end and set the threshold."""
+    eta: float = 0.9
+    """The share of warm-up traces that would pass the threshold (0.1: DeepConf-low, 0.9: high)."""
+    window: int = WINDOW
+    """Tokens per confidence group."""
+    consensus: float = 0.95
+    """Stop the problem once the leading answer holds this share of the weighted votes."""
+    round: int = 2
+    """Samples per undecided problem per engine call after the warm-up."""
+
+    def check(self) -> None:
+        if not isinstance(self.warmup, int) or not 1 <= self.warmup <= self.n:
+            raise SpecError(f"warmup must be an integer in 1..n={self.n}, got {self.warmup!r}")
+        if not 0 < float(self.eta) <= 1:
+            raise SpecError(f"eta must be in (0, 1], got {self.eta!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise SpecError(f"window must be an integer >= 1, got {self.window!r}")
+        if not 0.5 < float(self.consensus) <= 1:
+            raise SpecError(f"consensus must be in (0.5, 1], got {self.consensus!r}")
+        if not isinstance(self.round, int) or self.round < 1:
+            raise SpecError(f"round must be an integer >= 1, got {self.round!r}")
+
+
+@STRATEGIES.register("deepconf_online")
+class DeepConfOnline:
+    name = "deepconf_online"
+    Params = DeepConfParams
+    needs_prm = False
+    selection = "weighted"
+    scorer = "confidence:lowest_group"
+    """The name its candidates' own scores are stored under."""
+    needs_engine = "stops_on_confidence"
+    """The engine capability it needs (`serve` refuses a request up front without it)."""
+
+    def run(self, problems: Sequence[Problem], ctx: SearchContext, params: DeepConfParams) -> Iterator[ProblemResult]:
+        if not getattr(ctx.engine, "stops_on_confidence", False) or not getattr(ctx.engine, "token_stats", True):
+            raise SpecError(f"deepconf_online needs an engine that sees the logits and stops samples on confidence "
+                            f"(llamacpp with token_stats on); {getattr(ctx.engine, 'name', 'this engine')} does not")
+        keys, meter = AnswerKeys(), Meter(None)
+        by_id = {p.id: p for p in problems}
+        kept: dict[str, list[tuple[int, Candidate, str | None]]] = {p.id: [] for p in problems}
+        drawn = {p.id: 0 for p in problems}
+        stopped_early = {p.id: 0 for p in problems}
+        threshold: dict[str, float] = {}
+        done: set[str] = set()
+
+        def request(p: Problem, count: int, stop: tuple[float, int] | None) -> Request:
+            idx = range(drawn[p.id], drawn[p.id] + count)
+            drawn[p.id] += len(idx)
+            return Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
+                           params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
+                           stop_below=stop)
+
+        requests = [request(p, params.warmup, None) for p in problems]
+        while requests:
+            for c in ctx.engine.generate(requests):
+                pid, idx = c.key
+                meter.completion(pid, c)
+                if c.finish_reason == "low_confidence":
+                    stopped_early[pid] += 1
+                    continue
+                if c.token_stats is None:
+                    raise SpecError("deepconf_online: the engine returned no token statistics")
+                conf = trace_score(c.token_stats, "lowest_group", params.window)
+                cand = Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens,
+                                 steps=(c.text,), scores=(max(conf, 0.0),))
+                kept[pid].append((idx[c.index], cand, keys.of_text(c.text, problem_rules(by_id[pid].meta))))
+            requests = []
+            for p in problems:
+                if p.id in done:
+                    continue
+                if p.id not in threshold:  # the warm-up is in: set the bar
+                    confs = [cand.scores[0] for _, cand, _ in kept[p.id]]
+                    threshold[p.id] = float(np.quantile(confs, 1 - params.eta)) if confs else 0.0
+                if self._agreed(kept[p.id], params.consensus) or drawn[p.id] >= params.n:
+                    done.add(p.id)
+                    cands = [cand for _, cand, _ in sorted(kept[p.id], key=lambda t: t[0])]
+                    yield ProblemResult(p.id, cands, meter.of(p.id),
+                                        {"threshold": threshold[p.id], "drawn": drawn[p.id], "kept": len(cands),
+                                         "stopped_early": stopped_early[p.id], "budget": params.n})
+                    continue
+                requests.append(request(p, min(params.round, params.n - drawn[p.id]), (threshold[p.id], params.window)))
+
+    @staticmethod
+    def _agreed(kept: list[tuple[int, Candidate, str | None]], consensus: float) -> bool:
+        """Whether the leading answer holds `consensus` of the confidence-weighted votes."""
+        totals: dict[str, float] = {}
+        for _, cand, key in kept:
+            if key is not None:
+                totals[key] = totals.get(key, 0.0) + cand.scores[0]
+        whole = sum(totals.values())
+        return whole > 0 and max(totals.values()) / whole >= consensus
