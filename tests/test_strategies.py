@@ -289,7 +289,9 @@ def test_a_search_killed_at_random_moments_loses_no_stored_problem(tmp_path):
     for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(tests=tests, ws=str(ws), delay=0.02)],
                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
-        time.sleep(rng.uniform(0.8, 1.6))
+        # kill at a random moment after the first problem is stored, however long start-up takes
+        assert proc.stdout.readline().strip() == "stored"
+        time.sleep(rng.uniform(0.0, 0.8))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         with Store(ws) as store:

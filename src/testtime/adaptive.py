@@ -26,8 +26,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from scipy.special import betainc
-
 RULES = ("beta", "window")
 
 
@@ -64,6 +62,8 @@ class StopRule:
 def leader_probability(answers: Sequence[str | None]) -> float:
     """P(the leading answer's share > the runner-up's) under a uniform prior: the
     Beta(v1 + 1, v2 + 1) posterior's mass above 1/2. 0 with no answer at all."""
+    from scipy.special import betainc  # here: importing scipy costs every command's start-up
+
     counts = Counter(a for a in answers if a is not None).most_common(2)
     if not counts:
         return 0.0

@@ -223,12 +223,12 @@ def chance_probability(question: str, text: str, reference: str | None) -> float
     """The chance that an answer drawn at random from the distinct numbers in the
     problem and the sample equals the (numeric) reference; 0 for a reference that
     is not a plain number, or where no number appears."""
-    from .verifiers.math_answer import _NUMBER_RE, as_number
+    from .verifiers.math_answer import as_number, numbers_in
 
     gold = as_number(reference) if reference is not None else None
     if gold is None:
         return 0.0
-    values = {v for v in (as_number(m) for m in _NUMBER_RE.findall(question + "\n" + text)) if v is not None}
+    values = {v for v in (as_number(m) for m in numbers_in(question + "\n" + text)) if v is not None}
     return (gold in values) / len(values) if values else 0.0
 
 
@@ -255,7 +255,8 @@ def extraction_summary(store: Store, run_id: str, verifier: str, ks: list[int],
     by_rule: dict[str, int] = {}
     for reason in reasons.values():
         m = _RULE_RE.search(reason)
-        by_rule[m.group(1) if m else "unknown"] = by_rule.get(m.group(1) if m else "unknown", 0) + 1
+        rule = m.group(1) if m else "unknown"
+        by_rule[rule] = by_rule.get(rule, 0) + 1
     problems = {p["problem_id"]: p for p in store.problems(run_id)}
     rules = answer_rules(store, run_id)
     rows, n_used, stated = [], [], []

@@ -46,6 +46,12 @@ _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:[eE][+-]?\d+)?(?![\d.]*[a-zA-Z_])|-?\.\d+"
 """A number, with an exponent if it has one ("1e100000" is one number, never 100000),
 and not the start of a word ("3x", "2nd", "10km" are not numbers here)."""
 _NUMBER_RE = re.compile(_NUMBER)
+
+
+def numbers_in(text: str) -> list[str]:
+    """Every number in a text, as the last-number rule reads them."""
+    return _NUMBER_RE.findall(text)
+
 _ANSWER_IS_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)[:\s]*", re.IGNORECASE)
 _HASHES_RE = re.compile(r"####\s*([^\n]+)")
 _PLAIN_NUMBER_RE = re.compile(rf"^\s*\\?\$?\s*({_NUMBER}|-?\d+\s*/\s*\d+)\s*(?:\\?%)?\s*\.?\s*$")
