@@ -246,18 +246,16 @@ def test_live_adaptive_rounds_draw_past_the_stop_but_keep_to_it(workspace):
         api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"round": 0}, **base)
 
 
-class ConfidentToy:
+class ConfidentToy(StatsEngine):
     """A toy engine that sees 'logits': each sample's token confidence is constant, set by
-    its seed (low for some seeds), and it honours `stop_below` as llama.cpp does."""
+    its seed (low for a third of the seeds), and it honours `stop_below` as llama.cpp does."""
 
     name = "confident_toy"
     stops_on_confidence = True
     token_stats = True
 
     def __init__(self):
-        from testtime.engines.toy import ToyEngine
-
-        self.inner = ToyEngine(answer_range=3)
+        super().__init__()
         self.stopped = 0
 
     def identity(self):
@@ -265,16 +263,9 @@ class ConfidentToy:
 
     def generate(self, requests):
         for c in self.inner.generate(requests):
-            level = 1.0 if c.seed % 3 == 0 else 3.0  # a third of the samples are unsure
-            tokens = 40
-            stats = np.full((tokens, 3), level, np.float32)
-            c.token_stats = stats
-            c.token_ids = list(range(tokens))
-            c.n_tokens = None
+            c.token_stats = np.full((40, 3), 1.0 if c.seed % 3 == 0 else 3.0, np.float32)
+            c.token_ids = list(range(40))
             yield c
-
-    def close(self):
-        pass
 
 
 class StoppingToy(ConfidentToy):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
-from .errors import InputError, NotFoundError
+from .errors import InputError
 from .report import write_report
 from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
 from .searchspec import DEFAULT_STRATEGY, SearchSpec
@@ -188,9 +188,7 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
         raise InputError(f"fit_k must be >= 4 (the power law is fitted on k = 1, 2, 4, ... <= fit_k, at least 3 "
                          f"values), got {fit_k}")
     with Store(workspace, create=False) as store:
-        rid = store.resolve_run(run_id) if run_id else store.latest_run()
-        if rid is None:
-            raise NotFoundError(f"no run with samples in {store.path}")
+        rid = store.run_or_latest(run_id)
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
@@ -208,9 +206,7 @@ def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0
     if n is not None and n < 1:
         raise InputError(f"n must be >= 1, got {n}")
     with Store(workspace, create=False) as store:
-        rid = store.resolve_run(run_id) if run_id else store.latest_run()
-        if rid is None:
-            raise NotFoundError(f"no run with samples in {store.path}")
+        rid = store.run_or_latest(run_id)
         if is_strategy_run(store.run_spec(rid).to_dict()):
             raise InputError(f"run {rid} is a search run; adaptive stopping replays a sampling run's samples")
         verifier = pick_verifier(store, rid, None)
@@ -261,9 +257,7 @@ def cost(run_id: str | None = None, workspace: str | Path | None = None, prices:
     from .analysis import run_cost
 
     with Store(workspace, create=False) as store:
-        rid = store.resolve_run(run_id) if run_id else store.latest_run()
-        if rid is None:
-            raise NotFoundError(f"no run with samples in {store.path}")
+        rid = store.run_or_latest(run_id)
         return {"run_id": rid, **run_cost(store, rid, prices, n, shape_from)}
 
 

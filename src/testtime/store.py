@@ -390,6 +390,13 @@ class Store:
             raise NotFoundError(f"{prefix!r} matches several runs: {', '.join(ids)}")
         return ids[0]
 
+    def run_or_latest(self, run_id: str | None) -> str:
+        """A run id from a prefix or label; with None, the latest run that holds a sample."""
+        rid = self.resolve_run(run_id) if run_id else self.latest_run()
+        if rid is None:
+            raise NotFoundError(f"no run with samples in {self.path}")
+        return rid
+
     def latest_run(self) -> str | None:
         """The run created last that holds a sample (a run whose sampling failed before
         its first sample is not what `report` or `cost` without a run id means)."""
