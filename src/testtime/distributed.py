@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import InfrastructureError, MissingDependencyError
 from .engines.base import Request
-from .runner import SampleResult, sample_requests, store_completion, store_result, strategy_spec, template_sampling
+from .runner import SampleResult, sample_requests, store_result, store_stream, strategy_spec, template_sampling
 from .spec import RunSpec, SamplingParams, SpecError
 from .store import Store
 from .strategies.base import StrategyParams, load_strategy
@@ -191,17 +191,9 @@ def run_sharded(store: Store, task: Task, engine: str, engine_args: dict[str, An
             return actor.sample.remote(reqs) if reqs else None
 
         ids = [p.id for p in problems]
-        drawn = tokens = ended = 0
         start = time.perf_counter()
-        for c in pool.drive([ids[i:i + unit] for i in range(0, len(ids), unit)], call):
-            pid, indices = c.key
-            if not store_completion(store, run_id, pid, indices[c.index], c):
-                ended += 1
-                continue
-            drawn += 1
-            tokens += c.completion_tokens
-            if progress:
-                progress(1, c.completion_tokens)
+        shards = [ids[i:i + unit] for i in range(0, len(ids), unit)]
+        drawn, tokens, ended = store_stream(store, run_id, pool.drive(shards, call), progress)
     finally:
         pool.close()
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended)

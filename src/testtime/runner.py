@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .confidence import from_logprobs, pack
 from .engines.base import Engine, Request
@@ -109,24 +109,39 @@ def draw_samples(store: Store, task: Task, engine: Engine, n: int, params: Sampl
         return SampleResult(run_id, 0, 0, 0.0, left=left)  # complete, or all in other hands: no engine call
 
     requests = sample_requests(problems, missing, tmpl, params, seed)
-    drawn = tokens = ended = 0
-    start = renewed = time.perf_counter()
+    start = time.perf_counter()
+    renewed = [start]
+
+    def renew() -> None:
+        if time.perf_counter() - renewed[0] > CLAIM_LEASE_S / 10:
+            store.renew(run_id, owner)
+            renewed[0] = time.perf_counter()
+
     try:
-        for c in engine.generate(requests):
-            problem_id, indices = c.key
-            if time.perf_counter() - renewed > CLAIM_LEASE_S / 10:
-                store.renew(run_id, owner)
-                renewed = time.perf_counter()
-            if not store_completion(store, run_id, problem_id, indices[c.index], c):
-                ended += 1
-                continue
-            drawn += 1
-            tokens += c.completion_tokens
-            if progress:
-                progress(1, c.completion_tokens)
+        drawn, tokens, ended = store_stream(store, run_id, engine.generate(requests), progress, renew)
     finally:
         store.release(run_id, owner)
     return SampleResult(run_id, drawn, tokens, time.perf_counter() - start, ended, left)
+
+
+def store_stream(store: Store, run_id: str, completions: Iterable, progress: ProgressFn | None = None,
+                 each: Callable[[], None] | None = None) -> tuple[int, int, int]:
+    """Store a stream of sampling completions (keyed (problem id, sample indices)) as
+    they arrive; returns (samples stored, their tokens, samples the engine ended).
+    `each` runs before each one is stored (a sampler renews its claims there)."""
+    drawn = tokens = ended = 0
+    for c in completions:
+        if each is not None:
+            each()
+        problem_id, indices = c.key
+        if not store_completion(store, run_id, problem_id, indices[c.index], c):
+            ended += 1
+            continue
+        drawn += 1
+        tokens += c.completion_tokens
+        if progress:
+            progress(1, c.completion_tokens)
+    return drawn, tokens, ended
 
 
 def scorer_name(prm, delimiter: str | None = None) -> str:
