@@ -70,8 +70,10 @@ def test_confidence_scorer_is_free_and_says_where_it_cannot_go():
     stats = np.array([[1, 1, math.log(0.25)], [1, 1, math.log(0.25)]], np.float32)
     assert s.score_stats(stats) == pytest.approx(0.25)  # geometric-mean token probability
     assert ConfidenceScorer().score_stats(np.zeros((0, 3), np.float32)) is None
-    with pytest.raises(InputError, match="step-wise search strategies cannot use it"):
+    with pytest.raises(InputError, match="text alone has no logits"):
         s.score([Scoring("q", ("a",))])
+    assert s.log_weight(0.25) == pytest.approx(math.log(0.25))  # a particle filter's log-potential
+    assert ConfidenceScorer(metric="tail").log_weight(7.5) == 7.5
     with pytest.raises(InputError, match="metric must be one of"):
         ConfidenceScorer(metric="loudness")
 

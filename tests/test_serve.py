@@ -226,7 +226,7 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
     asked = {"beam_search@4": {**step, "width": 2}, "dvts@4": {**step, "width": 2},
              "lookahead@4": {**step, "width": 2, "lookahead": 1}, "revision@4": {"sequential": 2},
              "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {},
-             "adaptive_consistency@4": {"threshold": 0.8}}
+             "adaptive_consistency@4": {"threshold": 0.8}, "particle_filtering@4": step}
     builtin = {s for s in STRATEGIES.names() if STRATEGIES.get(s).__module__.startswith("testtime.")}
     # a new built-in strategy gets a line here; the policy is served with the server's own file (below)
     assert {m.split("@")[0] for m in asked} == builtin - {"policy", "deepconf_online"}

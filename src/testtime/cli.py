@@ -385,7 +385,7 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            workspace: Optional[Path] = WorkspaceOpt):
     """Run a strategy on a task and store its candidates, graded. By default n independent
     samples per problem (only the missing ones are drawn); --strategy beam_search, dvts,
-    lookahead or revision search with a reward model (--prm) instead."""
+    lookahead, particle_filtering or revision search with a reward model (--prm) instead."""
     # Long because typer declares every option in the signature; the body only maps them
     # onto api.sample.
     try:

@@ -9,8 +9,10 @@ vote is weighted best-of-N with these scores; its offline filter is the
 measures and self-certainty are >= 0 already, and `mean_logprob` is given as the
 geometric-mean token probability, exp(mean log p).
 
-Text alone carries no logits, so step-wise search (beam, DVTS), which scores
-partial solutions as it builds them, cannot use it yet: `score` says so.
+Step-wise search (beam, DVTS, particle filtering) uses it too: each step's score
+is the confidence of the partial solution up to it, from the statistics the
+engine recorded for the steps (`strategies._steps`). Text alone carries no
+logits, so scoring stored text (`score`) says so.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ class ConfidenceScorer:
             return None
         return math.exp(value) if self.metric == "mean_logprob" else max(value, 0.0)
 
+    def log_weight(self, score: float) -> float:
+        """A score as a particle filter's log-potential: the DeepConf measures and
+        self-certainty are in nats already; `mean_logprob` goes back to its log."""
+        return math.log(max(score, 1e-30)) if self.metric == "mean_logprob" else score
+
     def score(self, items: Sequence[Scoring]) -> list[list[float]]:
         raise InputError("the confidence reward model scores samples from the token statistics their engine "
-                         "recorded (a sampling run: sample --prm confidence); text alone has no logits, so "
-                         "step-wise search strategies cannot use it")
+                         "recorded: a sampling run (sample --prm confidence) or a step-wise search, whose engine "
+                         "records them as it generates; text alone has no logits")

@@ -4,7 +4,8 @@ This module is the registry's front: importing it registers every built-in
 strategy, and the defaults that name strategies live here and nowhere else.
 """
 
-from . import adaptive, beam, best_of_n, deepconf, dvts, lookahead, majority, policy, revision, sampling  # noqa: F401  (registers them)
+from . import (adaptive, beam, best_of_n, deepconf, dvts, lookahead, majority, particles, policy,  # noqa: F401
+               revision, sampling)  # (importing them registers them)
 from .base import (STRATEGIES, Candidate, ProblemResult, SearchContext, Strategy, StrategyParams, load_strategy,
                    strategy_params, trait)
 

@@ -5,6 +5,10 @@ delimiter. Each parent path asks for its children in one request (they share
 the parent's prefix, and `retain=True` lets the embedded engine keep each new
 step's KV cache, so continuing a path never prefills it again); every problem's
 requests go to the engine together, so it sees one large batch.
+
+A path also keeps each step's per-token statistics when the engine recorded them
+(`testtime.confidence`), so a reward model that scores from them (`confidence`)
+scores partial solutions as search builds them, at no cost.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+import numpy as np
+
+from ..confidence import from_logprobs
 from ..engines.base import Request
+from ..errors import InputError
 from ..rewards.base import Scoring
 from ..select import aggregate
 from ..spec import SamplingParams, sample_seed
@@ -35,14 +43,24 @@ class Path:
     seed: int = 0
     """The seed of its first step."""
     prompt_tokens: int = 0
+    stats: list = field(default_factory=list)
+    """Per-token statistics of each step (None where the engine recorded none)."""
 
     def text(self, delimiter: str) -> str:
         return delimiter.join(self.steps)
 
-    def child(self, step: str, tokens: int, finished: bool, reason: str, seed: int, prompt_tokens: int) -> "Path":
-        steps = self.steps + [step] if step.strip() else list(self.steps)
-        return Path(steps, list(self.scores), finished, reason, self.tokens + tokens,
-                    seed=self.seed if self.steps else seed, prompt_tokens=self.prompt_tokens or prompt_tokens)
+    def child(self, step: str, tokens: int, finished: bool, reason: str, seed: int, prompt_tokens: int,
+              stats=None) -> "Path":
+        kept = bool(step.strip())
+        return Path(self.steps + [step] if kept else list(self.steps), list(self.scores), finished, reason,
+                    self.tokens + tokens, seed=self.seed if self.steps else seed,
+                    prompt_tokens=self.prompt_tokens or prompt_tokens,
+                    stats=self.stats + [stats] if kept else list(self.stats))
+
+    def copy(self) -> "Path":
+        """The same path as a new object (its own rank; the lists are not shared)."""
+        return Path(list(self.steps), list(self.scores), self.finished, self.finish_reason, self.tokens, None,
+                    self.seed, self.prompt_tokens, list(self.stats))
 
     def candidate(self, delimiter: str) -> Candidate:
         return Candidate(self.text(delimiter), self.seed, self.tokens, self.finish_reason, self.prompt_tokens,
@@ -77,8 +95,9 @@ def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], paren
     for c in ctx.engine.generate(requests):
         pid, i = c.key
         step_done = c.stop_hit == delimiter
+        stats = c.token_stats if c.token_stats is not None else from_logprobs(c.logprobs or ())
         child = parents[i][1].child(c.text, c.completion_tokens, not step_done, c.finish_reason, c.seed,
-                                    c.prompt_tokens)
+                                    c.prompt_tokens, stats)
         children.append((pid, child, i, c.index))
         meter.completion(pid, c)
     children.sort(key=lambda t: (t[2], t[3]))  # whatever order the engine finished in
@@ -88,11 +107,30 @@ def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], paren
 def score(meter: Meter, problems: dict[str, Problem], paths: Sequence[tuple[str, Path]]) -> int:
     """Score the steps each path has no score for yet; returns how many were scored."""
     todo = [(pid, p) for pid, p in paths if len(p.scores) < len(p.steps)]
+    if hasattr(meter.prm, "score_stats"):
+        return _score_from_stats(meter.prm, todo)
     items = [(pid, Scoring(problems[pid].question, tuple(p.steps), len(p.scores))) for pid, p in todo]
     scored = 0
     for (_, p), new in zip(todo, meter.score(items)):
         p.scores.extend(new)
         scored += len(new)
+    return scored
+
+
+def _score_from_stats(prm, todo: Sequence[tuple[str, Path]]) -> int:
+    """Scores from the tokens' own statistics: step k's score is the confidence of the
+    partial solution up to and including it (the same measure a whole sample gets)."""
+    scored = 0
+    for _, p in todo:
+        for k in range(len(p.scores), len(p.steps)):
+            if any(s is None for s in p.stats[:k + 1]):
+                raise InputError(f"the {prm.name} reward model scores steps from the token statistics the engine "
+                                 "records, and this engine returned none for a step (the llamacpp engine records "
+                                 "them; a server, only when asked for top log-probabilities)")
+            parts = [s for s in p.stats[:k + 1] if len(s)]
+            value = prm.score_stats(np.concatenate(parts)) if parts else None
+            p.scores.append(0.0 if value is None else value)
+            scored += 1
     return scored
 
 

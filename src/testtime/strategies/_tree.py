@@ -72,7 +72,7 @@ def rank_by_rollout(ctx: SearchContext, meter: Meter, by_id: dict[str, Problem],
     rollout from it (the rollout is then discarded); finished children keep their own."""
     greedy = replace(step, temperature=0.0)
     owners = {id(p): p for _, p, _ in children if not p.finished}
-    live = [(pid, Path(list(p.steps), list(p.scores)), id(p)) for pid, p, _ in children if not p.finished]
+    live = [(pid, p.copy(), id(p)) for pid, p, _ in children if not p.finished]
     for j in range(k):
         active = [(pid, path, owner) for pid, path, owner in live if not path.finished]
         if not active:
