@@ -15,8 +15,8 @@ same problems (the stored run's first N samples; the live runs draw with the sam
 seeds, though llama.cpp's batched arithmetic can make a sample's text differ when
 its batch does):
 
-  - `adaptive_consistency` with the Beta threshold fitted above, 2 samples per
-    undecided problem per engine call;
+  - `adaptive_consistency` with the Beta threshold fitted above (requests of 2
+    samples in one stream; a decided problem's outstanding samples cancelled);
   - `deepconf_online` with DeepConf's own settings, not fitted (warm-up 4
     samples, eta 0.9, consensus 0.95): samples whose confidence drops are ended
     by the engine.

@@ -12,6 +12,9 @@ every sample for free (`--prm confidence`), then measures, at N:
   - DeepConf's offline filter (the top 10% / 90% most confident vote, weighted);
   - best single sample (for self-certainty: Kang et al.'s best-of-N);
   - with --judge: best-of-N weighted by the judge PRM (the model asked about each step);
+  - particle filtering (a live strategy run, `particle_filtering` with N particles)
+    steered by the confidence measure that selected best on the fit half (and by the
+    judge, with --judge), its final population's weighted vote;
   - pass@N, the ceiling.
 
 Each is the expectation over N-subsets of the drawn samples (`metrics.selection_at_k`),
@@ -21,7 +24,13 @@ bootstrap interval), so the choice does not flatter itself. Last line:
 
     best=<name> gain_over_majority=<x>
 
-Particle filtering is not measured: it is not implemented yet (issue 13, part 4).
+Particle filtering is a search, not a selection over the stored samples, so it
+runs live (its signal is chosen on the fit half first); it spends about what N
+samples spend (its tokens are printed beside majority's). It runs on both halves
+and competes for `best` like any selector; in --quick mode it runs on the report
+half only, to stay within 10 minutes, so it is reported (with its paired gain
+over majority on the same problems) but cannot be chosen. Skip it with
+--no-particles.
 
     python benchmarks/selection_signals.py [--quick] [-n 64] [--per-level 20] [--gsm8k 50] [--judge]
 """
@@ -63,6 +72,40 @@ def per_problem(store, run_id, ids, scores, method, eta, n):
     return np.asarray(out)
 
 
+def particle_run(store, d, ids, n, prm_name, prm_args) -> dict[str, float]:
+    """Particle filtering live on these problems: per problem, the accuracy of the final
+    population's weighted vote. Steps are lines; at most 6 of max_tokens / 3 tokens each."""
+    from testtime.analysis import selected
+    from testtime.engines.llamacpp import LlamaCppEngine
+    from testtime.rewards.base import load_reward_model
+    from testtime.runner import grade, run_strategy
+    from testtime.spec import SamplingParams
+    from testtime.strategies.base import strategy_params
+    from testtime.verifiers.math_answer import MathAnswerVerifier
+
+    task, problems = d.problems(ids)
+    engine = LlamaCppEngine()
+    judge_engine = LlamaCppEngine(slots=16, max_prefixes=32) if prm_name == "judge" else None
+    prm = load_reward_model(prm_name, **({"engine": judge_engine} if judge_engine else prm_args))
+    params = strategy_params("particle_filtering", {"n": n, "max_steps": 6, "step_tokens": d.max_tokens // 3})
+    t = time.perf_counter()
+    try:
+        res = run_strategy(store, task, engine, "particle_filtering", params,
+                           SamplingParams(max_tokens=d.max_tokens), prm, problems=problems)
+    finally:
+        engine.close()
+        if judge_engine is not None:
+            judge_engine.close()
+    grade(store, res.run_id, MathAnswerVerifier())
+    mine = set(ids)  # the run holds both halves once both have run: count these only
+    got = {pid: acc for pid, (acc, _) in selected(store, res.run_id, "math_answer").items() if pid in mine}
+    tokens = sum(int(u["decode"]) for pid, u in store.usage(res.run_id).items() if pid in got)
+    sampled = sum(int(u["decode"]) for pid, u in store.usage(d.run_id, n).items() if pid in got)
+    print(f"{d.task}: particle filtering ({prm_name}) run {res.run_id} on {len(problems)} problems: "
+          f"{tokens} tokens, majority@{n} {sampled} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return got
+
+
 def interval(values, n_boot=2000, seed=0):
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), (n_boot, len(values)))
@@ -74,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(ap)
     ap.add_argument("--judge", action="store_true", help="also best-of-N with the judge PRM (slow on CPU)")
+    ap.add_argument("--no-particles", action="store_true", help="skip the live particle-filtering runs")
     args = ap.parse_args()
     quick(args)
     t0 = time.perf_counter()
@@ -109,14 +153,38 @@ def main() -> None:
                     rows.setdefault(name, []).append(per_problem(store, d.run_id, ids, sc, method, eta, args.n))
             print(f"{d.task}: {len(d.fit)} fit / {len(d.report)} report problems", flush=True)
     fit = {k: np.concatenate(v) for k, v in fit_rows.items()}
+    if not args.no_particles:
+        # the confidence measure whose best selection did best on the fit half steers the filter
+        metric = max(METRICS, key=lambda m: max(fit[k].mean() for k in fit if k.endswith(f"({m})")))
+        signals = [("confidence", {"metric": metric})] + ([("judge", {})] if args.judge else [])
+        with Store(args.workspace) as store:
+            for prm, prm_args in signals:
+                name = f"particle filtering ({metric if prm == 'confidence' else prm})"
+                for d in runs:
+                    halves = ((d.report, report_rows),) if args.quick else ((d.fit, fit_rows), (d.report, report_rows))
+                    for ids, rows in halves:
+                        got = particle_run(store, d, ids, args.n, prm, prm_args)
+                        mine = [pid for pid in ids if pid in got]
+                        rows.setdefault(name, []).append(np.asarray([got[pid] for pid in mine]))
+                        # majority over the same problems, for a paired difference
+                        rows.setdefault(f"majority, {name} problems", []).append(
+                            per_problem(store, d.run_id, mine, None, "vote", 1.0, args.n))
+        fit = {k: np.concatenate(v) for k, v in fit_rows.items()}
     rep = {k: np.concatenate(v) for k, v in report_rows.items()}
     print(f"\naccuracy at N={args.n} (95% bootstrap interval over problems); fit half | report half")
-    for name in fit:
+    for name in rep:
+        if name.startswith("majority, "):
+            continue
         lo, hi = interval(rep[name])
-        print(f"  {name:<34} {fit[name].mean():.3f} | {rep[name].mean():.3f} [{lo:.3f}, {hi:.3f}]")
-    candidates = [k for k in fit if k not in ("majority", "pass@N (ceiling)")]
+        left = f"{fit[name].mean():.3f}" if name in fit else "  -  "
+        print(f"  {name:<34} {left} | {rep[name].mean():.3f} [{lo:.3f}, {hi:.3f}]")
+    for name in [k for k in rep if k.startswith("particle")]:
+        gain = rep[name] - rep[f"majority, {name} problems"]
+        lo, hi = interval(gain)
+        print(f"  {name}: gain over majority on the report half {gain.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    candidates = [k for k in fit if k not in ("majority", "pass@N (ceiling)") and not k.startswith("majority, ")]
     best = max(candidates, key=lambda k: (fit[k].mean(), -candidates.index(k)))
-    gain = rep[best] - rep["majority"]
+    gain = rep[best] - rep[f"majority, {best} problems" if best.startswith("particle") else "majority"]
     lo, hi = interval(gain)
     print(f"\nchosen on the fit half: {best} ({fit[best].mean():.3f} vs majority {fit['majority'].mean():.3f}); "
           f"on the report half its gain over majority is {gain.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "

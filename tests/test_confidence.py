@@ -4,6 +4,7 @@ adaptive stopping rules against brute force and known stopping points."""
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from testtime.confidence import from_top_logprobs, pack, row_stats, trace_score,
 from testtime.errors import InputError
 from testtime.metrics import selection_at_k
 from testtime.rewards import ConfidenceScorer, Scoring
+from testtime.engines.toy import ToyEngine
 from testtime.store import Store
 
 P = np.array([0.5, 0.25, 0.125, 0.125])
@@ -211,15 +213,16 @@ def test_adaptive_command_replays_a_stored_run(workspace):
     assert bad.exit_code == 2 and "stopping rule must be one of beta, window" in bad.output
 
 
-@pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9}, {"rule": "window", "window": 3}])
+@pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9, "round": 1}, {"rule": "window", "window": 3,
+                                                                                  "round": 1},
+                                  {"rule": "beta", "threshold": 0.9, "round": 4}])
 def test_live_adaptive_consistency_keeps_what_replay_predicts(workspace, rule):
     from testtime.adaptive import StopRule
 
     base = dict(engine="toy", task_args={"levels": [1]}, workspace=workspace, engine_args={"answer_range": 3})
     sampled = api.sample("arithmetic", n=12, limit=6, **base)
-    live = api.sample("arithmetic", n=12, limit=6, strategy="adaptive_consistency",
-                      strategy_args={**rule, "round": 1}, **base)
-    stop = StopRule(**{"rule": rule["rule"], **{k: v for k, v in rule.items() if k != "rule"}})
+    live = api.sample("arithmetic", n=12, limit=6, strategy="adaptive_consistency", strategy_args=rule, **base)
+    stop = StopRule(**{k: v for k, v in rule.items() if k != "round"})
     with Store(workspace) as store:
         replayed = {r.problem_id: r for r in replay(store, sampled.run_id, stop, 12)}
         kept = {}
@@ -229,23 +232,45 @@ def test_live_adaptive_consistency_keeps_what_replay_predicts(workspace, rule):
         decisions = store.decisions(live.run_id)
     assert set(kept) == set(replayed)
     for pid, rows in kept.items():
+        # whatever the round: the toy engine checks for cancellation before each sample, so
+        # it never starts one past the stop
         assert len(rows) == replayed[pid].samples == decisions[pid]["stopped_at"] == decisions[pid]["drawn"]
         assert all(s.text == ref[pid, s.sample_index] for s in rows)  # the same seeds, the same samples
     assert any(r.samples < 12 for r in replayed.values())
 
 
-def test_live_adaptive_rounds_draw_past_the_stop_but_keep_to_it(workspace):
-    base = dict(engine="toy", task_args={"levels": [1]}, workspace=workspace, engine_args={"answer_range": 2})
-    live = api.sample("arithmetic", n=16, limit=6, strategy="adaptive_consistency",
-                      strategy_args={"threshold": 0.8, "round": 4}, **base)
+class DeafToy(ToyEngine):
+    """A toy engine that ignores cancellation, as an engine that cannot stop samples does."""
+
+    def generate(self, requests):
+        for r in requests:
+            yield from super().generate([replace(r, cancelled=None)])
+
+
+def test_live_adaptive_with_an_engine_that_cannot_cancel_draws_whole_rounds_but_keeps_to_the_stop(workspace):
+    from testtime.runner import run_strategy
+    from testtime.strategies import strategy_params
+    from testtime.tasks import load_task
+
+    task = load_task("arithmetic", levels=[1])
     with Store(workspace) as store:
-        d = store.decisions(live.run_id)
+        res = run_strategy(store, task, DeafToy(answer_range=2), "adaptive_consistency",
+                           strategy_params("adaptive_consistency", {"n": 16, "threshold": 0.8, "round": 4}),
+                           SamplingParams(), limit=6)
+        d = store.decisions(res.run_id)
         counts = {}
-        for s in store.samples(live.run_id):
+        for s in store.samples(res.run_id):
             counts[s.problem_id] = counts.get(s.problem_id, 0) + 1
-    assert all(counts[pid] == v["stopped_at"] <= v["drawn"] <= 16 and v["drawn"] % 4 == 0 for pid, v in d.items())
+        usage = store.usage(res.run_id)
+    assert len(d) == 6
+    assert all(counts[pid] == v["stopped_at"] <= v["drawn"] <= 16 and v["drawn"] % 4 == 0 and v["cancelled"] == 0
+               for pid, v in d.items())
+    assert any(v["drawn"] > v["stopped_at"] for v in d.values())
+    # usage is every token generated, the samples drawn past the stop included
+    assert all(usage[pid]["sequences"] == v["drawn"] for pid, v in d.items())
     with pytest.raises(Exception, match="round must be an integer >= 1"):
-        api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"round": 0}, **base)
+        api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"round": 0},
+                   engine="toy", workspace=workspace)
 
 
 class ConfidentToy(StatsEngine):
@@ -272,9 +297,15 @@ class ConfidentToy(StatsEngine):
 
 class StoppingToy(ConfidentToy):
     def generate(self, requests):
-        requests = list(requests)
-        by_key = {r.key: r for r in requests}
-        for c in super().generate(requests):
+        by_key = {}
+
+        def tap():  # lazily, as an engine reads the stream
+            for r in requests:
+                if r is not None:
+                    by_key[r.key] = r
+                yield r
+
+        for c in super().generate(tap()):
             stop = by_key[c.key].stop_below
             if stop is not None and float(c.token_stats[0, 0]) < stop[0]:
                 c.token_stats = c.token_stats[:stop[1]]
@@ -327,3 +358,76 @@ def test_llamacpp_stops_a_sample_forced_to_low_confidence_and_reuses_its_slot():
         eng.close()
     assert out["low"].finish_reason == "low_confidence" and len(out["low"].token_ids) == 3
     assert out["free"].finish_reason in ("stop", "length") and len(out["free"].token_ids) > 3
+
+
+@requires_model
+@pytest.mark.model
+def test_llamacpp_cancels_a_requests_queued_and_running_samples_and_reuses_the_slots():
+    from testtime.engines.base import Request
+    from testtime.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(slots=2, seq_ctx=256)
+    flag = {"b_done": False}
+    long, short = SamplingParams(max_tokens=40), SamplingParams(max_tokens=3)
+
+    def stream():
+        yield Request(key="b", seeds=(4,), params=short, prompt="Count: one, two,")
+        yield Request(key="a", seeds=(1, 2, 3), params=long, prompt="Count: one, two,",
+                      cancelled=lambda: flag["b_done"])
+        yield Request(key="c", seeds=(5,), params=long, prompt="Say hello.")
+
+    out = {}
+    try:
+        for c in eng.generate(stream()):
+            out[(c.key, c.index)] = c
+            flag["b_done"] |= c.key == "b"
+    finally:
+        eng.close()
+    assert out["b", 0].finish_reason == "length"
+    running = out["a", 0]  # started beside b; stopped at the step after b finished
+    assert running.finish_reason == "cancelled" and 0 < len(running.token_ids) < 40 and running.text
+    for i in (1, 2):  # queued behind it: never started
+        assert out["a", i].finish_reason == "cancelled" and out["a", i].token_ids == [] and out["a", i].prompt_tokens == 0
+    assert out["c", 0].finish_reason in ("stop", "length") and len(out["c", 0].token_ids) > 0
+    assert len(out) == 5
+
+
+def _waiting_stream(seen, make):
+    """Request a; then "wait" until a's sample is back; then request b."""
+    yield make("a")
+    while "a" not in seen:
+        yield None
+    yield make("b")
+
+
+def test_a_stream_that_waits_gets_its_next_request_in_after_a_result_and_a_stall_is_an_error():
+    from testtime.engines.base import Request, StreamStalled
+
+    make = lambda key: Request(key=key, seeds=(1,), params=SamplingParams(max_tokens=8), prompt="Count: one,")
+    seen = set()
+    out = []
+    for c in ToyEngine().generate(_waiting_stream(seen, make)):
+        seen.add(c.key)
+        out.append(c.key)
+    assert out == ["a", "b"]
+    with pytest.raises(StreamStalled):
+        list(ToyEngine().generate(iter([None, None])))
+
+
+@requires_model
+@pytest.mark.model
+def test_llamacpp_reads_a_stream_that_waits_and_refuses_one_that_stalls():
+    from testtime.engines.base import Request, StreamStalled
+    from testtime.engines.llamacpp import LlamaCppEngine
+
+    make = lambda key: Request(key=key, seeds=(1,), params=SamplingParams(max_tokens=8), prompt="Count: one,")
+    eng = LlamaCppEngine(slots=2, seq_ctx=256)
+    try:
+        seen = set()
+        for c in eng.generate(_waiting_stream(seen, make)):
+            seen.add(c.key)
+        assert seen == {"a", "b"}
+        with pytest.raises(StreamStalled):
+            list(eng.generate(iter([None])))
+    finally:
+        eng.close()

@@ -46,14 +46,14 @@ class FakeServer:
       `message.reasoning`, as a `--reasoning-parser` server does.
 
     `fail_first` requests get 503 (or 429); `single_choice` ignores n (as llama.cpp's
-    server does)."""
+    server does); `slow` maps seeds to seconds the answer takes."""
 
     def __init__(self, fail_first=0, status=503, single_choice=False, props=True, models=("fake-model",),
-                 details=True, finish=None, bos_template=False, reasoning=None):
+                 details=True, finish=None, bos_template=False, reasoning=None, slow=None):
         self.requests, self.fail_first, self.status = [], fail_first, status
         self.single_choice, self.props, self.models = single_choice, props, models
         self.details, self.finish, self.effective, self.tokens = details, finish, [], []
-        self.reasoning = reasoning
+        self.reasoning, self.slow = reasoning, dict(slow or {})
         self.template = ("<s>" if bos_template else "") + CHATML
         fake = self
 
@@ -95,6 +95,7 @@ class FakeServer:
                        (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
                         ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))}
                 fake.effective.append(eff)
+                time.sleep(fake.slow.get(body.get("seed"), 0))
                 n = body.get("n", 1)
                 if eff["temperature"] > 2:
                     return self._send(400, {"error": {"message": f"temperature must be in [0, 2], got {eff['temperature']}."}})
@@ -191,6 +192,23 @@ def test_samples_one_call_per_seed_with_usage_and_stop(fake):
     again = sorted(eng.generate([req]), key=lambda c: c.index)
     assert [c.text for c in again] == [c.text for c in got]  # a sample is a function of its seed
     eng.close()
+
+
+def test_a_cancelled_request_is_not_sent_and_its_calls_in_flight_are_dropped(fake):
+    srv = fake(slow={2: 2.0})
+    eng = _engine(srv.url, concurrency=2)
+    flag = {"cancel": False}
+    req = Request(key="q", seeds=(1, 2, 3, 4), params=SamplingParams(max_tokens=50),
+                  messages=({"role": "user", "content": "hi"},), cancelled=lambda: flag["cancel"])
+    got = []
+    for c in eng.generate([req]):
+        got.append(c)
+        flag["cancel"] = True  # decided after the first answer
+    by_seed = {c.seed: c for c in got}
+    assert len(got) == 4 and by_seed[1].finish_reason == "stop"  # the fast one answered
+    # seed 2 was in flight (its call dropped, whether or not the server had it yet); 3 and 4 never sent
+    assert all(by_seed[s].finish_reason == "cancelled" and by_seed[s].text == "" for s in (2, 3, 4))
+    assert 1 in [b["seed"] for _, b in srv.requests] and {b["seed"] for _, b in srv.requests} <= {1, 2}
 
 
 def test_retries_on_503_and_429(fake):

@@ -26,10 +26,10 @@ from .verifiers.base import Verifier, load_verifier
 ProgressFn = Callable[[int, int], None]
 """Called with (samples finished, tokens generated) since the last call."""
 
-ENGINE_ENDED = frozenset({"abort", "error", "repetition"})
+ENGINE_ENDED = frozenset({"abort", "error", "repetition", "cancelled"})
 """Finish reasons that say the engine, not the model, ended a sample (vLLM's abort,
-error and repetition detection). Such a sample is an infrastructure failure: it
-is not stored (a rerun draws it again) and never graded as a wrong answer."""
+error and repetition detection; a caller's cancellation). Such a sample is not an
+answer: it is not stored (a rerun draws it again) and never graded as a wrong one."""
 
 
 def store_completion(store: Store, run_id: str, problem_id: str, index: int, c) -> bool:

@@ -19,7 +19,12 @@ in the body:
 
 The reply is the candidate that carries the chosen answer (the earliest of them),
 whole. `usage` counts every token spent inside: all samples' prompts and
-completions, and the judge's. With `"stream": true` the final answer arrives as
+completions, and the judge's. `adaptive_consistency@N` stops sampling a request
+once its vote is decided: its samples still queued are never started, those
+running are cancelled (the embedded engine frees their slots at the next step),
+the reply goes out at once while other requests go on sampling, `usage` counts
+the tokens actually generated, and `testtime.decision` says where it stopped
+(`stopped_at`, `drawn`, `cancelled`). With `"stream": true` the final answer arrives as
 server-sent events (a role chunk, one content chunk, a finish chunk, [DONE]).
 Bad requests get OpenAI-style error bodies (`{"error": {"message", "type",
 "param", "code"}}`).
@@ -204,13 +209,19 @@ class Worker:
                         j.error = e
                         j.done.set()
 
-    def _strategy(self, name: str, jobs: list[Job], params: StrategyParams, sampling: SamplingParams
-                  ) -> list[ProblemResult]:
-        """One strategy call for jobs that share everything but their chats and seeds."""
+    def _strategy(self, name: str, jobs: list[Job], params: StrategyParams, sampling: SamplingParams) -> None:
+        """One strategy call for jobs that share everything but their chats and seeds. Each
+        job is answered the moment the strategy yields its result (an adaptive strategy
+        yields a decided request while the others are still sampling)."""
         impl = STRATEGIES.get(DEFAULT_STRATEGY if name == SAMPLE else name)
         ctx = SearchContext(self.engine, self.judge if name != SAMPLE else None, _CHAT, sampling, 0)
-        by_id = {r.problem_id: r for r in impl().run([j.problem() for j in jobs], ctx, params)}
-        return [by_id[j.problem().id] for j in jobs]
+        by_id = {j.problem().id: j for j in jobs}
+        for res in impl().run([j.problem() for j in jobs], ctx, params):
+            self._finish(by_id[res.problem_id], name, res, {"decision": res.decision} if res.decision else None)
+        for j in jobs:
+            if not j.done.is_set():
+                j.error = RuntimeError(f"{name} returned no result for this request")
+                j.done.set()
 
     def _serve(self, batch: list[Job]) -> None:
         for j in [j for j in batch if j.strategy == POLICY]:
@@ -230,8 +241,7 @@ class Worker:
                 groups.append((key, home := []))
             home.append(j)
         for (name, params, sampling), jobs in groups:
-            for j, res in zip(jobs, self._strategy(name, jobs, params, sampling)):
-                self._finish(j, name, res)
+            self._strategy(name, jobs, params, sampling)
 
     def _finish(self, j: Job, strategy: str, res: ProblemResult, extra: dict[str, Any] | None = None,
                 aggregation: str | None = None) -> None:
@@ -272,8 +282,8 @@ def _response(job: Job, model: str) -> dict[str, Any]:
                       "total_tokens": int(u.prompt + u.decode),
                       "prompt_tokens_details": {"cached_tokens": int(u.cached)}},
             "testtime": {"strategy": job.strategy, "n": job.n, "votes": job.result["votes"],
-                         "candidates": job.result["candidates"], **({"policy": job.result["policy"]}
-                                                                    if "policy" in job.result else {})}}
+                         "candidates": job.result["candidates"],
+                         **{k: job.result[k] for k in ("policy", "decision") if k in job.result}}}
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, judge: Any | None = None,

@@ -39,6 +39,13 @@ class Request:
     """(threshold, window): end a sample once the mean token confidence of its last
     `window` tokens falls below threshold (DeepConf online), with finish reason
     "low_confidence". Only engines with `stops_on_confidence = True` honour it."""
+    cancelled: Callable[[], bool] | None = field(default=None, compare=False)
+    """Asked by the engine as it works; once it returns True the request's samples not yet
+    started never start (each is yielded with finish reason "cancelled" and no tokens) and
+    those running end with "cancelled", reporting the tokens they generated. Adaptive
+    strategies cancel a problem's outstanding samples once its answer is decided. Engines
+    that can stop a running sample have `cancels = True`; the others skip only samples
+    not yet started."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -102,9 +109,13 @@ class Completion:
 class Engine(Protocol):
     name: str
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
         """Generate every sample of every request; yield each when it finishes.
-        Requests are read lazily, so a long stream keeps the batch full."""
+        Requests are read lazily, so a long stream keeps the batch full. A None in the
+        stream means "nothing to add yet": the engine goes on with the work it has and
+        asks again once it has yielded more (a strategy whose next requests depend on
+        results still running). A stream that waits while nothing is running is an
+        error (`StreamStalled`), never a hang."""
         ...
 
     def identity(self) -> dict[str, Any]:
@@ -112,6 +123,20 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class StreamStalled(RuntimeError):
+    """The request stream said "wait" while no sample was running: nothing could change."""
+
+
+def is_cancelled(req: Request) -> bool:
+    return req.cancelled is not None and bool(req.cancelled())
+
+
+def never_started(req: Request, index: int) -> Completion:
+    """The completion of a cancelled request's sample that never started: no tokens."""
+    return Completion(key=req.key, index=index, seed=req.seeds[index], text="", token_ids=[], prompt_tokens=0,
+                      cached_tokens=0, finish_reason="cancelled")
 
 
 ENGINES: Registry[Callable[..., Engine]] = Registry("engine")

@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..flops import ModelShape
 from ..spec import SamplingParams
 from ._llama import LlamaModel, ModelError, default_model_path, fingerprint, resolve_model
-from .base import ENGINES, Completion, Request, TokenLogprob
+from .base import ENGINES, Completion, Request, StreamStalled, TokenLogprob, is_cancelled, never_started
 from .chat import (ARCH_TEMPLATES, BuiltinTemplate, ChatTemplate, TemplateError, builtin_names,
                    missing_template_message, read_template)
 from ..confidence import row_stats
@@ -124,6 +124,7 @@ class LlamaCppEngine:
 
     name = "llamacpp"
     stops_on_confidence = True
+    cancels = True
     """Honours `Request.stop_below` (DeepConf online): the slot goes to waiting work at once."""
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
@@ -246,15 +247,23 @@ class LlamaCppEngine:
         jobs: deque[_Job] = deque()
         slots: list[_Slot] = []
         exhausted = False
+        end = object()
         try:
             while True:
                 # Keep enough work queued to refill every slot and prefill ahead.
+                waits = False
                 while not exhausted and sum(len(j.todo) for j in jobs) < 2 * self.slots:
-                    req = next(source, None)
-                    if req is None:
+                    req = next(source, end)
+                    if req is end:
                         exhausted = True
+                    elif req is None:  # nothing yet: ask again after the next step
+                        waits = True
+                        break
                     else:
                         jobs.append(self._new_job(req))
+                if waits and not slots and not any(j.todo or j.running for j in jobs):
+                    raise StreamStalled("the request stream waits for results, but no sample is running")
+                yield from self._cancel(jobs, slots)
                 yield from self._start_samples(jobs, slots)
                 self._retire_jobs(jobs)
                 prefix, chunk = self._next_prefill(jobs, len(slots))
@@ -387,6 +396,23 @@ class LlamaCppEngine:
 
     # -- samples -----------------------------------------------------------
 
+    def _cancel(self, jobs: deque[_Job], slots: list[_Slot]) -> Iterator[Completion]:
+        """End the samples of cancelled requests: queued ones never start, running ones
+        stop where they are (their slots go to waiting work at the next step)."""
+        for job in jobs:
+            if (not job.todo and not job.running) or not is_cancelled(job.req):
+                continue
+            if job.todo:
+                if job.prefix is not None:
+                    job.prefix.users -= 1
+                for i in job.todo:
+                    yield never_started(job.req, i)
+                job.todo.clear()
+            for s in [s for s in slots if s.job is job]:
+                slots.remove(s)
+                s.finish = "cancelled"
+                yield self._finish(s)
+
     def _start_samples(self, jobs: deque[_Job], slots: list[_Slot]) -> Iterator[Completion]:
         for job in jobs:
             if not self._free_slots:
@@ -476,7 +502,7 @@ class LlamaCppEngine:
                                retained=True)] = None
 
     def _finish(self, slot: _Slot) -> Completion:
-        if slot.job.req.retain:
+        if slot.job.req.retain and slot.finish != "cancelled":
             self._retain(slot)
         self._free_slot(slot)
         job = slot.job

@@ -59,7 +59,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import InfrastructureError, InputError
 from ..spec import SpecError
-from .base import ENGINES, Completion, Request, TokenLogprob
+from .base import ENGINES, Completion, Request, StreamStalled, TokenLogprob, is_cancelled, never_started
 from .chat import ChatTemplate, TemplateError, read_template
 
 MAX_TEMPERATURE = 2.0
@@ -73,6 +73,7 @@ class EngineError(InfrastructureError):
 @ENGINES.register("openai")
 class OpenAIEngine:
     name = "openai"
+    cancels = True
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str | None = None,
                  api_key: str | None = None, concurrency: int = 16, max_retries: int = 5, timeout_s: float = 300.0,
@@ -283,17 +284,28 @@ class OpenAIEngine:
         pending: list[tuple[Request, list[int]]] = []
         source = iter(requests)
         exhausted = False
-        futures = set()
+        futures: dict = {}
 
         def submit(req: Request, idx: list[int]) -> None:
             nonlocal in_flight
             fut = asyncio.run_coroutine_threadsafe(self._sample(req, idx), self._loop)
-            futures.add(fut)
+            futures[fut] = req
             fut.add_done_callback(lambda f, req=req, idx=idx: results.put((f, req, idx)))
             in_flight += 1
 
         try:
             while True:
+                # a cancelled request's calls in flight are cancelled: the connection closes,
+                # and a server that watches for that (vLLM does) aborts the generation
+                for fut, req in list(futures.items()):
+                    if req.cancelled is not None and is_cancelled(req):
+                        fut.cancel()
+                gone = [x for x in pending if is_cancelled(x[0])]
+                if gone:
+                    pending = [x for x in pending if not is_cancelled(x[0])]
+                    for req, idx in gone:
+                        yield from (never_started(req, i) for i in idx)
+                waits = False
                 while in_flight < self.concurrency:
                     if not pending:
                         if exhausted:
@@ -303,6 +315,9 @@ class OpenAIEngine:
                         except StopIteration:
                             exhausted = True
                             break
+                        if req is None:  # nothing yet: ask again after the next result
+                            waits = True
+                            break
                         _check_params(req)
                         if req.continuation and req.prompt is None and self.continuation_mode == "completions":
                             self._template()  # resolved here, never inside the event loop
@@ -310,12 +325,21 @@ class OpenAIEngine:
                             pending.append((req, list(range(req.n))))
                         else:
                             pending += [(req, [i]) for i in range(req.n)]
-                    submit(*pending.pop(0))
+                    req, idx = pending.pop(0)
+                    if is_cancelled(req):
+                        yield from (never_started(req, i) for i in idx)
+                        continue
+                    submit(req, idx)
                 if in_flight == 0:
+                    if waits:
+                        raise StreamStalled("the request stream waits for results, but no call is in flight")
                     return
                 fut, req, idx = results.get()
                 in_flight -= 1
-                futures.discard(fut)
+                futures.pop(fut, None)
+                if fut.cancelled():  # what the server generated before the call was dropped is not known
+                    yield from (never_started(req, i) for i in idx)
+                    continue
                 exc = fut.exception()
                 if exc is not None:
                     raise exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")

@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterable, Iterator
 
 from ..flops import ModelShape
-from .base import ENGINES, Completion, Request
+from .base import ENGINES, Completion, Request, StreamStalled, is_cancelled, never_started
 
 
 @ENGINES.register("toy")
@@ -35,9 +35,19 @@ class ToyEngine:
                           head_dim=16, vocab=1000, tied_embeddings=True, source="toy")
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
+        waited = False
         for req in requests:
+            if req is None:  # every earlier sample is out already: a second wait in a row never ends
+                if waited:
+                    raise StreamStalled("the request stream waits for results, but no sample is running")
+                waited = True
+                continue
+            waited = False
             prefix = req.prompt if req.prompt is not None else repr(req.messages) + req.continuation
             for i, seed in enumerate(req.seeds):
+                if is_cancelled(req):
+                    yield never_started(req, i)
+                    continue
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 h = int.from_bytes(hashlib.sha256(f"{prefix}|{seed}".encode()).digest()[:8], "little")

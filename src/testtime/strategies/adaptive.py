@@ -1,19 +1,27 @@
 """Adaptive consistency, live: sample each problem only until its vote is decided.
 
-Samples are drawn in rounds. Each round asks the engine, in one call, for `round`
-more samples of every problem still undecided, so the batch is filled with the
-problems that still need samples and a decided problem frees its slots for them.
-After each round a problem's votes are checked by the stopping rule
-(`testtime.adaptive`: Adaptive-Consistency's Beta criterion, or early-stopping
-self-consistency's window) and it stops at the first sample where the rule fires,
-or at the budget n. Sample i of problem p has the seed repeated sampling gives it,
-so with `round = 1` the samples kept are exactly those `testtime adaptive` replays
-on a repeated-sampling run with the same seed (tested); a larger round trades a
-few samples past the stopping point (drawn, counted in usage, not kept) for
-fuller batches.
+The engine gets one lazy stream of requests, `round` samples of one problem each,
+interleaved across the problems still undecided (round 1 of every problem, then
+round 2, ...). The engine reads the stream as it has room, so its batch stays full
+of problems that still need samples. After each completion the problem's votes, in
+sample order (the longest run of finished samples from sample 0), are checked by
+the stopping rule (`testtime.adaptive`: Adaptive-Consistency's Beta criterion, or
+early-stopping self-consistency's window). Once it fires, or the budget n is
+reached, the problem is decided at m samples: its result is yielded at once, its
+requests still in the stream are never sent, and its samples still running are
+cancelled (`Request.cancelled`; the embedded engine stops them at the next step
+and gives their slots to waiting work). Their tokens up to that point are in the
+problem's usage; they do not vote.
+
+Sample i of problem p has the seed repeated sampling gives it and the kept samples
+are 0..m-1, so the samples kept are exactly those `testtime adaptive` replays on a
+repeated-sampling run with the same seed, whatever `round` and however the engine
+schedules (tested). `round` only sets how far ahead of its votes a problem is
+sampled: larger fills the batch sooner, smaller wastes fewer tokens past the stop.
 
 The answer is the majority of the kept samples (`selection = "vote"`); each
-problem's decision records where it stopped and how many samples were drawn.
+problem's decision records where it stopped, how many samples were started and
+how many were cancelled.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ class AdaptiveParams(StrategyParams):
     min_samples: int = 2
     """Never stop before this many samples."""
     round: int = 2
-    """Samples per undecided problem per engine call (1: stop exactly where the rule fires)."""
+    """Samples per request in the stream: how far ahead of its votes a problem is sampled
+    (the samples kept do not depend on it; the tokens spent past the stop do)."""
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -68,31 +77,56 @@ class AdaptiveConsistency:
 
     def run(self, problems: Sequence[Problem], ctx: SearchContext, params: AdaptiveParams) -> Iterator[ProblemResult]:
         rule, keys, meter = params.stop_rule(), AnswerKeys(), Meter(None)
-        got: dict[str, dict[int, Candidate]] = {p.id: {} for p in problems}
-        answers: dict[str, dict[int, str | None]] = {p.id: {} for p in problems}
-        stopped: dict[str, int] = {}
         by_id = {p.id: p for p in problems}
-        while len(stopped) < len(problems):
-            requests = []
-            for p in problems:
-                if p.id in stopped:
-                    continue
-                have = len(got[p.id])
-                idx = range(have, min(params.n, have + params.round))
-                requests.append(Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                                        params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p)))
-            for c in ctx.engine.generate(requests):
-                pid, idx = c.key
+        answers: dict[str, dict[int, tuple[Candidate, str | None]]] = {p.id: {} for p in problems}
+        sent = {p.id: 0 for p in problems}      # samples handed to the engine
+        back = {p.id: 0 for p in problems}      # completions returned, cancelled ones included
+        drawn = {p.id: 0 for p in problems}     # samples that generated anything
+        stopped = {p.id: 0 for p in problems}   # samples cancelled while running
+        decided: dict[str, int] = {}            # problem -> samples kept
+        reported: set[str] = set()
+
+        def stream() -> Iterator[Request]:
+            for first in range(0, params.n, params.round):
+                for p in problems:
+                    if p.id in decided:
+                        continue
+                    idx = tuple(range(first, min(params.n, first + params.round)))
+                    sent[p.id] += len(idx)
+                    yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
+                                  params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
+                                  cancelled=lambda pid=p.id: pid in decided)
+
+        def result(pid: str) -> ProblemResult:
+            """A decided problem's result, once every sample it was sent has come back
+            (so its usage holds the tokens of the samples cancelled past its stop)."""
+            reported.add(pid)
+            m = decided[pid]
+            return ProblemResult(pid, [answers[pid][j][0] for j in range(m)], meter.of(pid),
+                                 {"stopped_at": m, "drawn": drawn[pid], "cancelled": stopped[pid],
+                                  "budget": params.n})
+
+        for c in ctx.engine.generate(stream()):
+            pid, idx = c.key
+            meter.completion(pid, c)
+            back[pid] += 1
+            if c.finish_reason == "cancelled":
+                stopped[pid] += c.completion_tokens > 0
+                drawn[pid] += c.completion_tokens > 0
+            else:
+                drawn[pid] += 1
+            if pid not in decided and c.finish_reason != "cancelled":
                 i = idx[c.index]
-                got[pid][i] = Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens)
-                answers[pid][i] = keys.of_text(c.text, problem_rules(by_id[pid].meta))
-                meter.completion(pid, c)
-            for p in problems:
-                if p.id in stopped:
-                    continue
-                votes = [answers[p.id][i] for i in range(len(got[p.id]))]
+                answers[pid][i] = (Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens),
+                                   keys.of_text(c.text, problem_rules(by_id[pid].meta)))
+                votes = []
+                while len(votes) in answers[pid]:
+                    votes.append(answers[pid][len(votes)][1])
                 m = stop_point(votes, rule, params.n)
                 if m < len(votes) or rule.decided(votes) or len(votes) >= params.n:
-                    stopped[p.id] = m
-                    yield ProblemResult(p.id, [got[p.id][i] for i in range(m)], meter.of(p.id),
-                                        {"stopped_at": m, "drawn": len(votes), "budget": params.n})
+                    decided[pid] = m
+            if pid in decided and pid not in reported and back[pid] == sent[pid]:
+                yield result(pid)
+        for p in problems:  # an engine that ignores cancellation returned everything by now
+            if p.id in decided and p.id not in reported:
+                yield result(p.id)

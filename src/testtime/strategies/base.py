@@ -184,6 +184,8 @@ class Meter:
         self.by_problem[pid][role] += u
 
     def completion(self, pid: str, c: Completion) -> None:
+        if c.finish_reason == "cancelled" and not c.completion_tokens and not c.prompt_tokens:
+            return  # cancelled before it started: it cost nothing
         self._add(pid, "policy", Usage.of(c.prompt_tokens, c.cached_tokens, c.completion_tokens))
 
     def score(self, items: Sequence[tuple[str, Scoring]]) -> list[list[float]]:

@@ -8,17 +8,23 @@ Per problem:
    measured, and the stopping threshold set so that a fraction `eta` of such
    traces would pass it (the (1 - eta) quantile; DeepConf-low keeps 10%,
    DeepConf-high 90%).
-2. Then rounds of `round` samples, each ended by the engine the moment the mean
+2. Then requests of `round` samples, each ended by the engine the moment the mean
    confidence of its last `window` tokens falls below the threshold (finish reason
    "low_confidence"; the slot goes to waiting work at once). Until the budget n is
    spent, or the leading answer holds a share `consensus` of the
-   confidence-weighted votes.
+   confidence-weighted votes; then the problem's samples still queued or running
+   are cancelled (`Request.cancelled`), and its result is yielded once they are back.
 
-Samples ended early do not vote and are not kept; their tokens are counted in the
-problem's usage. The answer is the confidence-weighted majority of the kept
-samples: each candidate carries its lowest group confidence as its one score, so
-the weighted selection applies. Needs an engine that sees the logits (the
-llama.cpp engine); a server cannot be stopped mid-sample here yet.
+All problems share one lazy request stream: a problem's post-warm-up requests
+enter it as soon as its own warm-up is in (while other problems are still warming
+up), so the engine's batch stays full; the stream says "wait" (None) only when
+every open problem is still warming up.
+
+Samples ended early or cancelled do not vote and are not kept; their tokens are
+counted in the problem's usage. The answer is the confidence-weighted majority of
+the kept samples: each candidate carries its lowest group confidence as its one
+score, so the weighted selection applies. Needs an engine that sees the logits
+(the llama.cpp engine); a server cannot be stopped mid-sample here yet.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class DeepConfParams(StrategyParams):
     consensus: float = 0.95
     """Stop the problem once the leading answer holds this share of the weighted votes."""
     round: int = 2
-    """Samples per undecided problem per engine call after the warm-up."""
+    """Samples per request after the warm-up (how far ahead of its votes a problem is sampled)."""
 
     def check(self) -> None:
         if not isinstance(self.warmup, int) or not 1 <= self.warmup <= self.n:
@@ -83,47 +89,74 @@ class DeepConfOnline:
         keys, meter = AnswerKeys(), Meter(None)
         by_id = {p.id: p for p in problems}
         kept: dict[str, list[tuple[int, Candidate, str | None]]] = {p.id: [] for p in problems}
+        sent = {p.id: 0 for p in problems}
+        back = {p.id: 0 for p in problems}
         drawn = {p.id: 0 for p in problems}
         stopped_early = {p.id: 0 for p in problems}
+        cancelled = {p.id: 0 for p in problems}
         threshold: dict[str, float] = {}
         done: set[str] = set()
+        reported: set[str] = set()
 
         def request(p: Problem, count: int, stop: tuple[float, int] | None) -> Request:
-            idx = range(drawn[p.id], drawn[p.id] + count)
-            drawn[p.id] += len(idx)
+            idx = range(sent[p.id], sent[p.id] + count)
+            sent[p.id] += len(idx)
             return Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
                            params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
-                           stop_below=stop)
+                           stop_below=stop, cancelled=lambda pid=p.id: pid in done)
 
-        requests = [request(p, params.warmup, None) for p in problems]
-        while requests:
-            for c in ctx.engine.generate(requests):
-                pid, idx = c.key
-                meter.completion(pid, c)
-                if c.finish_reason == "low_confidence":
-                    stopped_early[pid] += 1
+        def stream() -> Iterator[Request | None]:
+            for p in problems:
+                yield request(p, params.warmup, None)
+            while True:
+                open_ = [p for p in problems if p.id not in done and sent[p.id] < params.n]
+                if not open_:
+                    return
+                ready = [p for p in open_ if p.id in threshold]
+                if not ready:
+                    yield None  # every open problem is warming up
                     continue
+                for p in ready:
+                    if p.id not in done and sent[p.id] < params.n:
+                        yield request(p, min(params.round, params.n - sent[p.id]), (threshold[p.id], params.window))
+
+        def result(pid: str) -> ProblemResult:
+            reported.add(pid)
+            cands = [cand for _, cand, _ in sorted(kept[pid], key=lambda t: t[0])]
+            return ProblemResult(pid, cands, meter.of(pid),
+                                 {"threshold": threshold.get(pid), "drawn": drawn[pid], "kept": len(cands),
+                                  "stopped_early": stopped_early[pid], "cancelled": cancelled[pid],
+                                  "budget": params.n})
+
+        for c in ctx.engine.generate(stream()):
+            pid, idx = c.key
+            meter.completion(pid, c)
+            back[pid] += 1
+            if c.finish_reason == "cancelled":
+                cancelled[pid] += c.completion_tokens > 0
+                drawn[pid] += c.completion_tokens > 0
+            else:
+                drawn[pid] += 1
+            if c.finish_reason == "low_confidence":
+                stopped_early[pid] += 1
+            elif c.finish_reason != "cancelled" and pid not in done:
                 if c.token_stats is None:
                     raise SpecError("deepconf_online: the engine returned no token statistics")
                 conf = trace_score(c.token_stats, "lowest_group", params.window)
                 cand = Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens,
                                  steps=(c.text,), scores=(max(conf, 0.0),))
                 kept[pid].append((idx[c.index], cand, keys.of_text(c.text, problem_rules(by_id[pid].meta))))
-            requests = []
-            for p in problems:
-                if p.id in done:
-                    continue
-                if p.id not in threshold:  # the warm-up is in: set the bar
-                    confs = [cand.scores[0] for _, cand, _ in kept[p.id]]
-                    threshold[p.id] = float(np.quantile(confs, 1 - params.eta)) if confs else 0.0
-                if self._agreed(kept[p.id], params.consensus) or drawn[p.id] >= params.n:
-                    done.add(p.id)
-                    cands = [cand for _, cand, _ in sorted(kept[p.id], key=lambda t: t[0])]
-                    yield ProblemResult(p.id, cands, meter.of(p.id),
-                                        {"threshold": threshold[p.id], "drawn": drawn[p.id], "kept": len(cands),
-                                         "stopped_early": stopped_early[p.id], "budget": params.n})
-                    continue
-                requests.append(request(p, min(params.round, params.n - drawn[p.id]), (threshold[p.id], params.window)))
+            if pid not in threshold and back[pid] >= params.warmup:  # the warm-up is in: set the bar
+                confs = [cand.scores[0] for _, cand, _ in kept[pid]]
+                threshold[pid] = float(np.quantile(confs, 1 - params.eta)) if confs else 0.0
+            if pid not in done and pid in threshold and (
+                    self._agreed(kept[pid], params.consensus) or back[pid] >= params.n):
+                done.add(pid)
+            if pid in done and pid not in reported and back[pid] == sent[pid]:
+                yield result(pid)
+        for p in problems:
+            if p.id not in reported:
+                yield result(p.id)
 
     @staticmethod
     def _agreed(kept: list[tuple[int, Candidate, str | None]], consensus: float) -> bool:
