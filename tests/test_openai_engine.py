@@ -13,6 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from testtime import api
@@ -54,6 +55,7 @@ class FakeServer:
         self.single_choice, self.props, self.models = single_choice, props, models
         self.details, self.finish, self.effective, self.tokens = details, finish, [], []
         self.reasoning, self.slow = reasoning, dict(slow or {})
+        self.dropped = []
         self.template = ("<s>" if bos_template else "") + CHATML
         fake = self
 
@@ -76,6 +78,55 @@ class FakeServer:
                     self._send(200, {"chat_template": fake.template, "bos_token": "<s>"})
                 else:
                     self._send(404, {"error": {"message": "not found"}})
+
+            def _stream(self, body, chat):
+                """Server-sent events, one token (word) per chunk, each with its top log-
+                probabilities: flat (confidence 3) for seeds divisible by 3, peaked (7.6)
+                otherwise; then the finish chunk, the usage chunk and [DONE]. A client that
+                hangs up is noticed at the next write (`dropped`)."""
+                prompt = json.dumps(body["messages"]) if chat else str(body["prompt"])
+                seed = body["seed"]
+                h = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:8], 16)
+                words = [f"step {h % 97}"] + ["so"] * 20 + [f"The answer is {h % 10}."]
+                words = words[:body["max_tokens"]]
+                k = body.get("top_logprobs") if chat else body.get("logprobs")
+                top = [-3.0] * k if seed % 3 == 0 else [-0.01] + [-8.0] * (k - 1)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+
+                def event(obj):
+                    self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+                    self.wfile.flush()
+
+                try:
+                    for i, w in enumerate(words):
+                        piece = w if i == 0 else " " + w
+                        tops = {f"{piece}#{j}" if j else piece: v for j, v in enumerate(top)}
+                        if chat:
+                            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None,
+                                      "logprobs": {"content": [{"token": piece, "logprob": top[0], "bytes": None,
+                                                                "top_logprobs": [{"token": t, "logprob": v, "bytes": None}
+                                                                                 for t, v in tops.items()]}]}}
+                        else:
+                            choice = {"index": 0, "text": piece, "finish_reason": None,
+                                      "logprobs": {"tokens": [piece], "token_logprobs": [top[0]],
+                                                   "top_logprobs": [tops], "text_offset": [0]}}
+                        event({"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": 0, "model": body["model"], "choices": [choice]})
+                        time.sleep(0.01)
+                    end = {"index": 0, "finish_reason": "stop"}
+                    end.update({"delta": {}} if chat else {"text": ""})
+                    event({"id": "x", "object": "chat.completion.chunk" if chat else "text_completion", "created": 0,
+                           "model": body["model"], "choices": [end]})
+                    event({"id": "x", "object": "chat.completion.chunk" if chat else "text_completion", "created": 0,
+                           "model": body["model"], "choices": [],
+                           "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
+                                     "total_tokens": 0}})
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    fake.dropped.append(seed)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -102,6 +153,8 @@ class FakeServer:
                 if eff["temperature"] < 1e-5 and n > 1:
                     return self._send(400, {"error": {"message": f"n must be 1 when using greedy sampling, got {n}."}})
                 chat = self.path.endswith("/chat/completions")
+                if body.get("stream"):
+                    return self._stream(body, chat)
                 if chat:
                     prompt = json.dumps(body["messages"])
                 elif isinstance(body["prompt"], list):  # token ids
@@ -123,7 +176,21 @@ class FakeServer:
                     if len(words) > body["max_tokens"]:
                         text, reason = " ".join(words[:body["max_tokens"]]), "length"
                     c = {"index": i, "finish_reason": fake.finish or reason}
-                    if chat:
+                    k = body.get("top_logprobs") if chat else body.get("logprobs")
+                    per_word = k and body["max_tokens"] > 1  # a sample's own; a judge asks for one token
+                    top = [-3.0] * (k or 1) if seed % 3 == 0 else [-0.01] + [-8.0] * ((k or 1) - 1)
+                    if per_word and chat:
+                        c["message"] = {"role": "assistant", "content": text}
+                        c["logprobs"] = {"content": [{"token": w, "logprob": top[0], "bytes": None, "top_logprobs": [
+                            {"token": f"{w}#{j}", "logprob": v, "bytes": None} for j, v in enumerate(top)]}
+                            for w in text.split(" ")]}
+                    elif per_word:
+                        c["text"] = text
+                        words_ = text.split(" ")
+                        c["logprobs"] = {"tokens": words_, "token_logprobs": [top[0]] * len(words_),
+                                         "top_logprobs": [{f"{w}#{j}": v for j, v in enumerate(top)} for w in words_],
+                                         "text_offset": [0] * len(words_)}
+                    elif chat:
                         c["message"] = {"role": "assistant", "content": text}
                         if fake.reasoning:
                             c["message"]["reasoning"] = fake.reasoning
@@ -209,6 +276,47 @@ def test_a_cancelled_request_is_not_sent_and_its_calls_in_flight_are_dropped(fak
     # seed 2 was in flight (its call dropped, whether or not the server had it yet); 3 and 4 never sent
     assert all(by_seed[s].finish_reason == "cancelled" and by_seed[s].text == "" for s in (2, 3, 4))
     assert 1 in [b["seed"] for _, b in srv.requests] and {b["seed"] for _, b in srv.requests} <= {1, 2}
+
+
+def test_a_sample_asked_to_stop_on_low_confidence_is_streamed_and_dropped(fake):
+    srv = fake()
+    eng = _engine(srv.url)
+    for prompt in (None, "Count:"):
+        kw = {"prompt": prompt} if prompt else {"messages": ({"role": "user", "content": "hi"},)}
+        req = Request(key="q", seeds=(3, 4), params=SamplingParams(max_tokens=50), stop_below=(5.0, 4), **kw)
+        got = {c.seed: c for c in eng.generate([req])}
+        unsure, sure = got[3], got[4]
+        # flat top-20 distributions: confidence 3 < 5, so the stream is closed after 4 tokens
+        assert unsure.finish_reason == "low_confidence" and unsure.completion_tokens == 4
+        assert unsure.token_stats.shape == (4, 3) and np.allclose(unsure.token_stats[:, 0], 3.0)
+        assert unsure.text == "step " + unsure.text.split()[1] + " so so so"
+        assert sure.finish_reason == "stop" and sure.text.endswith(".") and sure.completion_tokens == 22
+        assert sure.token_stats.shape == (22, 3) and sure.token_stats[0, 0] > 7
+        bodies = [b for _, b in srv.requests if b.get("seed") in (3, 4)]
+        assert all(b["stream"] and b["stream_options"] == {"include_usage": True} for b in bodies)
+        assert all((b.get("top_logprobs") if prompt is None else b.get("logprobs")) == 20 for b in bodies)
+        srv.requests.clear()
+    # the server noticed the client hang up on the low-confidence sample (and only on it)
+    deadline = time.time() + 5
+    while len(srv.dropped) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.dropped == [3, 3]
+
+
+def test_deepconf_online_runs_on_a_server(fake, tmp_path):
+    from testtime import api
+
+    srv = fake()
+    run = api.sample("arithmetic", n=9, limit=2, engine=_engine(srv.url), task_args={"levels": [1]},
+                     workspace=tmp_path, strategy="deepconf_online",
+                     strategy_args={"warmup": 3, "eta": 0.5, "window": 4, "consensus": 1.0})
+    with Store(tmp_path) as store:
+        d = store.decisions(run.run_id)
+        samples = store.samples(run.run_id)
+    assert len(d) == 2 and all(v["stopped_early"] > 0 and v["drawn"] == 9 for v in d.values())
+    # the warm-up had no bar; after it, every flat-confidence sample was dropped and none is kept
+    assert all(s.finish_reason == "stop" for s in samples)
+    assert sum(v["kept"] for v in d.values()) == len(samples)
 
 
 def test_retries_on_503_and_429(fake):

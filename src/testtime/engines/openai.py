@@ -31,6 +31,14 @@ backoff on connection errors, timeouts, 408, 409, 429 and 5xx. On top of it:
   continuation, and sends the ids. Nothing is re-templated or trimmed: vLLM's
   `continue_final_message` drops trailing whitespace when a template trims
   message content, so a step ending in its delimiter would stop at once.
+- **Stopping on confidence and cancelling** (DeepConf online, adaptive
+  strategies): a request with `stop_below` is streamed, one sample per call,
+  with the top 20 log-probabilities of every token (vLLM's default
+  `--max-logprobs`); once the mean confidence of its last `window` tokens falls
+  below the threshold the stream is closed, and vLLM aborts a request whose
+  client went away (`AsyncLLM.generate` aborts on cancellation). A cancelled
+  request (`Request.cancelled`) is never sent again, and its calls in flight are
+  dropped the same way.
 - **Clear errors**: an unreachable server, or a model name the server does not
   serve (with the names it does), stop the run with an `EngineError`. Samples
   already returned are stored by the caller, so a rerun resumes. Finish
@@ -55,8 +63,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
+from ..confidence import TOP_K, from_logprobs, from_top_logprobs
 from ..errors import InfrastructureError, InputError
 from ..spec import SpecError
 from .base import ENGINES, Completion, Request, StreamStalled, TokenLogprob, is_cancelled, never_started
@@ -74,6 +84,8 @@ class EngineError(InfrastructureError):
 class OpenAIEngine:
     name = "openai"
     cancels = True
+    stops_on_confidence = True
+    """A request with `stop_below` is streamed and dropped once its confidence falls (`_stream`)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str | None = None,
                  api_key: str | None = None, concurrency: int = 16, max_retries: int = 5, timeout_s: float = 300.0,
@@ -104,6 +116,7 @@ class OpenAIEngine:
         if chat_template:
             self._template_source, self._bos = _template_source(chat_template)
         self._token_ids: dict[Any, list[int]] = {}  # continuation="vllm": /tokenize results
+        self._prompt_tokens: dict[str, int] = {}  # what the server reported per prompt (for aborted streams)
         self._shape = shape
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
@@ -232,26 +245,11 @@ class OpenAIEngine:
             await self._tokenize(req)
         kind, body = self._body(req, seed, len(indices))
         t = time.perf_counter()
-        o = self._openai
-        try:
-            if kind == "chat":
-                resp = await self._client.chat.completions.create(**body)
-            else:
-                resp = await self._client.completions.create(**body)
-        except o.NotFoundError as e:
-            raise EngineError(f"server at {self.base_url} does not serve model {self.model!r} "
-                              f"(HTTP 404: {e.message})") from None
-        except o.APITimeoutError:
-            raise EngineError(f"server at {self.base_url} did not answer within {self.timeout_s} s "
-                              f"(after {self.max_retries} retries)") from None
-        except o.APIConnectionError:
-            raise EngineError(f"OpenAI-compatible server at {self.base_url} is unreachable "
-                              f"(after {self.max_retries} retries)") from None
-        except o.APIStatusError as e:
-            raise EngineError(f"server at {self.base_url} answered HTTP {e.status_code}: {e.message}") from None
+        resp = await self._create(kind, body)
         latency = time.perf_counter() - t
         usage = resp.usage
         prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        self._prompt_tokens[_prompt_key(body)] = prompt_tokens
         details = getattr(usage, "prompt_tokens_details", None)
         reported = getattr(details, "cached_tokens", None) if details is not None else None
         cached = None if reported is None else min(prompt_tokens, int(reported))  # None: the server did not say
@@ -276,6 +274,79 @@ class OpenAIEngine:
                                   n_tokens=n_tokens, reasoning=_reasoning(message)))
         return out
 
+    async def _stream(self, req: Request, index: int) -> list[Completion]:
+        """One sample of a request with `stop_below` (DeepConf online), streamed with the
+        top `TOP_K` log-probabilities of every token. Once the mean confidence of its
+        last `window` tokens falls below the threshold, the stream is closed: the
+        connection drops, and vLLM aborts a request whose client went away. Its finish
+        reason is then "low_confidence", with the tokens received counted; the prompt's
+        tokens are those the server reported for the same prompt before (the usage
+        chunk comes last, so an aborted stream never gets one), else unknown (0)."""
+        seed = req.seeds[index]
+        if req.continuation and req.prompt is None and self.continuation_mode == "vllm":
+            await self._tokenize(req)
+        wanted = max(req.params.logprobs or 0, TOP_K)
+        kind, body = self._body(replace(req, params=replace(req.params, logprobs=wanted)), seed, 1)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        threshold, window = req.stop_below
+        t = time.perf_counter()
+        pieces, tokens, finish, usage, stop_reason = [], [], None, None, None
+        stream = await self._create(kind, body)
+        try:
+            async for chunk in stream:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    pieces.append((choice.delta.content if kind == "chat" else choice.text) or "")
+                    tokens += _logprobs(choice, kind) or []
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+                        stop_reason = getattr(choice, "stop_reason", None) or \
+                            (getattr(choice, "model_extra", None) or {}).get("stop_reason")
+                if finish is None and len(tokens) >= window:
+                    recent = [from_top_logprobs(x.logprob, list(x.top.values()), None)[0] for x in tokens[-window:]]
+                    if sum(recent) / window < threshold:
+                        finish = "low_confidence"
+                        break
+        finally:
+            await stream.close()
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        if prompt_tokens is None:
+            prompt_tokens = self._prompt_tokens.get(_prompt_key(body), 0)
+        else:
+            self._prompt_tokens[_prompt_key(body)] = prompt_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        reported = getattr(details, "cached_tokens", None) if details is not None else None
+        hit = stop_reason if isinstance(stop_reason, str) and stop_reason in req.params.stop else None
+        if hit is None and finish == "stop" and len(req.params.stop) == 1 and stop_reason is None:
+            hit = req.params.stop[0]
+        return [Completion(key=req.key, index=index, seed=seed, text="".join(pieces), token_ids=[],
+                           prompt_tokens=prompt_tokens,
+                           cached_tokens=None if reported is None else min(prompt_tokens, int(reported)),
+                           finish_reason=finish if finish == "low_confidence" else _finish(finish),
+                           logprobs=tokens, latency_s=time.perf_counter() - t, stop_hit=hit,
+                           n_tokens=getattr(usage, "completion_tokens", None) or len(tokens),
+                           token_stats=from_logprobs(tokens))]
+
+    async def _create(self, kind: str, body: dict[str, Any]) -> Any:
+        """One call to the server, its failures as `EngineError`s that say what went wrong."""
+        o = self._openai
+        try:
+            if kind == "chat":
+                return await self._client.chat.completions.create(**body)
+            return await self._client.completions.create(**body)
+        except o.NotFoundError as e:
+            raise EngineError(f"server at {self.base_url} does not serve model {self.model!r} "
+                              f"(HTTP 404: {e.message})") from None
+        except o.APITimeoutError:
+            raise EngineError(f"server at {self.base_url} did not answer within {self.timeout_s} s "
+                              f"(after {self.max_retries} retries)") from None
+        except o.APIConnectionError:
+            raise EngineError(f"OpenAI-compatible server at {self.base_url} is unreachable "
+                              f"(after {self.max_retries} retries)") from None
+        except o.APIStatusError as e:
+            raise EngineError(f"server at {self.base_url} answered HTTP {e.status_code}: {e.message}") from None
+
     # -- the stream -----------------------------------------------------------------
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Completion]:
@@ -288,7 +359,8 @@ class OpenAIEngine:
 
         def submit(req: Request, idx: list[int]) -> None:
             nonlocal in_flight
-            fut = asyncio.run_coroutine_threadsafe(self._sample(req, idx), self._loop)
+            call = self._stream(req, idx[0]) if req.stop_below is not None else self._sample(req, idx)
+            fut = asyncio.run_coroutine_threadsafe(call, self._loop)
             futures[fut] = req
             fut.add_done_callback(lambda f, req=req, idx=idx: results.put((f, req, idx)))
             in_flight += 1
@@ -321,7 +393,7 @@ class OpenAIEngine:
                         _check_params(req)
                         if req.continuation and req.prompt is None and self.continuation_mode == "completions":
                             self._template()  # resolved here, never inside the event loop
-                        if self.n_per_request and not req.params.greedy:
+                        if self.n_per_request and not req.params.greedy and req.stop_below is None:
                             pending.append((req, list(range(req.n))))
                         else:
                             pending += [(req, [i]) for i in range(req.n)]
@@ -389,6 +461,12 @@ def _check_params(req: Request) -> None:
     if t > MAX_TEMPERATURE:
         raise SpecError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] for an OpenAI-compatible server "
                         f"(vLLM rejects more), got {t!r}")
+
+
+def _prompt_key(body: dict[str, Any]) -> str:
+    """What identifies a call's prompt (its chat, or its text or token ids)."""
+    what = body.get("messages", body.get("prompt"))
+    return hashlib.blake2b(json.dumps(what, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
 def _finish(reason: str | None) -> str:

@@ -23,18 +23,22 @@ every open problem is still warming up.
 Samples ended early or cancelled do not vote and are not kept; their tokens are
 counted in the problem's usage. The answer is the confidence-weighted majority of
 the kept samples: each candidate carries its lowest group confidence as its one
-score, so the weighted selection applies. Needs an engine that sees the logits
-(the llama.cpp engine); a server cannot be stopped mid-sample here yet.
+score, so the weighted selection applies. Needs an engine that can stop a sample
+on confidence: the llama.cpp engine (from the full distribution, at the token),
+or the OpenAI engine, which streams such a sample with the top 20
+log-probabilities of every token and drops the connection once its confidence
+falls (vLLM aborts a request whose client went away; its default
+--max-logprobs is 20).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..confidence import WINDOW, trace_score
+from ..confidence import TOP_K, WINDOW, from_logprobs, trace_score
 from ..engines.base import Request
 from ..select import AnswerKeys
 from ..spec import SpecError, sample_seed
@@ -85,8 +89,13 @@ class DeepConfOnline:
     def run(self, problems: Sequence[Problem], ctx: SearchContext, params: DeepConfParams) -> Iterator[ProblemResult]:
         if not getattr(ctx.engine, "stops_on_confidence", False) or not getattr(ctx.engine, "token_stats", True):
             raise SpecError(f"deepconf_online needs an engine that sees the logits and stops samples on confidence "
-                            f"(llamacpp with token_stats on); {getattr(ctx.engine, 'name', 'this engine')} does not")
+                            f"(llamacpp with token_stats on, or an OpenAI-compatible server); {getattr(ctx.engine, 'name', 'this engine')} does not")
         keys, meter = AnswerKeys(), Meter(None)
+        # an engine that does not compute the statistics itself (a server) is asked for
+        # every token's top log-probabilities, and the statistics come from those
+        native = getattr(ctx.engine, "token_stats", False) is True
+        sampling = ctx.sampling if native or (ctx.sampling.logprobs or 0) >= TOP_K \
+            else replace(ctx.sampling, logprobs=TOP_K)
         by_id = {p.id: p for p in problems}
         kept: dict[str, list[tuple[int, Candidate, str | None]]] = {p.id: [] for p in problems}
         sent = {p.id: 0 for p in problems}
@@ -102,7 +111,7 @@ class DeepConfOnline:
             idx = range(sent[p.id], sent[p.id] + count)
             sent[p.id] += len(idx)
             return Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                           params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
+                           params=sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
                            stop_below=stop, cancelled=lambda pid=p.id: pid in done)
 
         def stream() -> Iterator[Request | None]:
@@ -140,9 +149,10 @@ class DeepConfOnline:
             if c.finish_reason == "low_confidence":
                 stopped_early[pid] += 1
             elif c.finish_reason != "cancelled" and pid not in done:
-                if c.token_stats is None:
+                stats = c.token_stats if c.token_stats is not None else from_logprobs(c.logprobs or ())
+                if stats is None:
                     raise SpecError("deepconf_online: the engine returned no token statistics")
-                conf = trace_score(c.token_stats, "lowest_group", params.window)
+                conf = trace_score(stats, "lowest_group", params.window)
                 cand = Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens,
                                  steps=(c.text,), scores=(max(conf, 0.0),))
                 kept[pid].append((idx[c.index], cand, keys.of_text(c.text, problem_rules(by_id[pid].meta))))
