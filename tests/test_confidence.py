@@ -387,7 +387,8 @@ def test_llamacpp_cancels_a_requests_queued_and_running_samples_and_reuses_the_s
     running = out["a", 0]  # started beside b; stopped at the step after b finished
     assert running.finish_reason == "cancelled" and 0 < len(running.token_ids) < 40 and running.text
     for i in (1, 2):  # queued behind it: never started
-        assert out["a", i].finish_reason == "cancelled" and out["a", i].token_ids == [] and out["a", i].prompt_tokens == 0
+        queued = out["a", i]
+        assert queued.finish_reason == "cancelled" and queued.token_ids == [] and queued.prompt_tokens == 0
     assert out["c", 0].finish_reason in ("stop", "length") and len(out["c", 0].token_ids) > 0
     assert len(out) == 5
 

@@ -35,7 +35,7 @@ from ..select import AnswerKeys
 from ..spec import SpecError, sample_seed
 from ..tasks.base import Problem
 from ..verifiers.math_answer import problem_rules
-from .base import STRATEGIES, Candidate, Meter, ProblemResult, SearchContext, StrategyParams
+from .base import STRATEGIES, Candidate, Ledger, Meter, ProblemResult, SearchContext, StrategyParams
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,7 @@ class AdaptiveConsistency:
         rule, keys, meter = params.stop_rule(), AnswerKeys(), Meter(None)
         by_id = {p.id: p for p in problems}
         answers: dict[str, dict[int, tuple[Candidate, str | None]]] = {p.id: {} for p in problems}
-        sent = {p.id: 0 for p in problems}      # samples handed to the engine
-        back = {p.id: 0 for p in problems}      # completions returned, cancelled ones included
-        drawn = {p.id: 0 for p in problems}     # samples that generated anything
-        stopped = {p.id: 0 for p in problems}   # samples cancelled while running
+        ledger = Ledger([p.id for p in problems])
         decided: dict[str, int] = {}            # problem -> samples kept
         reported: set[str] = set()
 
@@ -92,7 +89,7 @@ class AdaptiveConsistency:
                     if p.id in decided:
                         continue
                     idx = tuple(range(first, min(params.n, first + params.round)))
-                    sent[p.id] += len(idx)
+                    ledger.send(p.id, len(idx))
                     yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
                                   params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
                                   cancelled=lambda pid=p.id: pid in decided)
@@ -103,18 +100,13 @@ class AdaptiveConsistency:
             reported.add(pid)
             m = decided[pid]
             return ProblemResult(pid, [answers[pid][j][0] for j in range(m)], meter.of(pid),
-                                 {"stopped_at": m, "drawn": drawn[pid], "cancelled": stopped[pid],
+                                 {"stopped_at": m, "drawn": ledger.drawn[pid], "cancelled": ledger.cancelled[pid],
                                   "budget": params.n})
 
         for c in ctx.engine.generate(stream()):
             pid, idx = c.key
             meter.completion(pid, c)
-            back[pid] += 1
-            if c.finish_reason == "cancelled":
-                stopped[pid] += c.completion_tokens > 0
-                drawn[pid] += c.completion_tokens > 0
-            else:
-                drawn[pid] += 1
+            ledger.receive(pid, c)
             if pid not in decided and c.finish_reason != "cancelled":
                 i = idx[c.index]
                 answers[pid][i] = (Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens),
@@ -125,7 +117,7 @@ class AdaptiveConsistency:
                 m = stop_point(votes, rule, params.n)
                 if m < len(votes) or rule.decided(votes) or len(votes) >= params.n:
                     decided[pid] = m
-            if pid in decided and pid not in reported and back[pid] == sent[pid]:
+            if pid in decided and pid not in reported and ledger.settled(pid):
                 yield result(pid)
         for p in problems:  # an engine that ignores cancellation returned everything by now
             if p.id in decided and p.id not in reported:

@@ -205,6 +205,31 @@ class Meter:
         return self.by_problem.get(pid, {"policy": Usage()})
 
 
+class Ledger:
+    """Per problem, the samples an adaptive strategy streamed to the engine: `sent`,
+    come `back` (cancelled ones included), `drawn` (generated anything) and
+    `cancelled` while running. A problem's result waits until it is `settled`
+    (everything sent is back), so its usage holds the cancelled samples' tokens."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.sent = dict.fromkeys(ids, 0)
+        self.back = dict.fromkeys(ids, 0)
+        self.drawn = dict.fromkeys(ids, 0)
+        self.cancelled = dict.fromkeys(ids, 0)
+
+    def send(self, pid: str, count: int) -> None:
+        self.sent[pid] += count
+
+    def receive(self, pid: str, c: Completion) -> None:
+        self.back[pid] += 1
+        ran = c.finish_reason != "cancelled" or c.completion_tokens > 0
+        self.drawn[pid] += ran
+        self.cancelled[pid] += ran and c.finish_reason == "cancelled"
+
+    def settled(self, pid: str) -> bool:
+        return self.back[pid] == self.sent[pid]
+
+
 def _usage_of(prm: RewardModel) -> Usage:
     u = getattr(prm, "usage", None)
     return Usage.from_dict(u.to_dict()) if u is not None else Usage()

@@ -44,7 +44,7 @@ from ..select import AnswerKeys
 from ..spec import SpecError, sample_seed
 from ..tasks.base import Problem
 from ..verifiers.math_answer import problem_rules
-from .base import STRATEGIES, Candidate, Meter, ProblemResult, SearchContext, StrategyParams
+from .base import STRATEGIES, Candidate, Ledger, Meter, ProblemResult, SearchContext, StrategyParams
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ class DeepConfOnline:
 
     def run(self, problems: Sequence[Problem], ctx: SearchContext, params: DeepConfParams) -> Iterator[ProblemResult]:
         if not getattr(ctx.engine, "stops_on_confidence", False) or not getattr(ctx.engine, "token_stats", True):
+            name = getattr(ctx.engine, "name", "this engine")
             raise SpecError(f"deepconf_online needs an engine that sees the logits and stops samples on confidence "
-                            f"(llamacpp with token_stats on, or an OpenAI-compatible server); {getattr(ctx.engine, 'name', 'this engine')} does not")
+                            f"(llamacpp with token_stats on, or an OpenAI-compatible server); {name} does not")
         keys, meter = AnswerKeys(), Meter(None)
         # an engine that does not compute the statistics itself (a server) is asked for
         # every token's top log-probabilities, and the statistics come from those
@@ -98,18 +99,15 @@ class DeepConfOnline:
             else replace(ctx.sampling, logprobs=TOP_K)
         by_id = {p.id: p for p in problems}
         kept: dict[str, list[tuple[int, Candidate, str | None]]] = {p.id: [] for p in problems}
-        sent = {p.id: 0 for p in problems}
-        back = {p.id: 0 for p in problems}
-        drawn = {p.id: 0 for p in problems}
+        ledger = Ledger([p.id for p in problems])
         stopped_early = {p.id: 0 for p in problems}
-        cancelled = {p.id: 0 for p in problems}
         threshold: dict[str, float] = {}
         done: set[str] = set()
         reported: set[str] = set()
 
         def request(p: Problem, count: int, stop: tuple[float, int] | None) -> Request:
-            idx = range(sent[p.id], sent[p.id] + count)
-            sent[p.id] += len(idx)
+            idx = range(ledger.sent[p.id], ledger.sent[p.id] + count)
+            ledger.send(p.id, len(idx))
             return Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
                            params=sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
                            stop_below=stop, cancelled=lambda pid=p.id: pid in done)
@@ -118,7 +116,7 @@ class DeepConfOnline:
             for p in problems:
                 yield request(p, params.warmup, None)
             while True:
-                open_ = [p for p in problems if p.id not in done and sent[p.id] < params.n]
+                open_ = [p for p in problems if p.id not in done and ledger.sent[p.id] < params.n]
                 if not open_:
                     return
                 ready = [p for p in open_ if p.id in threshold]
@@ -126,26 +124,22 @@ class DeepConfOnline:
                     yield None  # every open problem is warming up
                     continue
                 for p in ready:
-                    if p.id not in done and sent[p.id] < params.n:
-                        yield request(p, min(params.round, params.n - sent[p.id]), (threshold[p.id], params.window))
+                    if p.id not in done and ledger.sent[p.id] < params.n:
+                        yield request(p, min(params.round, params.n - ledger.sent[p.id]),
+                                      (threshold[p.id], params.window))
 
         def result(pid: str) -> ProblemResult:
             reported.add(pid)
             cands = [cand for _, cand, _ in sorted(kept[pid], key=lambda t: t[0])]
             return ProblemResult(pid, cands, meter.of(pid),
-                                 {"threshold": threshold.get(pid), "drawn": drawn[pid], "kept": len(cands),
-                                  "stopped_early": stopped_early[pid], "cancelled": cancelled[pid],
+                                 {"threshold": threshold.get(pid), "drawn": ledger.drawn[pid], "kept": len(cands),
+                                  "stopped_early": stopped_early[pid], "cancelled": ledger.cancelled[pid],
                                   "budget": params.n})
 
         for c in ctx.engine.generate(stream()):
             pid, idx = c.key
             meter.completion(pid, c)
-            back[pid] += 1
-            if c.finish_reason == "cancelled":
-                cancelled[pid] += c.completion_tokens > 0
-                drawn[pid] += c.completion_tokens > 0
-            else:
-                drawn[pid] += 1
+            ledger.receive(pid, c)
             if c.finish_reason == "low_confidence":
                 stopped_early[pid] += 1
             elif c.finish_reason != "cancelled" and pid not in done:
@@ -156,13 +150,13 @@ class DeepConfOnline:
                 cand = Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens,
                                  steps=(c.text,), scores=(max(conf, 0.0),))
                 kept[pid].append((idx[c.index], cand, keys.of_text(c.text, problem_rules(by_id[pid].meta))))
-            if pid not in threshold and back[pid] >= params.warmup:  # the warm-up is in: set the bar
+            if pid not in threshold and ledger.back[pid] >= params.warmup:  # the warm-up is in: set the bar
                 confs = [cand.scores[0] for _, cand, _ in kept[pid]]
                 threshold[pid] = float(np.quantile(confs, 1 - params.eta)) if confs else 0.0
             if pid not in done and pid in threshold and (
-                    self._agreed(kept[pid], params.consensus) or back[pid] >= params.n):
+                    self._agreed(kept[pid], params.consensus) or ledger.back[pid] >= params.n):
                 done.add(pid)
-            if pid in done and pid not in reported and back[pid] == sent[pid]:
+            if pid in done and pid not in reported and ledger.settled(pid):
                 yield result(pid)
         for p in problems:
             if p.id not in reported:
