@@ -205,6 +205,22 @@ def test_served_prm_vllm_pooling_format(prm_server):
     assert prm.usage.sequences == 2 and prm.unmetered == 0
 
 
+def test_particle_filtering_runs_on_a_served_prm(prm_server):
+    """Particle filtering reaches a PRM behind HTTP like any reward model: each step's
+    paths of every problem in one scoring call, and the served scores steer them."""
+    from testtime.rewards.served import ServedPRM
+    from testtime.strategies import SearchContext, load_strategy, strategy_params
+
+    url, state = prm_server
+    prm = ServedPRM(url, wire="vllm", step_tag="<tag>", good_index=1)
+    ctx = SearchContext(MazeEngine(p_good=0.5), prm, TEMPLATE, PARAMS, 3)
+    pf = strategy_params("particle_filtering", {"n": 8, "max_steps": 6, "delimiter": "\n\n"})
+    for r in load_strategy("particle_filtering").run(PROBLEMS, ctx, pf):
+        got = [c.text.rsplit("answer is ", 1)[-1].rstrip(".") for c in r.candidates]
+        assert got.count("1") > got.count("0") and r.usage["prm"].sequences > 0
+    assert prm.usage.sequences > 0 and max(state["batches"]) > 8  # problems scored together
+
+
 def test_served_prm_batches_items_per_request(prm_server):
     from testtime.rewards.served import ServedPRM
 
