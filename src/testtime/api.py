@@ -16,7 +16,6 @@ from typing import Any, Callable
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
 from .errors import InputError
-from .report import write_report
 from .runner import ProgressFn, draw_samples, grade, run_strategy, score_samples
 from .searchspec import DEFAULT_STRATEGY, SearchSpec
 from .spec import SamplingParams, SpecError
@@ -189,6 +188,8 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
                          f"values), got {fit_k}")
     with Store(workspace, create=False) as store:
         rid = store.run_or_latest(run_id)
+        from .report import write_report  # here: matplotlib costs every command's start-up
+
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 

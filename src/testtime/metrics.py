@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import curve_fit
 
 
 def pass_at_k(n, c, k: int) -> np.ndarray:
@@ -159,6 +158,8 @@ def fit_power_law(ks, coverage, k_max_fit: int | None = None) -> PowerLawFit:
 
     def model(k, a, b):
         return np.exp(np.minimum(a * np.power(k, b), 0.0))
+
+    from scipy.optimize import curve_fit  # here: importing scipy costs every command's start-up
 
     try:
         (a, b), pcov = curve_fit(model, ks, cov, p0=p0, bounds=([-np.inf, -10.0], [0.0, 0.0]), maxfev=20000)
