@@ -25,7 +25,24 @@ from ..rewards.base import Scoring
 from ..select import aggregate
 from ..spec import SamplingParams, sample_seed
 from ..tasks.base import Problem
-from .base import Candidate, Meter, SearchContext
+from .base import Candidate, Meter, SearchContext, SpecError, StepParams
+
+
+@dataclass(frozen=True)
+class SteppedParams(StepParams):
+    """Parameters of the strategies that grow solutions a step at a time."""
+
+    max_steps: int = 8
+    """Most steps per solution; at the last one every path is finished as it stands."""
+    step_tokens: int = 64
+    """Most tokens per step."""
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise SpecError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        if not isinstance(self.step_tokens, int) or self.step_tokens < 1:
+            raise SpecError(f"step_tokens must be an integer >= 1, got {self.step_tokens!r}")
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Callable, Iterator, Sequence
 
 from ..select import aggregate
 from ..tasks.base import Problem
-from ._steps import Path, expand, rank, score, step_sampling
-from .base import Meter, ProblemResult, SearchContext, SpecError, StepParams
+from ._steps import Path, SteppedParams, expand, rank, score, step_sampling
+from .base import Meter, ProblemResult, SearchContext, SpecError
 
 Frontier = list[tuple[str, Path, int, int]]
 """Parents to expand: (problem id, path, children wanted, group)."""
@@ -24,22 +24,14 @@ Keep = Callable[[Frontier, Children, "TreeParams", bool], tuple[Frontier, list[t
 
 
 @dataclass(frozen=True)
-class TreeParams(StepParams):
+class TreeParams(SteppedParams):
     width: int = 4
     """M: children per expanded path. N / M paths (beams, or subtrees) go on per step."""
-    max_steps: int = 8
-    """Most steps per solution; at the last one every path is finished as it stands."""
-    step_tokens: int = 64
-    """Most tokens per step."""
 
     def check(self) -> None:
         super().check()
         if not isinstance(self.width, int) or self.width < 1 or self.n % self.width:
             raise SpecError(f"width must be an integer >= 1 that divides n, got width={self.width!r}, n={self.n}")
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise SpecError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if not isinstance(self.step_tokens, int) or self.step_tokens < 1:
-            raise SpecError(f"step_tokens must be an integer >= 1, got {self.step_tokens!r}")
 
 
 def search(problems: Sequence[Problem], ctx: SearchContext, params: TreeParams, start: Frontier, keep: Keep,

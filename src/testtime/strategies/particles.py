@@ -42,18 +42,14 @@ import numpy as np
 
 from ..spec import sample_seed
 from ..tasks.base import Problem
-from ._steps import Path, expand, score, step_sampling
-from .base import STRATEGIES, Meter, ProblemResult, SearchContext, SpecError, StepParams
+from ._steps import Path, SteppedParams, expand, score, step_sampling
+from .base import STRATEGIES, Meter, ProblemResult, SearchContext, SpecError
 
 SCHEMES = ("multinomial", "systematic")
 
 
 @dataclass(frozen=True)
-class ParticleParams(StepParams):
-    max_steps: int = 8
-    """Most steps per solution; at the last one every particle is finished as it stands."""
-    step_tokens: int = 64
-    """Most tokens per step."""
+class ParticleParams(SteppedParams):
     weight_temperature: float = 1.0
     """Log-potentials are divided by it: above 1 resampling is flatter (more diverse),
     below 1 greedier. The paper's setting is 1."""
@@ -66,10 +62,6 @@ class ParticleParams(StepParams):
 
     def check(self) -> None:
         super().check()
-        if not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise SpecError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if not isinstance(self.step_tokens, int) or self.step_tokens < 1:
-            raise SpecError(f"step_tokens must be an integer >= 1, got {self.step_tokens!r}")
         if not isinstance(self.weight_temperature, (int, float)) or not self.weight_temperature > 0 \
                 or not math.isfinite(self.weight_temperature):
             raise SpecError(f"weight_temperature must be a number > 0, got {self.weight_temperature!r}")
