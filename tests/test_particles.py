@@ -130,6 +130,22 @@ def test_a_problem_resamples_the_same_whichever_problems_share_its_batch():
     assert alone.decision == together.decision
 
 
+class UnevenMaze(MazeEngine):
+    """Maze 0 is two steps deep, the others five."""
+
+    def generate(self, requests):
+        for req in requests:
+            self.depth = 2 if "maze 0" in str(req.messages) else 5
+            yield from super().generate([req])
+
+
+def test_a_problem_whose_particles_all_finished_is_left_alone_while_others_go_on():
+    results = {r.problem_id: r for r in run(UnevenMaze(p_good=0.5))}
+    # maze 0: resampled after its two steps, then never again (its population is final)
+    assert len(results["p0"].decision["ess"]) == 2 and all(c.text.count("step") == 2 for c in results["p0"].candidates)
+    assert all(len(results[p].decision["ess"]) == 5 for p in ("p1", "p2"))
+
+
 def test_tempering_keeps_the_first_steps_population_diverse():
     eng_args = dict(depth=6, p_good=0.5)
     sharp = run(MazeEngine(**eng_args), seed=11)

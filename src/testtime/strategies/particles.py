@@ -142,6 +142,8 @@ class ParticleFiltering:
             for pid, path, _ in children:
                 grown[pid].append(path)
             for pid in population:
+                if not grown[pid]:  # every particle had finished already: nothing to weigh again
+                    continue
                 particles = [path for path in population[pid] if path.finished] + grown[pid]
                 if final:
                     for path in particles:
