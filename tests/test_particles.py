@@ -131,19 +131,21 @@ def test_a_problem_resamples_the_same_whichever_problems_share_its_batch():
 
 
 class UnevenMaze(MazeEngine):
-    """Maze 0 is two steps deep, the others five."""
+    """Maze 2 is two steps deep, the others five."""
 
     def generate(self, requests):
         for req in requests:
-            self.depth = 2 if "maze 0" in str(req.messages) else 5
+            self.depth = 2 if "maze 2" in str(req.messages) else 5
             yield from super().generate([req])
 
 
-def test_a_problem_whose_particles_all_finished_is_left_alone_while_others_go_on():
-    results = {r.problem_id: r for r in run(UnevenMaze(p_good=0.5))}
-    # maze 0: resampled after its two steps, then never again (its population is final)
-    assert len(results["p0"].decision["ess"]) == 2 and all(c.text.count("step") == 2 for c in results["p0"].candidates)
-    assert all(len(results[p].decision["ess"]) == 5 for p in ("p1", "p2"))
+def test_a_problem_whose_particles_all_finished_is_final_at_once_and_left_alone():
+    order = run(UnevenMaze(p_good=0.5))
+    assert [r.problem_id for r in order] == ["p2", "p0", "p1"]  # yielded (and stored) the moment it is final
+    results = {r.problem_id: r for r in order}
+    # maze 2: resampled after its two steps, then never again (its population is final)
+    assert len(results["p2"].decision["ess"]) == 2 and all(c.text.count("step") == 2 for c in results["p2"].candidates)
+    assert all(len(results[p].decision["ess"]) == 5 for p in ("p0", "p1"))
 
 
 def test_tempering_keeps_the_first_steps_population_diverse():

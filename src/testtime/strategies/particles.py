@@ -17,9 +17,10 @@ mistakes are averaged out rather than locked in.
   resampling is flatter (early partial solutions say little about the answer)
   and the full weights apply from step `tempering` on.
 - A finished particle stays in the population with its final weight (it can be
-  copied or dropped by later resampling) but is not extended. The search ends
+  copied or dropped by later resampling) but is not extended. A problem is done
   when every particle has finished, or at `max_steps`, where the unfinished are
-  finished as they stand.
+  finished as they stand; its result is yielded (and stored) at once, and it is
+  never resampled again while other problems go on.
 - Copies of one particle ask for their children in one request: they share the
   prefix, and the embedded engine's retained KV cache.
 - Every problem's particles go to the engine together, one batch per step, like
@@ -124,15 +125,16 @@ class ParticleFiltering:
         step = step_sampling(ctx, params.step_tokens)
         population: dict[str, list[Path]] = {p.id: [Path()] * params.n for p in problems}
         trace: dict[str, dict[str, list]] = {p.id: {"ess": [], "distinct": []} for p in problems}
+        reported: set[str] = set()
         for it in range(params.max_steps):
             final = it == params.max_steps - 1
             # copies of one particle are one parent asking for as many children
-            parents, owners = [], []
+            parents = []
             for pid, particles in population.items():
-                counts: dict[int, tuple[Path, int]] = {}
+                counts: dict[int, list] = {}
                 for path in particles:
                     if not path.finished:
-                        counts[id(path)] = (path, counts.get(id(path), (path, 0))[1] + 1)
+                        counts.setdefault(id(path), [path, 0])[1] += 1
                 parents += [(pid, path, c) for path, c in counts.values()]
             if not parents:
                 break
@@ -151,9 +153,16 @@ class ParticleFiltering:
                     population[pid] = particles
                     continue
                 population[pid] = self._resample(pid, particles, ctx, params, it, trace[pid])
-        for p in problems:
-            result = [path.candidate(params.delimiter) for path in population[p.id]]
-            yield ProblemResult(p.id, result, meter.of(p.id), trace[p.id])
+            for pid in [q for q in population if q not in reported and all(x.finished for x in population[q])]:
+                reported.add(pid)  # final: stored now, while the others go on
+                yield self._result(pid, population[pid], meter, params, trace[pid])
+        for pid in [q for q in population if q not in reported]:  # none (the last step finishes all): a safety net
+            yield self._result(pid, population[pid], meter, params, trace[pid])
+
+    @staticmethod
+    def _result(pid: str, particles: list[Path], meter: Meter, params: ParticleParams,
+                trace: dict[str, list]) -> ProblemResult:
+        return ProblemResult(pid, [x.candidate(params.delimiter) for x in particles], meter.of(pid), trace)
 
     @staticmethod
     def _resample(pid: str, particles: list[Path], ctx: SearchContext, params: ParticleParams, it: int,
