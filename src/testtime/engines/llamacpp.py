@@ -124,8 +124,9 @@ class LlamaCppEngine:
 
     name = "llamacpp"
     stops_on_confidence = True
-    cancels = True
     """Honours `Request.stop_below` (DeepConf online): the slot goes to waiting work at once."""
+    cancels = True
+    """Honours `Request.cancelled`: running samples stop at the next step, queued ones never start."""
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
