@@ -67,3 +67,93 @@ class MazePRM:
         return [[0.9 if "good" in s else 0.1 if "bad" in s else 0.5 for s in it.steps[it.known:]] for it in items]
 
 
+
+
+class SlotEngine:
+    """A continuous-batching engine in miniature, for the server's tests: `slots` samples
+    run at once, every running sample gains one word per step of `step_s` seconds, and a
+    sample is `max_tokens` words long (its text a function of prefix and seed). It pulls
+    requests lazily as the protocol says (None: go on and ask again), fills free slots
+    from them in order, honours `Request.cancelled` at every step and streams each word
+    but the last to `Request.on_token`. `active` is how many samples it holds right now;
+    `started` lists (key, index) in the order samples got a slot. A prompt containing
+    "CRASH" makes the engine fail as a broken one would; prompts over `max_prompt` words
+    are refused by `check_request`, as the llama.cpp engine refuses what cannot fit."""
+
+    name = "slots"
+    cancels = True
+    streams_text = True
+
+    def __init__(self, slots: int = 4, step_s: float = 0.01, max_prompt: int = 1000):
+        self.slots, self.step_s, self.max_prompt = slots, step_s, max_prompt
+        self.active = 0
+        self.started: list[tuple[Any, int]] = []
+        self.steps = 0
+
+    def identity(self) -> dict[str, Any]:
+        return {"engine": "slots"}
+
+    @staticmethod
+    def _prefix(req: Request) -> str:
+        return req.prompt if req.prompt is not None else " ".join(m["content"] for m in req.messages) + req.continuation
+
+    def check_request(self, req: Request) -> None:
+        from testtime.errors import InputError
+
+        if len(self._prefix(req).split()) > self.max_prompt:
+            raise InputError(f"request {req.key!r}: prompt over {self.max_prompt} words")
+
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Completion]:
+        from testtime.engines.base import StreamStalled, is_cancelled, never_started
+
+        source, queued, running, exhausted = iter(requests), [], [], False
+        try:
+            while True:
+                end = object()
+                while not exhausted and len(queued) < 2 * self.slots:
+                    req = next(source, end)
+                    if req is end:
+                        exhausted = True
+                    if req is None and not queued and not running:
+                        raise StreamStalled("waiting with nothing running")
+                    if req is end or req is None:  # None: nothing yet, ask again after a step
+                        break
+                    queued += [(req, i) for i in range(req.n)]
+                    if "CRASH" in self._prefix(req):
+                        raise RuntimeError("the engine broke")
+                for req, i in [q for q in queued if is_cancelled(q[0])]:
+                    queued.remove((req, i))
+                    yield never_started(req, i)
+                while queued and len(running) < self.slots:
+                    req, i = queued.pop(0)
+                    self.started.append((req.key, i))
+                    running.append({"req": req, "i": i, "words": []})
+                self.active = len(running)
+                if not running:
+                    if exhausted and not queued:
+                        return
+                    continue
+                time.sleep(self.step_s)
+                self.steps += 1
+                for s in list(running):
+                    req = s["req"]
+                    word = f"w{int(_u(self._prefix(req), req.seeds[s['i']], len(s['words'])) * 1000)}"
+                    s["words"].append(word)
+                    ended = "cancelled" if is_cancelled(req) else (
+                        "length" if len(s["words"]) >= req.params.max_tokens else None)
+                    if ended is None and req.on_token is not None:
+                        req.on_token(s["i"], word if len(s["words"]) == 1 else " " + word)
+                    if ended:
+                        running.remove(s)
+                        self.active = len(running)
+                        text = " ".join(s["words"]) + ("" if ended == "cancelled" else
+                                                       f" The answer is {int(_u(self._prefix(req), req.seeds[s['i']]) * 3)}.")
+                        yield Completion(key=req.key, index=s["i"], seed=req.seeds[s["i"]], text=text,
+                                         token_ids=list(range(len(s["words"]))),
+                                         prompt_tokens=len(self._prefix(req).split()), cached_tokens=0,
+                                         finish_reason=ended)
+        finally:
+            self.active = 0
+
+    def close(self) -> None:
+        pass

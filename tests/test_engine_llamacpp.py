@@ -57,6 +57,22 @@ def test_stop_strings_cut_the_text(engine):
     assert full.startswith(cut.text)
 
 
+def test_running_samples_stream_their_text_and_never_past_a_stop(engine):
+    """`on_token`: each sample's pieces join to a prefix of its final text; a stop string is
+    never streamed, not even its first characters (they are held back until settled)."""
+    full = run(engine, req(seeds=(3,), temperature=0, max_tokens=40))[0].text
+    stop = full.split()[5][:3]  # a word's first characters: matched part way through a token, often
+    for stops in ([], [stop], ["\n\n", "answer is"]):
+        pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        out = run(engine, Request(key="s", messages=ASK, seeds=(3, 4, 5), on_token=lambda i, t: pieces[i].append(t),
+                                  params=SamplingParams(temperature=1.0, max_tokens=40, stop=tuple(stops))))
+        for c in out:
+            streamed = "".join(pieces[c.index])
+            assert c.text.startswith(streamed) and len(pieces[c.index]) >= min(3, c.completion_tokens - 2), stops
+            assert not any(s in streamed for s in stops) and len(c.text) - len(streamed) < 40
+    assert engine.streams_text
+
+
 def test_prompt_is_prefilled_once_for_all_samples(engine):
     engine.drop_cache()
     engine.reset_stats()

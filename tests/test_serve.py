@@ -10,22 +10,26 @@ import pytest
 from testtime.engines.toy import ToyEngine
 from testtime.flops import Usage
 from testtime.select import AnswerKeys
-from testtime.serve import make_server
+from testtime.serve import RunningServer, make_app
 
 
 class CountingToy(ToyEngine):
-    """The toy engine, recording every generate call (to see batching across requests)."""
+    """The toy engine, counting the requests that reach it (all through one long call)."""
 
     def __init__(self):
         super().__init__(answer_range=4)
-        self.calls = []
-        self.lock = threading.Lock()
+        self.requests = 0
+        self.calls = 0
 
     def generate(self, requests):
-        requests = list(requests)
-        with self.lock:
-            self.calls.append(len(requests))
-        yield from super().generate(requests)
+        self.calls += 1
+
+        def counted():
+            for r in requests:
+                self.requests += r is not None
+                yield r
+
+        yield from super().generate(counted())
 
 
 class Judge:
@@ -33,11 +37,15 @@ class Judge:
 
     def __init__(self):
         self.usage = Usage()
+        self.scored = 0
+        self.lock = threading.Lock()
 
     def score(self, items):
         out = []
         for it in items:
             self.usage += Usage.of(100, 0, 1)
+            with self.lock:
+                self.scored += 1
             out.append([0.9 if "answer is 3" in s else 0.2 for s in it.steps])
         return out
 
@@ -45,12 +53,10 @@ class Judge:
 @pytest.fixture
 def server():
     engine, judge = CountingToy(), Judge()
-    srv = make_server(engine, port=0, judge=judge)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+    srv = RunningServer(make_app(engine, judge=judge))
+    client = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0)
     yield client, engine, judge
-    srv.shutdown()
-    srv.server_close()
+    srv.close()
 
 
 MSG = [{"role": "user", "content": "Tom has 2 apples and finds 1 more. How many apples?"}]
@@ -94,18 +100,19 @@ def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_dre
         m = stop_point([keys.of_text(t) for t in texts], StopRule("beta", 0.8), 16)
         d = r.model_extra["testtime"]["decision"]
         assert d["stopped_at"] == m == r.model_extra["testtime"]["candidates"] and d["budget"] == 16
-        # the toy engine checks for cancellation before each sample: nothing past the stop is drawn
-        assert d["drawn"] == m and r.usage.completion_tokens == sum(len(t.split()) for t in texts[:m])
+        # every sample drawn is billed (the toy is instant: it may draw past the stop before the
+        # decision lands; test_a_decided_request_stops_its_samples shows a timed engine does not)
+        assert r.usage.completion_tokens == sum(len(t.split()) for t in texts[:d["drawn"]])
         early += m < 16
-    assert early  # some requests were decided before the budget, and billed for less
+    assert early  # some requests were decided before the budget
 
 
 def test_best_of_n_uses_the_judge_and_counts_its_tokens(server):
     client, _, judge = server
     r = client.chat.completions.create(model="best_of_n@8", messages=MSG, seed=3, max_tokens=64)
     assert "answer is 3" in r.choices[0].message.content  # the judge's favourite among the candidates
-    assert judge.usage.sequences == 8  # every candidate judged once, in one batch
-    assert r.usage.prompt_tokens >= 8 * 100  # the judge's prompts are in the bill
+    assert judge.scored == 8  # every candidate judged once
+    assert r.usage.prompt_tokens == 8 * 100 + 8 * len(repr(tuple(MSG)).split())  # samples' and judge's prompts
     explicit = client.chat.completions.create(model="anything-else", messages=MSG, seed=3, max_tokens=64,
                                               extra_body={"testtime": {"strategy": "best_of_n", "n": 8}})
     assert explicit.choices[0].message.content == r.choices[0].message.content
@@ -118,7 +125,10 @@ def test_streaming_returns_the_final_answer(server):
                                                  stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.total_tokens == plain.usage.total_tokens
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "stop"
+    # with include_usage, the last chunk has no choices and the whole request's usage
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
 def test_concurrent_requests_are_answered_and_batched(server):
@@ -133,7 +143,8 @@ def test_concurrent_requests_are_answered_and_batched(server):
     assert len(answers) == 16 and all("answer is" in a for a in answers)
     # each answer is what the same request gets alone: batching never changes a reply
     assert answers[5] == ask(5)
-    assert sum(engine.calls) >= 16 and max(engine.calls) >= 1
+    # every request's samples went to the engine through one long generate call
+    assert engine.calls == 1 and engine.requests == 17
 
 
 def test_bad_requests_get_openai_style_errors(server):
@@ -163,10 +174,13 @@ def test_serve_command_on_the_embedded_model(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import os
+
     proc = subprocess.Popen([sys.executable, "-m", "testtime.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TESTTIME_API_KEY": "k-123"})
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0, timeout=300)
         deadline = time.time() + 120
         while True:
             try:
@@ -182,6 +196,18 @@ def test_serve_command_on_the_embedded_model(tmp_path):
         b = client.chat.completions.create(model="best_of_n@2", max_tokens=32, seed=1, messages=[
             {"role": "user", "content": "What is 2 + 3?"}])
         assert b.usage.prompt_tokens > r.usage.prompt_tokens / 4  # samples and the judge's prompts
+        # one sample streamed token by token is the sample asked for without streaming
+        ask = dict(model="sample", max_tokens=40, seed=2, messages=[{"role": "user", "content": "Name three fruits."}])
+        plain = client.chat.completions.create(**ask).choices[0].message.content
+        parts = [c.choices[0].delta.content for c in client.chat.completions.create(**ask, stream=True)
+                 if c.choices and c.choices[0].delta.content]
+        assert len(parts) > 5 and "".join(parts) == plain
+        with pytest.raises(openai.BadRequestError) as e:  # checked against the engine's context, before it runs
+            client.chat.completions.create(model="majority@2", max_tokens=900, messages=[
+                {"role": "user", "content": "apple " * 400}])
+        assert e.value.body["param"] == "max_tokens" and "exceeds the 1024 tokens" in e.value.body["message"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         proc.terminate()
         proc.wait(30)
@@ -205,9 +231,8 @@ def _policy(kind="predicted"):
 def test_a_policy_picks_the_strategy_per_request_from_the_probe():
     engine, judge = CountingToy(), Judge()
     pol = _policy()
-    srv = make_server(engine, port=0, judge=judge, policy=pol)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+    srv = RunningServer(make_app(engine, judge=judge, policy=pol))
+    client = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0)
     try:
         seen = set()
         for seed in range(12):
@@ -224,14 +249,13 @@ def test_a_policy_picks_the_strategy_per_request_from_the_probe():
         with pytest.raises(openai.BadRequestError, match="alternating"):
             client.chat.completions.create(model="policy@4", messages=[{"role": "assistant", "content": "x"}])
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.close()
     with pytest.raises(ValueError, match="predicted"):
-        make_server(engine, port=0, judge=judge, policy=_policy("oracle"))
+        make_app(engine, judge=judge, policy=_policy("oracle"))
     old = _policy()
     old.meta = {"search": {"iterations": 2}}  # a policy file from before strategies were runs
     with pytest.raises(ValueError, match="fit it again"):
-        make_server(engine, port=0, judge=judge, policy=old)
+        make_app(engine, judge=judge, policy=old)
 
 
 def test_policy_requests_need_a_policy(server):
@@ -253,13 +277,13 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
     # a new built-in strategy gets a line here; the policy is served with the server's own file (below)
     assert {m.split("@")[0] for m in asked} == builtin - {"policy", "deepconf_online"}
     for model, params in asked.items():
-        before = judge.usage.sequences
+        before = judge.scored
         r = client.chat.completions.create(model=model, messages=MSG, seed=1, max_tokens=32,
                                            extra_body={"testtime": {"params": params}})
         info = r.model_extra["testtime"]
         assert r.choices[0].message.content and info["strategy"] == model.split("@")[0], model
         assert info["candidates"] >= 1 and r.usage.completion_tokens > 0, model
-        judged = judge.usage.sequences > before
+        judged = judge.scored > before
         # votes never ask the judge
         assert judged == (model.split("@")[0] not in ("majority", "adaptive_consistency", "deepconf_online")), model
     # deepconf_online needs an engine that can stop a sample on confidence: this server's (toy) cannot

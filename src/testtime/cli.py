@@ -600,7 +600,8 @@ def export(run_id: str, path: Path,
 
 
 @app.command()
-def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000, min=0, max=65535),
+def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless told otherwise)"),
+          port: int = typer.Option(8000, min=0, max=65535),
           engine: str = EngineOpt, model: Optional[Path] = ModelOpt, chat_template: Optional[str] = ChatTemplateOpt,
           engine_arg: List[str] = EngineArgOpt,
           upstream: Optional[str] = typer.Option(None, help="Shorthand for --engine openai --engine-arg base_url=URL: "
@@ -611,36 +612,55 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000, 
           prm_arg: List[str] = PrmArgOpt,
           policy: Optional[Path] = typer.Option(None, help="Offer policy@B: a compute-optimal policy file "
                                                            "(fitted with --difficulty predicted)"),
-          max_n: int = typer.Option(64, help="Most samples one request may ask for")):
-    """An OpenAI-compatible chat endpoint that applies a test-time strategy per request:
-    model "sample", "NAME@N" for any registered strategy, or "policy@B"."""
+          api_key: Optional[str] = typer.Option(None, envvar="TESTTIME_API_KEY",
+                                                help="Require Authorization: Bearer KEY on every route but /health"),
+          max_n: int = typer.Option(64, min=1, help="Most samples (the budget N) one request may ask for"),
+          max_tokens: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for"),
+          max_budget: int = typer.Option(65536, min=1, help="Most tokens one request may ask to generate (n x max_tokens)"),
+          max_queue: int = typer.Option(64, min=1, help="Requests in the server at once; more get 429 with Retry-After"),
+          max_body: int = typer.Option(1 << 20, min=1024, help="Largest request body, bytes (413 beyond)"),
+          max_connections: int = typer.Option(512, min=1, help="Open connections at once (503 beyond)"),
+          timeout: float = typer.Option(600.0, min=1, help="Seconds a request may take; then it is cancelled (504)"),
+          access_log: bool = typer.Option(True, help="One JSON line per request on stderr")):
+    """An OpenAI-compatible server that applies a test-time strategy per request: model
+    "sample", "NAME@N" for any registered strategy, or "policy@B". Requests are batched
+    together in the engine as they arrive (continuous batching)."""
+    import logging
+
+    import uvicorn
+
     from .engines import load_engine
     from .searchspec import RewardModelSpec
-    from .serve import make_server
+    from .serve import Limits, ServeConfig, SharedEngine, bind, make_app, uvicorn_config
 
     if upstream:
         engine = "openai"
         engine_arg = [f"base_url={upstream}", *engine_arg] + ([f"model={upstream_model}"] if upstream_model else [])
-    eng: Any = None
+    shared: Any = None
     try:
-        eng = load_engine(engine, **_engine_args(engine, model, chat_template, engine_arg))
-        judge, _ = RewardModelSpec(None if prm == "none" else prm, _task_args(prm_arg, None)).build(eng)
+        shared = SharedEngine(load_engine(engine, **_engine_args(engine, model, chat_template, engine_arg)))
+        judge, _ = RewardModelSpec(None if prm == "none" else prm, _task_args(prm_arg, None)).build(shared)
         from .policy import Policy
 
-        srv = make_server(eng, host, port, judge=judge, max_n=max_n, policy=Policy.load(policy) if policy else None)
-    except USER_ERRORS as e:
-        if eng is not None:
-            eng.close()
+        config = ServeConfig(Limits(max_n, max_tokens, max_budget), max_queue, timeout, max_body, api_key)
+        app_ = make_app(shared, judge=judge, policy=Policy.load(policy) if policy else None, config=config)
+        sock = bind(host, port)
+    except (*USER_ERRORS, OSError) as e:
+        if shared is not None:
+            shared.close()
         _fail(e)
-    console.print(f"serving on http://{host}:{srv.server_address[1]}/v1 (models: sample, NAME@N for "
-                  f"{', '.join(STRATEGIES.names())}" + (", policy@B" if policy else "") + ")")
+    if access_log:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("testtime.serve.access").addHandler(handler)
+        logging.getLogger("testtime.serve.access").setLevel(logging.INFO)
+    console.print(f"serving on http://{host}:{sock.getsockname()[1]}/v1 (models: sample, NAME@N for "
+                  f"{', '.join(STRATEGIES.names())}" + (", policy@B" if policy else "") + ")"
+                  + ("; an API key is required" if api_key else ""))
     try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        uvicorn.Server(uvicorn_config(app_, max_connections)).run(sockets=[sock])
     finally:
-        srv.server_close()
-        eng.close()
+        shared.close()
 
 
 @app.command()

@@ -46,6 +46,13 @@ class Request:
     strategies cancel a problem's outstanding samples once its answer is decided. Engines
     that can stop a running sample have `cancels = True`; the others skip only samples
     not yet started."""
+    on_token: Callable[[int, str], None] | None = field(default=None, compare=False)
+    """Called as (sample index, new text) while a sample is generated, for streaming to a
+    client. The pieces of a sample join to a prefix of its final text, never more: a
+    token that ends the sample (EOS, a stop string, the length limit) is not passed, and
+    text that might begin a stop string is held back until it is settled. Engines that
+    stream text have `streams_text = True`; the others never call it. Must be quick and
+    must not raise: it runs on the engine's thread between decode steps."""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

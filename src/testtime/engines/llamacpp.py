@@ -99,6 +99,8 @@ class _Slot:
     """Per drawn token, its `confidence.row_stats` row."""
     stop_hit: str | None = None
     t0: float = field(default_factory=time.perf_counter)
+    sent: int = 0
+    """Characters of text already passed to the request's `on_token`."""
 
     @property
     def params(self) -> SamplingParams:
@@ -114,6 +116,16 @@ class _Slot:
         return len(self.job.tokens) + len(self.ids) - 1
 
 
+def _whole_chars(buf: bytes | bytearray) -> int:
+    """Length of buf up to its last complete UTF-8 character (a token may end mid-character)."""
+    for back in range(1, min(4, len(buf)) + 1):
+        b = buf[-back]
+        if b & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence complete?
+            need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+            return len(buf) if back >= need else len(buf) - back
+    return len(buf)
+
+
 MIN_SEQ_CTX = 64
 """Fewest KV cells per sequence: below this no prompt fits, and llama.cpp asserts."""
 
@@ -127,6 +139,8 @@ class LlamaCppEngine:
     """Honours `Request.stop_below` (DeepConf online): the slot goes to waiting work at once."""
     cancels = True
     """Honours `Request.cancelled`: running samples stop at the next step, queued ones never start."""
+    streams_text = True
+    """Calls `Request.on_token` with each running sample's new text."""
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
@@ -290,14 +304,19 @@ class LlamaCppEngine:
                 if j.prefix is not None and j.todo:
                     j.prefix.users -= 1
 
-    def _new_job(self, req: Request) -> _Job:
+    def check_request(self, req: Request) -> tuple[int, ...]:
+        """The request's prefix tokens, or InputError if the prefix plus max_tokens does not
+        fit in a sequence (a server checks each request before it reaches the batch)."""
         toks = tuple(self.prefix_tokens(req))
         limit = min(self.seq_ctx, self.llm.n_ctx_train)
         if len(toks) + req.params.max_tokens > limit:
             raise InputError(f"request {req.key!r}: prompt of {len(toks)} tokens plus max_tokens="
                              f"{req.params.max_tokens} exceeds the {limit} tokens a sequence can hold "
                              f"(seq_ctx={self.seq_ctx}, model trained on {self.llm.n_ctx_train})")
-        return _Job(req=req, tokens=toks, todo=deque(range(req.n)))
+        return toks
+
+    def _new_job(self, req: Request) -> _Job:
+        return _Job(req=req, tokens=self.check_request(req), todo=deque(range(req.n)))
 
     # -- prefixes ----------------------------------------------------------
 
@@ -457,6 +476,21 @@ class LlamaCppEngine:
                 self._accept(slots[i], int(tok), logits[i])
                 if stats is not None and not slots[i].finish and slots[i].job.req.stop_below is not None:
                     self._check_confidence(slots[i])
+                if not slots[i].finish and slots[i].job.req.on_token is not None:
+                    self._stream_text(slots[i])
+
+    def _stream_text(self, slot: _Slot) -> None:
+        """Pass a running sample's new text to its request's `on_token`: whole characters
+        only, and nothing that might be the start of a stop string."""
+        text = slot.buf[:_whole_chars(slot.buf)].decode("utf-8", "replace")
+        hold = max((k for s in slot.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = len(text) - hold
+        if safe > slot.sent:
+            try:
+                slot.job.req.on_token(slot.index, text[slot.sent:safe])
+            except Exception:  # a client's callback never stops the batch
+                pass
+            slot.sent = safe
 
     def _check_confidence(self, slot: _Slot) -> None:
         """DeepConf online: end the sample once its last `window` tokens' mean

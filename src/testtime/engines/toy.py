@@ -20,6 +20,8 @@ from .base import ENGINES, Completion, Request, StreamStalled, is_cancelled, nev
 @ENGINES.register("toy")
 class ToyEngine:
     name = "toy"
+    streams_text = True
+    """Calls `Request.on_token` with each word of a sample but the last."""
 
     def __init__(self, answer_range: int = 10, delay_s: float = 0.0, **_: Any):
         self.answer_range = answer_range
@@ -58,6 +60,9 @@ class ToyEngine:
                         if s in text:
                             text, hit = text[:text.index(s)], s
                 words = text.split()[: req.params.max_tokens]
+                if req.on_token is not None:  # every word but the last, as a real engine streams
+                    for k, w in enumerate(words[:-1]):
+                        req.on_token(i, w if k == 0 else " " + w)
                 yield Completion(key=req.key, index=i, seed=seed, text=" ".join(words),
                                  token_ids=list(range(len(words))), prompt_tokens=len(prefix.split()),
                                  cached_tokens=0, finish_reason="stop", stop_hit=hit)

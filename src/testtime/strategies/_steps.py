@@ -87,10 +87,9 @@ class Path:
 def request(key, problem: Problem, path: Path, ctx: SearchContext, params: SamplingParams,
             seeds: tuple[int, ...], delimiter: str, final: bool) -> Request:
     """Continue a path: the chat, then the steps so far as the assistant's partial answer."""
-    continuation = ctx.continuation(problem) + "".join(s + delimiter for s in path.steps)
     stop = params.stop if final else tuple(dict.fromkeys((delimiter,) + params.stop))
     return Request(key=key, seeds=seeds, params=replace(params, stop=stop), retain=not final,
-                   messages=ctx.messages(problem), continuation=continuation)
+                   **ctx.prefix(problem, "".join(s + delimiter for s in path.steps)))
 
 
 def expand(ctx: SearchContext, meter: Meter, problems: dict[str, Problem], parents: list[tuple[str, Path, int]],

@@ -91,7 +91,7 @@ class AdaptiveConsistency:
                     idx = tuple(range(first, min(params.n, first + params.round)))
                     ledger.send(p.id, len(idx))
                     yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                                  params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
+                                  params=ctx.sampling, **ctx.prefix(p),
                                   cancelled=lambda pid=p.id: pid in decided)
 
         def result(pid: str) -> ProblemResult:

@@ -86,6 +86,15 @@ class SearchContext:
         own = problem.meta.get("messages") if problem.meta else None
         return "" if own else self.template.continuation(problem.question)
 
+    def prefix(self, problem: Problem, extra: str = "") -> dict[str, Any]:
+        """A request's prefix for a problem, as `Request` fields, with `extra` (steps so
+        far) appended: the chat and the answer's start, or the problem's own raw prompt
+        (`meta["prompt"]`, a served completions request) with no chat template."""
+        raw = problem.meta.get("prompt") if problem.meta else None
+        if raw is not None:
+            return {"prompt": raw + extra}
+        return {"messages": self.messages(problem), "continuation": self.continuation(problem) + extra}
+
 
 @dataclass(frozen=True)
 class StrategyParams:

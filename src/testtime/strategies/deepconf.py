@@ -109,7 +109,7 @@ class DeepConfOnline:
             idx = range(ledger.sent[p.id], ledger.sent[p.id] + count)
             ledger.send(p.id, len(idx))
             return Request(key=(p.id, tuple(idx)), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                           params=sampling, messages=ctx.messages(p), continuation=ctx.continuation(p),
+                           params=sampling, **ctx.prefix(p),
                            stop_below=stop, cancelled=lambda pid=p.id: pid in done)
 
         def stream() -> Iterator[Request | None]:

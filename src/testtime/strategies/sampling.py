@@ -38,7 +38,7 @@ class RepeatedSampling:
         by_id = {p.id: p for p in problems}
         meter = Meter(ctx.prm)
         requests = [Request(key=p.id, seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in range(params.n)),
-                            params=ctx.sampling, messages=ctx.messages(p), continuation=ctx.continuation(p))
+                            params=ctx.sampling, **ctx.prefix(p))
                     for p in problems]
         got: dict[str, list[tuple[int, Candidate]]] = {p.id: [] for p in problems}
         for c in ctx.engine.generate(requests):
