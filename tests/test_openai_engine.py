@@ -89,7 +89,7 @@ class FakeServer:
                 h = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest()[:8], 16)
                 words = [f"step {h % 97}"] + ["so"] * 20 + [f"The answer is {h % 10}."]
                 words = words[:body["max_tokens"]]
-                k = body.get("top_logprobs") if chat else body.get("logprobs")
+                k = (body.get("top_logprobs") if chat else body.get("logprobs")) or 0
                 top = [-3.0] * k if seed % 3 == 0 else [-0.01] + [-8.0] * (k - 1)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -103,7 +103,10 @@ class FakeServer:
                     for i, w in enumerate(words):
                         piece = w if i == 0 else " " + w
                         tops = {f"{piece}#{j}" if j else piece: v for j, v in enumerate(top)}
-                        if chat:
+                        if not k:
+                            choice = {"index": 0, "finish_reason": None, "logprobs": None,
+                                      **({"delta": {"content": piece}} if chat else {"text": piece})}
+                        elif chat:
                             choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None,
                                       "logprobs": {"content": [{"token": piece, "logprob": top[0], "bytes": None,
                                                                 "top_logprobs": [{"token": t, "logprob": v, "bytes": None}
@@ -301,6 +304,20 @@ def test_a_sample_asked_to_stop_on_low_confidence_is_streamed_and_dropped(fake):
     while len(srv.dropped) < 2 and time.time() < deadline:
         time.sleep(0.05)
     assert srv.dropped == [3, 3]
+
+
+def test_a_sample_with_on_token_is_streamed_as_the_server_sends_it(fake):
+    srv = fake()
+    eng = _engine(srv.url)
+    assert eng.streams_text
+    pieces = {0: [], 1: []}
+    req = Request(key="q", seeds=(4, 5), params=SamplingParams(max_tokens=6), on_token=lambda i, t: pieces[i].append(t),
+                  messages=({"role": "user", "content": "hi"},))
+    got = sorted(eng.generate([req]), key=lambda c: c.index)
+    for c in got:  # one call per sample, streamed, no log-probabilities asked for
+        assert "".join(pieces[c.index]) == c.text and len(pieces[c.index]) == 6 and c.completion_tokens == 6
+    bodies = [b for _, b in srv.requests if b.get("seed") in (4, 5)]
+    assert len(bodies) == 2 and all(b["stream"] and not b.get("top_logprobs") for b in bodies)
 
 
 def test_deepconf_online_runs_on_a_server(fake, tmp_path):

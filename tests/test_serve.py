@@ -2,6 +2,7 @@
 streaming, concurrent requests and OpenAI-style errors."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -38,9 +39,11 @@ class Judge:
     def __init__(self):
         self.usage = Usage()
         self.scored = 0
+        self.delay_s = 0.0
         self.lock = threading.Lock()
 
     def score(self, items):
+        time.sleep(self.delay_s)
         out = []
         for it in items:
             self.usage += Usage.of(100, 0, 1)
@@ -116,6 +119,19 @@ def test_best_of_n_uses_the_judge_and_counts_its_tokens(server):
     explicit = client.chat.completions.create(model="anything-else", messages=MSG, seed=3, max_tokens=64,
                                               extra_body={"testtime": {"strategy": "best_of_n", "n": 8}})
     assert explicit.choices[0].message.content == r.choices[0].message.content
+
+
+def test_concurrent_requests_are_each_billed_for_their_own_judging(server):
+    client, _, judge = server
+    judge.delay_s = 0.3  # the two requests' scoring overlaps in time
+
+    def ask(seed):
+        return client.chat.completions.create(model="best_of_n@8", messages=MSG, seed=seed, max_tokens=64)
+
+    with ThreadPoolExecutor(2) as ex:
+        a, b = ex.map(ask, (1, 2))
+    for r in (a, b):  # 8 samples' prompts and 8 judge calls each, never the other request's
+        assert r.usage.prompt_tokens == 8 * 100 + 8 * len(repr(tuple(MSG)).split())
 
 
 def test_streaming_returns_the_final_answer(server):

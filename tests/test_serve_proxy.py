@@ -304,3 +304,43 @@ def test_async_client_completions_route_health_metrics_and_access_log(slot_serve
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "testtime.serve.access"]
     mine = [r for r in logged if r["path"] == "/v1/completions" and r.get("strategy") == "majority"]
     assert mine and mine[0]["status"] == 200 and mine[0]["completion_tokens"] == 24
+
+
+def test_malformed_http_gets_400_and_connections_beyond_the_cap_503():
+    engine = SlotEngine(slots=2, step_s=0.01)
+    srv = RunningServer(make_app(engine), max_connections=3)
+    try:
+        for value in (b"-1", b"abc"):
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n{}")
+                assert s.recv(1024).startswith(b"HTTP/1.1 400"), value
+        held = [raw_request(srv, {"model": "majority@2", "messages": MSG, "max_tokens": 4000}) for _ in range(2)]
+        until(lambda: srv.state.admitted == 2, what="two requests in hand")
+        # uvicorn counts the connection asking too: the third open connection is refused
+        assert get(srv, "/health")[0] == 503
+        for s in held:
+            s.close()
+        until(lambda: srv.state.admitted == 0, what="the held requests to be cancelled")
+        assert get(srv, "/health")[0] == 200
+    finally:
+        srv.close()
+
+
+def test_sync_completions_and_async_chat_streaming(slot_server):
+    srv, client, _ = slot_server
+    comp = client.completions.create(model="sample", prompt="Q: 2 + 2?\nA:", max_tokens=7, seed=3)
+    assert comp.object == "text_completion" and comp.usage.completion_tokens == 7
+    parts = [c.choices[0].text for c in client.completions.create(model="sample", prompt="Q: 2 + 2?\nA:",
+                                                                   max_tokens=7, seed=3, stream=True) if c.choices]
+    assert "".join(parts) == comp.choices[0].text
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=srv.url, api_key="none", max_retries=0)
+        stream = await c.chat.completions.create(model="majority@2", messages=MSG, max_tokens=5, seed=1, stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [ch async for ch in stream]
+        await c.close()
+        return chunks
+
+    chunks = asyncio.run(main())
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-2].model_extra["testtime"]["candidates"] == 2

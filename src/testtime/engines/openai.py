@@ -38,7 +38,8 @@ backoff on connection errors, timeouts, 408, 409, 429 and 5xx. On top of it:
   below the threshold the stream is closed, and vLLM aborts a request whose
   client went away (`AsyncLLM.generate` aborts on cancellation). A cancelled
   request (`Request.cancelled`) is never sent again, and its calls in flight are
-  dropped the same way.
+  dropped the same way. A request with `on_token` (`testtime serve` streaming a
+  sample) is streamed too, its text passed on as the server sends it.
 - **Clear errors**: an unreachable server, or a model name the server does not
   serve (with the names it does), stop the run with an `EngineError`. Samples
   already returned are stored by the caller, so a rerun resumes. Finish
@@ -86,6 +87,8 @@ class OpenAIEngine:
     cancels = True
     stops_on_confidence = True
     """A request with `stop_below` is streamed and dropped once its confidence falls (`_stream`)."""
+    streams_text = True
+    """A request with `on_token` is streamed, one sample per call, its text passed on as it comes."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str | None = None,
                  api_key: str | None = None, concurrency: int = 16, max_retries: int = 5, timeout_s: float = 300.0,
@@ -275,8 +278,9 @@ class OpenAIEngine:
         return out
 
     async def _stream(self, req: Request, index: int) -> list[Completion]:
-        """One sample of a request with `stop_below` (DeepConf online), streamed with the
-        top `TOP_K` log-probabilities of every token. Once the mean confidence of its
+        """One sample, streamed: of a request with `on_token` (its text passed on as it
+        arrives), or with `stop_below` (DeepConf online), then with the top `TOP_K`
+        log-probabilities of every token. Once the mean confidence of its
         last `window` tokens falls below the threshold, the stream is closed: the
         connection drops, and vLLM aborts a request whose client went away. Its finish
         reason is then "low_confidence", with the tokens received counted; the prompt's
@@ -285,11 +289,11 @@ class OpenAIEngine:
         seed = req.seeds[index]
         if req.continuation and req.prompt is None and self.continuation_mode == "vllm":
             await self._tokenize(req)
-        wanted = max(req.params.logprobs or 0, TOP_K)
+        wanted = max(req.params.logprobs or 0, TOP_K) if req.stop_below is not None else req.params.logprobs
         kind, body = self._body(replace(req, params=replace(req.params, logprobs=wanted)), seed, 1)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        threshold, window = req.stop_below
+        threshold, window = req.stop_below or (None, 0)
         t = time.perf_counter()
         pieces, tokens, finish, usage, stop_reason = [], [], None, None, None
         stream = await self._create(kind, body)
@@ -298,12 +302,17 @@ class OpenAIEngine:
                 usage = chunk.usage or usage
                 for choice in chunk.choices:
                     pieces.append((choice.delta.content if kind == "chat" else choice.text) or "")
+                    if pieces[-1] and req.on_token is not None:  # the server cut stop strings already
+                        try:
+                            req.on_token(index, pieces[-1])
+                        except Exception:  # a client's callback never stops the sample
+                            pass
                     tokens += _logprobs(choice, kind) or []
                     if choice.finish_reason:
                         finish = choice.finish_reason
                         stop_reason = getattr(choice, "stop_reason", None) or \
                             (getattr(choice, "model_extra", None) or {}).get("stop_reason")
-                if finish is None and len(tokens) >= window:
+                if threshold is not None and finish is None and len(tokens) >= window:
                     recent = [from_top_logprobs(x.logprob, list(x.top.values()), None)[0] for x in tokens[-window:]]
                     if sum(recent) / window < threshold:
                         finish = "low_confidence"
@@ -359,7 +368,8 @@ class OpenAIEngine:
 
         def submit(req: Request, idx: list[int]) -> None:
             nonlocal in_flight
-            call = self._stream(req, idx[0]) if req.stop_below is not None else self._sample(req, idx)
+            streamed = req.stop_below is not None or req.on_token is not None
+            call = self._stream(req, idx[0]) if streamed else self._sample(req, idx)
             fut = asyncio.run_coroutine_threadsafe(call, self._loop)
             futures[fut] = req
             fut.add_done_callback(lambda f, req=req, idx=idx: results.put((f, req, idx)))
@@ -393,7 +403,8 @@ class OpenAIEngine:
                         _check_params(req)
                         if req.continuation and req.prompt is None and self.continuation_mode == "completions":
                             self._template()  # resolved here, never inside the event loop
-                        if self.n_per_request and not req.params.greedy and req.stop_below is None:
+                        if self.n_per_request and not req.params.greedy and req.stop_below is None \
+                                and req.on_token is None:
                             pending.append((req, list(range(req.n))))
                         else:
                             pending += [(req, [i]) for i in range(req.n)]

@@ -315,16 +315,20 @@ class Server:
         except InputError as e:
             raise BadRequest(str(e).replace("request 'request': ", ""), "max_tokens") from None
 
+    def _admissible(self) -> None:
+        if self.admitted >= self.config.max_queue:
+            raise BadRequest(f"the server has {self.admitted} requests in hand (its limit); retry shortly",
+                             status=429, code="server_busy", headers={"Retry-After": str(self.config.retry_after_s)})
+
     async def _complete(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
         try:
             body = validate(ChatBody if chat else CompletionBody, await self._body(request))
             job = parse_job(body, self.config.limits)
             self._check(job)
+            self._admissible()  # before tokenizing, and again after (others may have come in meanwhile)
             await asyncio.get_running_loop().run_in_executor(None, self._fits, job)
-            if self.admitted >= self.config.max_queue:
-                raise BadRequest(f"the server has {self.admitted} requests in hand (its limit); retry shortly",
-                                 status=429, code="server_busy", headers={"Retry-After": str(self.config.retry_after_s)})
+            self._admissible()
         except BadRequest as e:
             self.metrics.request("invalid", e.status, time.perf_counter() - started)
             return _error(e)

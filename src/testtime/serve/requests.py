@@ -231,4 +231,4 @@ def parse_job(body: _Common, limits: Limits) -> Job:
     seed = body.seed if body.seed is not None else int(uuid.uuid4().int % 2 ** 31)
     return Job(strategy, n, params, sampling, seed, messages=msgs, prompt=prompt, stream=body.stream,
                include_usage=bool(body.stream_options and body.stream_options.include_usage),
-               model=body.model or strategy)
+               model=body.model or strategy, ticket=Ticket(size=n))

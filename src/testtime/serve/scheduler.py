@@ -8,9 +8,10 @@ its requests to one waiting list. The engine takes work from that list whenever 
 room, so a request's samples enter the batch as they arrive and leave as they finish:
 a short request never waits for a long one to end.
 
-Which waiting request goes next: the one with the fewest samples (a plain `sample`
-before a majority@8), except that a request waiting longer than `max_wait_s` goes
-first, oldest first, so nothing starves. The engine holds at most `capacity` samples
+Which waiting request goes next: one of the served request with the smallest budget
+(a plain `sample` before a majority@8, and a best_of_n@4's judge calls before a
+majority@8's samples), earliest arrival first among equals, except that a request
+waiting longer than `max_wait_s` goes first, oldest first, so nothing starves. The engine holds at most `capacity` samples
 (its slots) at a time, and a request with more samples than there is room for goes in
 part, so the choice of what runs next stays here, where it can still be made, rather
 than in the engine's own queue.
@@ -38,8 +39,11 @@ class Ticket:
     """A served request's handle, seen by every engine call its strategy makes on this
     thread (`SharedEngine.serving`)."""
 
-    def __init__(self, on_completion: Callable[[Completion], None] | None = None):
+    def __init__(self, size: int = 1, on_completion: Callable[[Completion], None] | None = None):
         self.cancelled = False
+        self.size = size
+        """Samples the request asked for (its budget N): smaller requests go first."""
+        self.arrival = time.monotonic()
         self.on_completion = on_completion
         """Called on the engine's thread with each completion of this request (progress)."""
 
@@ -68,6 +72,14 @@ class _Waiting:
     since: float
 
 
+def _priority(w: _Waiting) -> tuple:
+    """Smaller served requests first, then the one that arrived first (so a request that
+    has started finishes before a later one of its size starts); for engine calls outside
+    a served request, their own sample count and order."""
+    t = w.call.ticket
+    return (t.size, t.arrival, w.order) if t is not None else (w.req.n, w.since, w.order)
+
+
 def _split(req: Request, k: int) -> tuple[Request, Request]:
     """A waiting request's first k samples, and the rest (keys carry each part's offset in
     the caller's seeds, so completions come back with the caller's indices)."""
@@ -86,7 +98,7 @@ class SharedEngine:
     thread-safe. Attributes it does not define (capabilities, `shape`, `identity`) are
     the engine's own."""
 
-    def __init__(self, engine: Engine, capacity: int | None = None, max_wait_s: float = 30.0):
+    def __init__(self, engine: Engine, capacity: int | None = None, max_wait_s: float = 120.0):
         self.engine = engine
         slots = int(getattr(engine, "slots", 16) or 16)
         self.capacity = capacity or slots
@@ -165,12 +177,15 @@ class SharedEngine:
                 call.closed = True
                 self._drop_waiting(call)
 
-    def close(self) -> None:
+    def close(self, engine: bool = True) -> None:
+        """Stop the engine's thread once it has finished what it holds; then close the
+        engine too, unless `engine=False` (the caller goes on using it directly)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
-        self.engine.close()
+        if engine:
+            self.engine.close()
 
     # -- the waiting list ------------------------------------------------------
 
@@ -201,7 +216,7 @@ class SharedEngine:
             return None
         now = time.monotonic()
         old = [w for w in self._waiting if now - w.since > self.max_wait_s]
-        best = min(old, key=lambda w: w.order) if old else min(self._waiting, key=lambda w: (w.req.n, w.order))
+        best = min(old, key=lambda w: w.order) if old else min(self._waiting, key=_priority)
         if best.req.n <= room:
             self._waiting.remove(best)
             return best
