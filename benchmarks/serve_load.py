@@ -32,7 +32,7 @@ the scheduler does; the benchmark prints the engine's measured step times at bat
 and at full batch so the slowdown can be read against them.
 
     python benchmarks/serve_load.py [--quick] [--clients 16] [--seconds 300] [--max-tokens 128]
-        [--mix sample=0.5,majority@8=0.25,best_of_n@4=0.25]
+        [--mix sample=0.5,majority@8=0.25,best_of_n@4=0.25] [--max-batch B]
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--baseline-problems", type=int, default=40)
     ap.add_argument("--unloaded", type=int, default=8, help="sample requests timed on the idle server")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="the server's --max-batch: most samples decoded together [default: the engine's 16 slots]")
     ap.add_argument("--max-prefixes", type=int, default=64, help="the engine's cached prompt prefixes")
     ap.add_argument("--mix", default=",".join(f"{m}={w}" for m, w in MIX),
                     help="request mix, model=weight,... (the goal is stated for the default)")
@@ -132,7 +134,7 @@ def main() -> None:
     print(f"testtime sample: {base_tokens} tokens in {base_s:.1f} s = {base_done:.1f} tok/s; decoded "
           f"{base_tps:.1f} tok/s ({args.baseline_problems} problems x 8 samples)")
 
-    shared = SharedEngine(engine)
+    shared = SharedEngine(engine, capacity=args.max_batch)
     judge, _ = RewardModelSpec("judge", {}).build(shared)
     srv = RunningServer(make_app(shared, judge=judge, config=ServeConfig(max_queue=4 * args.clients)))
     questions = [p.question for p in load_task("arithmetic", levels=[1, 2, 3, 4, 5]).problems(200)]

@@ -40,12 +40,14 @@ class Judge:
         self.usage = Usage()
         self.scored = 0
         self.delay_s = 0.0
+        self.unscored = []
         self.lock = threading.Lock()
 
     def score(self, items):
         time.sleep(self.delay_s)
         out = []
         for it in items:
+            self.unscored.append(len(it.steps) - it.known)
             self.usage += Usage.of(100, 0, 1)
             with self.lock:
                 self.scored += 1
@@ -114,7 +116,8 @@ def test_best_of_n_uses_the_judge_and_counts_its_tokens(server):
     client, _, judge = server
     r = client.chat.completions.create(model="best_of_n@8", messages=MSG, seed=3, max_tokens=64)
     assert "answer is 3" in r.choices[0].message.content  # the judge's favourite among the candidates
-    assert judge.scored == 8  # every candidate judged once
+    assert judge.scored == 8  # every candidate judged once, and only its whole solution (its last step)
+    assert judge.unscored == [1] * 8
     assert r.usage.prompt_tokens == 8 * 100 + 8 * len(repr(tuple(MSG)).split())  # samples' and judge's prompts
     explicit = client.chat.completions.create(model="anything-else", messages=MSG, seed=3, max_tokens=64,
                                               extra_body={"testtime": {"strategy": "best_of_n", "n": 8}})

@@ -621,6 +621,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on (loop
           max_body: int = typer.Option(1 << 20, min=1024, help="Largest request body, bytes (413 beyond)"),
           max_connections: int = typer.Option(512, min=1, help="Open connections at once (503 beyond)"),
           timeout: float = typer.Option(600.0, min=1, help="Seconds a request may take; then it is cancelled (504)"),
+          max_batch: Optional[int] = typer.Option(None, min=1, help="Most samples decoded together (the engine's "
+                                                                     "slots by default); fewer makes each request "
+                                                                     "faster, more raises throughput while it grows"),
           max_wait: float = typer.Option(120.0, min=0, help="Seconds a request's waiting samples may be passed over "
                                                             "by smaller requests before they go first"),
           seq_ctx: Optional[int] = typer.Option(None, help="The embedded engine's KV cells per sequence: the "
@@ -644,7 +647,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on (loop
     try:
         # the embedded engine: 16 slots, and room to keep many requests' prompts cached
         eargs = _engine_args(engine, model, chat_template, engine_arg, slots=16, max_prefixes=64, seq_ctx=seq_ctx)
-        shared = SharedEngine(load_engine(engine, **eargs), max_wait_s=max_wait)
+        shared = SharedEngine(load_engine(engine, **eargs), capacity=max_batch, max_wait_s=max_wait)
         judge, _ = RewardModelSpec(None if prm == "none" else prm, _task_args(prm_arg, None)).build(shared)
         from .policy import Policy
 

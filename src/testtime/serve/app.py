@@ -95,11 +95,39 @@ def per_thread_usage(prm: Any) -> Any:
     return prm
 
 
+class LastStepOnly:
+    """A reward model that scores only the last of each item's unscored steps (the
+    solution so far, whole) and gives that score to the earlier unscored steps too.
+    A selection that aggregates by the last step ("last", the default) is unchanged,
+    at one reward-model call per candidate instead of one per step: the server uses it
+    for such requests, since it keeps no step scores."""
+
+    def __init__(self, prm: Any):
+        self.prm = prm
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "prm":
+            raise AttributeError(name)
+        return getattr(self.prm, name)
+
+    @property
+    def usage(self) -> Usage:
+        return self.prm.usage
+
+    def score(self, items: list[Any]) -> list[list[float]]:
+        from ..rewards.base import Scoring
+
+        trimmed = [Scoring(it.question, it.steps, max(it.known, len(it.steps) - 1)) for it in items]
+        scores = self.prm.score(trimmed)
+        return [[s[-1]] * (len(it.steps) - it.known) if s else [] for it, s in zip(items, scores)]
+
+
 class Runner:
     """Runs jobs on worker threads against the shared engine."""
 
     def __init__(self, shared: SharedEngine, judge: Any, policy: Any, workers: int):
         self.shared, self.judge, self.policy = shared, per_thread_usage(judge), policy
+        self.last_step_judge = LastStepOnly(self.judge) if self.judge is not None else None
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="testtime-serve")
         self.keys = AnswerKeys()
 
@@ -133,7 +161,8 @@ class Runner:
 
     def _strategy(self, job: Job) -> None:
         impl = STRATEGIES.get(job.strategy)
-        results = list(impl().run([job.problem()], self._context(job, self.judge), job.params))
+        judge = self.last_step_judge if getattr(job.params, "aggregation", None) == "last" else self.judge
+        results = list(impl().run([job.problem()], self._context(job, judge), job.params))
         if not results:
             raise RuntimeError(f"{job.strategy} returned no result for this request")
         res = results[0]
