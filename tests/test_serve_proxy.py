@@ -344,3 +344,29 @@ def test_sync_completions_and_async_chat_streaming(slot_server):
 
     chunks = asyncio.run(main())
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-2].model_extra["testtime"]["candidates"] == 2
+
+
+def test_a_cancelled_request_waiting_for_room_is_answered_at_once():
+    engine = SlotEngine(slots=2, step_s=0.01)
+    shared = SharedEngine(engine)
+    try:
+        busy = threading.Thread(target=lambda: list(shared.generate(
+            [Request(key="busy", seeds=(1, 2), params=SamplingParams(max_tokens=400), prompt="x")])))
+        busy.start()
+        until(lambda: engine.active == 2, what="the engine to be full")
+        ticket, got = Ticket(size=4), []
+
+        def waiting():
+            with shared.serving(ticket):
+                got.extend(shared.generate([Request(key="w", seeds=(1, 2, 3, 4), params=SamplingParams(), prompt="y")]))
+
+        t = threading.Thread(target=waiting)
+        t.start()
+        until(lambda: shared.waiting == 4, what="the request to wait")
+        ticket.cancel()
+        t.join(2)  # long before the busy samples (400 steps) free a slot
+        assert not t.is_alive() and [c.finish_reason for c in got] == ["cancelled"] * 4
+        assert engine.active == 2 and shared.waiting == 0
+        busy.join()
+    finally:
+        shared.close()

@@ -11,14 +11,15 @@ a short request never waits for a long one to end.
 Which waiting request goes next: one of the served request with the smallest budget
 (a plain `sample` before a majority@8, and a best_of_n@4's judge calls before a
 majority@8's samples), earliest arrival first among equals, except that a request
-waiting longer than `max_wait_s` goes first, oldest first, so nothing starves. The engine holds at most `capacity` samples
-(its slots) at a time, and a request with more samples than there is room for goes in
-part, so the choice of what runs next stays here, where it can still be made, rather
-than in the engine's own queue.
+waiting longer than `max_wait_s` goes first, oldest first, so nothing starves. The
+engine holds at most `capacity` samples (its slots) at a time, and a request with
+more samples than there is room for goes in part, so the choice of what runs next
+stays here, where it can still be made, rather than in the engine's own queue.
 
 Cancellation: a served request that is cancelled (its client went away) makes every
 request its strategy sent report `cancelled()`; the engine stops those running at its
-next step and those still waiting here never reach it.
+next step, and those still waiting here are answered "cancelled" at once, without
+waiting for room.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class _Call:
 @dataclasses.dataclass(eq=False)
 class _Waiting:
     req: Request
-    """The caller's request, its key wrapped as (call, key)."""
+    """The caller's request (or what is left of it), its key wrapped as (call, key,
+    offset of its first seed in the caller's request)."""
     call: _Call
     order: int
     since: float
@@ -232,10 +234,16 @@ class SharedEngine:
                     self._cond.wait()
                 if self._closed and self.inflight == 0:
                     return
+                gone = [w for w in self._waiting if w.call.cancelled() or is_cancelled(w.req)]
+                self._waiting = [w for w in self._waiting if w not in gone]
                 w = self._pick()
+            for g in gone:  # cancelled while waiting: answered now, not when room comes
+                for i in range(g.req.n):
+                    self._deliver(never_started(g.req, i))
             if w is None:
-                yield None
-                continue
+                if self.inflight:  # the engine goes on with what it has, and asks again
+                    yield None
+                continue  # (with nothing running, "wait" would stall it: wait here instead)
             if w.call.cancelled() or is_cancelled(w.req):
                 for i in range(w.req.n):
                     self._deliver(never_started(w.req, i))
