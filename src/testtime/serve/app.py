@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..engines.base import Completion, Request as EngineRequest
+from ..engines.base import Request as EngineRequest
 from ..errors import InputError
 from ..flops import Usage
 from ..select import AnswerKeys, aggregate, best_of_n_weighted, majority_vote

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -144,7 +143,6 @@ class Job:
     ticket: Ticket = field(default_factory=Ticket)
     usage: Usage = field(default_factory=Usage)
     result: dict[str, Any] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def problem(self) -> Problem:
         """The request as a problem: its own chat (or raw prompt), the last user turn as the
