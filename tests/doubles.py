@@ -38,14 +38,14 @@ class MazeEngine:
             for i, seed in enumerate(req.seeds):
                 steps, k, hit = [], len(prior), None
                 while True:
-                    good = (self.p_good > 0.5) if req.params.temperature == 0 else _u(seed, k) < self.p_good
-                    steps.append(f"step {k}: {'good' if good else 'bad'}")
-                    k += 1
-                    if k >= self.depth:
+                    if k >= self.depth:  # every step written (a prefix may hold them all): the answer
                         ok = all("good" in s for s in prior + steps)
                         steps.append(f"The answer is {int(ok)}.")
                         break
-                    if "\n\n" in req.params.stop:
+                    good = (self.p_good > 0.5) if req.params.temperature == 0 else _u(seed, k) < self.p_good
+                    steps.append(f"step {k}: {'good' if good else 'bad'}")
+                    k += 1
+                    if k < self.depth and "\n\n" in req.params.stop:
                         hit = "\n\n"
                         break
                 text = "\n\n".join(steps)

@@ -232,12 +232,13 @@ def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
 
 def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str | Path | None = None, *,
            verifier: str | None = None, drop_shots: bool = False, pairs_per_problem: int = 4,
-           force: bool = False) -> Path:
+           labeler: str | None = None, threshold: float | None = None, force: bool = False) -> Path:
     """Write a run's samples with their verdicts to JSONL or Parquet; or, with fmt
-    'sft' or 'dpo', its verified samples as training data in TRL's formats
-    (see `testtime.export`). An existing file is replaced only with `force`, and
+    'sft' or 'dpo', its verified samples as training data in TRL's formats; 'prm'
+    its Monte Carlo step labels (`label`) and 'orm' its outcome labels as stepwise
+    supervision (see `testtime.export`). An existing file is replaced only with `force`, and
     the workspace's database (or its journal files) never, whatever `force` says."""
-    from .export import dpo_rows, sft_rows, write_jsonl
+    from .export import dpo_rows, orm_rows, prm_rows, sft_rows, write_jsonl
 
     with Store(workspace, create=False) as store:
         store.check_writable_target(path, force)
@@ -246,7 +247,42 @@ def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str
             return write_jsonl(sft_rows(store, rid, verifier, drop_shots), path)[0]
         if fmt == "dpo":
             return write_jsonl(dpo_rows(store, rid, verifier, drop_shots, pairs_per_problem), path)[0]
+        if fmt == "prm":
+            return write_jsonl(prm_rows(store, rid, labeler, threshold), path)[0]
+        if fmt == "orm":
+            return write_jsonl(orm_rows(store, rid, verifier), path)[0]
         return store.export(rid, path, fmt)
+
+
+def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", select: str = "all", max_samples: int | None = None,
+          max_tokens: int | None = None, seed: int = 0, engine: str | Engine = "llamacpp",
+          engine_args: dict[str, Any] | None = None, verifier: str | None = None,
+          verifier_args: dict[str, Any] | None = None, workspace: str | Path | None = None,
+          progress: Callable[[int, int], None] | None = None) -> Any:
+    """Monte Carlo step labels for a stored run's samples (`testtime.labels`): m rollouts
+    from every step's prefix by `engine` (the policy, normally), each graded by the
+    run's verifier. Resumable; returns a `labels.LabelResult`."""
+    from .labels import LabelConfig, label_run
+
+    cfg = LabelConfig(m=m, delimiter=delimiter, select=select, max_samples=max_samples, max_tokens=max_tokens,
+                      seed=seed)
+    cfg.check()
+    with Store(workspace, create=False) as store:
+        if store.read_only:
+            raise InputError(f"workspace {store.workspace} is read-only; labelling writes labels into it")
+        rid = store.run_or_latest(run_id)
+        if verifier is None:
+            problems = store.problems(rid)
+            verifier = "code" if problems and "tests" in (problems[0]["meta"] or {}) else "math_answer"
+        v = load_verifier(verifier, **(verifier_args or {}))
+        eargs = dict(engine_args or {})
+        if isinstance(engine, str) and engine == "llamacpp":
+            eargs = {"slots": 16, "max_prefixes": 48, **eargs}  # each sample's steps extend one another's prefixes
+        try:
+            with _stack(engine, eargs, None, None, extra=False) as (eng, _):
+                return label_run(store, rid, eng, v, cfg, progress=progress)
+        finally:
+            _close(v)
 
 
 def cost(run_id: str | None = None, workspace: str | Path | None = None, prices: str | None = None,

@@ -582,19 +582,59 @@ def grade(run_id: str, verifier: Optional[str] = typer.Option(None, help="\\[def
 
 
 @app.command()
+def label(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label \\[default: latest]"),
+          m: int = typer.Option(4, "-m", help="Rollouts from each step's prefix"),
+          delimiter: str = typer.Option("\\n", help="What ends a step (escapes allowed: \\n\\n)"),
+          select: str = typer.Option("all", help="Samples to label: all, or balanced (as many verified as failed)"),
+          max_samples: Optional[int] = typer.Option(None, help="At most this many samples"),
+          max_tokens: Optional[int] = typer.Option(None, help="Most tokens per rollout \\[default: the run's]"),
+          seed: int = typer.Option(0, help="Seed of the rollouts and of the selection"),
+          engine: str = EngineOpt, model: Optional[Path] = ModelOpt, chat_template: Optional[str] = ChatTemplateOpt,
+          engine_arg: List[str] = EngineArgOpt,
+          verifier: Optional[str] = typer.Option(None, help="\\[default: code for code tasks, else math_answer]"),
+          allow_code_execution: bool = AllowCodeOpt, code_timeout: Optional[float] = CodeTimeoutOpt,
+          workspace: Optional[Path] = WorkspaceOpt):
+    """Label each step of a run's samples by Monte Carlo rollouts (Math-Shepherd): the
+    fraction of m completions from the step's prefix that the verifier passes. The
+    engine should be the run's policy. Resumable; export with --format prm."""
+    try:
+        delim = delimiter.encode().decode("unicode_escape")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task_id = bar.add_task("labelling samples", total=None)
+            res = api.label(run_id, m, delimiter=delim, select=select, max_samples=max_samples, max_tokens=max_tokens,
+                            seed=seed, engine=engine, engine_args=_engine_args(engine, model, chat_template, engine_arg),
+                            verifier=verifier, verifier_args=_verifier_args(allow_code_execution, code_timeout),
+                            workspace=workspace, progress=lambda k, r: bar.advance(task_id, k))
+        u = res.usage
+        out.print(f"run {res.run_id}, labeler {res.labeler}: {res.labelled} samples labelled now ({res.total} in all), "
+                  f"{res.rollouts} rollouts, {u.prefill:,} prompt tokens computed and {u.decode:,} generated "
+                  f"in {res.seconds:.1f} s")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command()
 def export(run_id: str, path: Path,
-           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft or dpo \\[default: from suffix]"),
-           verifier: Optional[str] = typer.Option(None, help="sft/dpo: whose verdicts decide \\[default: the run's only one]"),
+           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft, dpo, prm or orm "
+                                                                    "\\[default: from suffix]"),
+           verifier: Optional[str] = typer.Option(None, help="sft/dpo/orm: whose verdicts decide "
+                                                             "\\[default: the run's only one]"),
            drop_shots: bool = typer.Option(False, help="sft/dpo: leave the few-shot turns out of the prompt"),
            pairs_per_problem: int = typer.Option(4, help="dpo: most (chosen, rejected) pairs per problem"),
+           labeler: Optional[str] = typer.Option(None, help="prm: which step labels \\[default: the run's only ones]"),
+           threshold: Optional[float] = typer.Option(None, help="prm: a step is good when at least this fraction of "
+                                                                "its rollouts passed \\[default: any]"),
            force: bool = typer.Option(False, "--force", help="Replace the file if it exists (never the workspace's "
                                                            "database)"),
            workspace: Optional[Path] = WorkspaceOpt):
-    """Export a run's samples and verdicts (JSONL, Parquet), or its verified samples as
-    training data for TRL: sft (prompt-completion) or dpo (chosen/rejected pairs)."""
+    """Export a run's samples and verdicts (JSONL, Parquet), or training data for TRL:
+    sft (prompt-completion), dpo (chosen/rejected pairs), prm (step labels from
+    `testtime label`, stepwise supervision) or orm (outcome labels, one step each)."""
     try:
         out.print(str(api.export(run_id, path, fmt, workspace, verifier=verifier, drop_shots=drop_shots,
-                                 pairs_per_problem=pairs_per_problem, force=force)))
+                                 pairs_per_problem=pairs_per_problem, labeler=labeler, threshold=threshold,
+                                 force=force)))
     except USER_ERRORS as e:
         _fail(e)
 

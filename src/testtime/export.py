@@ -9,6 +9,14 @@
       {"prompt": [...], "chosen": [{"role": "assistant", ...}],
        "rejected": [{"role": "assistant", ...}], "metadata": {...}}
 
+- `prm`: one row per labelled sample, TRL's standard stepwise-supervision type,
+  which `PRMTrainer` reads; labels from `testtime label` (Monte Carlo rollouts):
+      {"prompt": question, "completions": [step, ...], "labels": [bool, ...],
+       "metadata": {..., "soft_labels": [fraction of rollouts verified, ...]}}
+- `orm`: outcome labels in the same type, one step per row (the whole solution,
+  labelled by the verifier): `PRMTrainer` on these rows trains an outcome reward
+  model; no rollouts needed.
+
 The prompt is the conversation the model was given (the run's template,
 few-shot turns included unless `drop_shots`), and the assistant's content is
 what it wrote: the template's opening of the answer (e.g. a code fence), then
@@ -31,6 +39,7 @@ from .errors import InputError
 from .files import atomic_path
 from .analysis import pick_verifier
 from .prompts import get_template
+from .rewards.base import split_steps
 from .store import Store
 
 REJECTABLE = ("fail", "error", "timeout", "memory")
@@ -110,6 +119,60 @@ def dpo_rows(store: Store, run_id: str, verifier: str | None = None, drop_shots:
                    "metadata": {"run_id": run_id, "problem_id": pid, "chosen_index": c["sample_index"],
                                 "rejected_index": r["sample_index"], "rejected_verdict": r["verdict"],
                                 "verifier": verifier}}
+
+
+def pick_labeler(store: Store, run_id: str, labeler: str | None) -> tuple[str, dict[str, Any]]:
+    """The labeler asked for (a unique prefix will do), or the run's only one."""
+    known = store.labelers(run_id)
+    if not known:
+        raise InputError(f"run {run_id} has no step labels: label it first (testtime label {run_id})")
+    if labeler is None:
+        if len(known) > 1:
+            raise InputError(f"run {run_id} has {len(known)} sets of step labels ({', '.join(known)}); "
+                             "choose one with --labeler")
+        return next(iter(known.items()))
+    hits = [k for k in known if k.startswith(labeler)]
+    if len(hits) != 1:
+        raise InputError(f"labeler {labeler!r} matches {len(hits)} of run {run_id}'s: {', '.join(known)}")
+    return hits[0], known[hits[0]]
+
+
+def prm_rows(store: Store, run_id: str, labeler: str | None = None,
+             threshold: float | None = None) -> Iterator[dict[str, Any]]:
+    """Labelled samples as stepwise supervision. A step's label is True when any rollout
+    from it was verified (Math-Shepherd's hard estimate) or, with `threshold`, when at
+    least that fraction was."""
+    if threshold is not None and not 0 < threshold <= 1:
+        raise InputError(f"threshold must be in (0, 1], got {threshold}")
+    labeler, info = pick_labeler(store, run_id, labeler)
+    labels = store.step_labels(run_id, labeler)
+    questions = {p["problem_id"]: (p["question"], p["answer"]) for p in store.problems(run_id)}
+    for s in store.samples(run_id):
+        rows = labels.get((s.problem_id, s.sample_index))
+        if rows is None:
+            continue
+        steps = split_steps(s.text, info["delimiter"])
+        soft = [p / r for r, p in rows]
+        hard = [p > 0 for _, p in rows] if threshold is None else [v >= threshold for v in soft]
+        q, ref = questions[s.problem_id]
+        yield {"prompt": q, "completions": steps, "labels": hard,
+               "metadata": {"run_id": run_id, "problem_id": s.problem_id, "sample_index": s.sample_index,
+                            "labeler": labeler, "soft_labels": soft, "rollouts": [r for r, _ in rows],
+                            "reference": ref}}
+
+
+def orm_rows(store: Store, run_id: str, verifier: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every graded sample as one step labelled by its verdict (outcome supervision).
+    Infrastructure errors and ungraded samples are left out."""
+    verifier, by_problem = _graded(store, run_id, verifier)
+    for pid, rows in by_problem.items():
+        for r in sorted(rows, key=lambda r: r["sample_index"]):
+            if r["verdict"] != "pass" and r["verdict"] not in REJECTABLE:
+                continue
+            yield {"prompt": r["question"], "completions": [r["text"]], "labels": [r["verdict"] == "pass"],
+                   "metadata": {"run_id": run_id, "problem_id": pid, "sample_index": r["sample_index"],
+                                "verifier": verifier, "verdict": r["verdict"], "finish_reason": r["finish_reason"],
+                                "reference": r["reference"]}}
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]], path: str | os.PathLike) -> tuple[Path, int]:

@@ -151,7 +151,7 @@ def scorer_name(prm, delimiter: str | None = None) -> str:
     return f"{prm.name}:{stable_hash(key, 8)}"
 
 
-def _set_shapes(store: Store, run_id: str, models: dict[str, object]) -> None:
+def set_shapes(store: Store, run_id: str, models: dict[str, object]) -> None:
     """Record the shape (for FLOPs) of each role's model, where the model knows it."""
     for role, model in models.items():
         shape = getattr(model, "shape", None) if model is not None else None
@@ -207,7 +207,7 @@ def run_strategy(store: Store, task: Task, engine: Engine, strategy: str, params
     spec = strategy_spec(engine.identity(), task, tmpl, sampling, strategy, params,
                          prm.identity() if prm is not None else None, seed)
     run_id = store.register_run(spec, params.n, problems, label=label)
-    _set_shapes(store, run_id, {"policy": engine, "prm": prm})
+    set_shapes(store, run_id, {"policy": engine, "prm": prm})
     done = store.finished_problems(run_id)
     todo = [p for p in problems if p.id not in done]
     # a strategy that scores its own candidates (deepconf_online: their confidence) names its scores
@@ -235,7 +235,7 @@ def score_samples(store: Store, run_id: str, prm: RewardModel, delimiter: str = 
     from .strategies.base import Meter
 
     scorer = scorer_name(prm, delimiter)
-    _set_shapes(store, run_id, {"prm": prm})
+    set_shapes(store, run_id, {"prm": prm})
     have = store.step_scores(run_id, scorer)
     questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
     todo = [s for s in store.samples(run_id) if (s.problem_id, s.sample_index) not in have

@@ -121,6 +121,30 @@ CREATE TABLE IF NOT EXISTS token_stats (
     stats        BLOB NOT NULL,
     PRIMARY KEY (run_id, problem_id, sample_index)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS labelers (
+    run_id       TEXT NOT NULL,
+    labeler      TEXT NOT NULL,
+    info         TEXT NOT NULL,
+    PRIMARY KEY (run_id, labeler)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_labels (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    labeler      TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    rollouts     INTEGER NOT NULL,
+    passed       INTEGER NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index, labeler, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS label_usage (
+    run_id       TEXT NOT NULL,
+    problem_id   TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    labeler      TEXT NOT NULL,
+    usage        TEXT NOT NULL,
+    PRIMARY KEY (run_id, problem_id, sample_index, labeler)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS claims (
     run_id       TEXT NOT NULL,
     problem_id   TEXT NOT NULL,
@@ -636,6 +660,47 @@ class Store:
 
     # -- verdicts ----------------------------------------------------------
 
+    # -- Monte Carlo step labels (testtime.labels) ---------------------------
+
+    def set_labeler(self, run_id: str, labeler: str, info: dict[str, Any]) -> None:
+        self._tx("INSERT INTO labelers VALUES (?,?,?) ON CONFLICT DO NOTHING", [(run_id, labeler, json.dumps(info))])
+
+    def labelers(self, run_id: str) -> dict[str, dict[str, Any]]:
+        return {r[0]: json.loads(r[1]) for r in self.db.execute(
+            "SELECT labeler, info FROM labelers WHERE run_id = ? ORDER BY labeler", (run_id,))}
+
+    def add_step_labels(self, run_id: str, labeler: str, problem_id: str, sample_index: int,
+                        labels: list[tuple[int, int]], usage: dict[str, float]) -> None:
+        """One sample's labels, (rollouts, passed) per step, and what they cost, in one
+        transaction: a labelling killed at any moment leaves each sample whole or absent."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany("INSERT INTO step_labels VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                            [(run_id, problem_id, sample_index, labeler, k, r, p) for k, (r, p) in enumerate(labels)])
+            cur.execute("INSERT INTO label_usage VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        (run_id, problem_id, sample_index, labeler, json.dumps(usage)))
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
+
+    def step_labels(self, run_id: str, labeler: str) -> dict[tuple[str, int], list[tuple[int, int]]]:
+        """(problem id, sample index) -> [(rollouts, passed) per step]."""
+        out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for r in self.db.execute("SELECT problem_id, sample_index, rollouts, passed FROM step_labels WHERE run_id = ? "
+                                 "AND labeler = ? ORDER BY problem_id, sample_index, step", (run_id, labeler)):
+            out.setdefault((r[0], r[1]), []).append((r[2], r[3]))
+        return out
+
+    def label_usage(self, run_id: str, labeler: str) -> dict[str, float]:
+        """What labelling cost, summed over the run's labelled samples."""
+        acc: dict[str, float] = {}
+        for (u,) in self.db.execute("SELECT usage FROM label_usage WHERE run_id = ? AND labeler = ?", (run_id, labeler)):
+            for k, v in json.loads(u).items():
+                acc[k] = acc.get(k, 0) + v
+        return acc
+
     def unverified(self, run_id: str, verifier: str) -> list[SampleRow]:
         rows = self.db.execute(
             "SELECT s.* FROM samples s LEFT JOIN verdicts v ON v.run_id = s.run_id AND "
@@ -784,7 +849,7 @@ class Store:
         path = Path(path)
         fmt = fmt or path.suffix.lstrip(".")
         if fmt not in ("jsonl", "parquet"):
-            raise InputError(f"export format must be 'jsonl' or 'parquet', got {fmt!r}")
+            raise InputError(f"export format must be jsonl, parquet, sft, dpo, prm or orm, got {fmt!r}")
         rows = self.iter_export(run_id)
         with atomic_path(path) as tmp:
             if fmt == "jsonl":
