@@ -2,7 +2,8 @@
 
 The arithmetic task, all five levels, split into train and test problems (even
 and odd index within each level). On every problem, with the judge PRM made
-from a second instance of the embedded model:
+from a second instance of the embedded model (or, with `--prm-path`, a verifier
+trained by `testtime train-verifier` on other problems):
 
   - best-of-N (PRM-weighted) and majority vote, from one draw of `--bon-max`
     samples per problem; every N is the unbiased expectation over N-subsets;
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=4)
     ap.add_argument("--workspace", default=None)
     ap.add_argument("--collect-only", action="store_true", help="fill the cells and stop")
+    ap.add_argument("--prm-path", default=None, help="a verifier from testtime train-verifier as the reward model "
+                    "instead of the judge (it must not have been trained on these problems: checked)")
     ap.add_argument("--quick", action="store_true", help="2 problems per level, best-of-N 8, search N <= 4 with "
                     "width 2 (about 10 minutes; the ratio is then very noisy)")
     args = ap.parse_args()
@@ -75,12 +78,23 @@ def main() -> None:
                        n_max=args.n_max, bon_max=args.bon_max,
                        sampling=SamplingParams(max_tokens=args.step_tokens * args.iterations), probe=4)
     policy_engine = LlamaCppEngine(slots=16, max_prefixes=64)
-    judge_engine = LlamaCppEngine(slots=16, max_prefixes=32)
+    if args.prm_path:
+        from testtime.learned import problem_key
+        from testtime.rewards.trained import TrainedPRM
+
+        judge_engine = prm = TrainedPRM(args.prm_path)
+        seen = prm.verifier.problems & {problem_key(p.question) for p in problems}
+        if seen:
+            raise SystemExit(f"{args.prm_path} was trained on {len(seen)} of these problems; the ratio would "
+                             "flatter it")
+    else:
+        judge_engine = LlamaCppEngine(slots=16, max_prefixes=32)
+        prm = JudgePRM(judge_engine)
     verifier = MathAnswerVerifier()
     t0 = time.perf_counter()
     try:
         with Store(args.workspace) as store:
-            cells, runs = collect(store, task, problems, policy_engine, JudgePRM(judge_engine), verifier, cands,
+            cells, runs = collect(store, task, problems, policy_engine, prm, verifier, cands,
                                   progress=lambda m: print(f"  [{time.perf_counter() - t0:6.0f} s] {m}", flush=True))
     finally:
         policy_engine.close()

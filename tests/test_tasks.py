@@ -41,7 +41,7 @@ def test_arithmetic_rejects_unknown_levels():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(KeyError, match="Did you mean 'gsm8k'.*Known: arithmetic, gsm8k, humaneval, jsonl, math, mbpp"):
+    with pytest.raises(KeyError, match="Did you mean 'gsm8k'.*Known: arithmetic, gsm8k, humaneval, instructions, jsonl, math, mbpp"):
         load_task("gsm8")
 
 

@@ -232,11 +232,13 @@ def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:
 
 def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str | Path | None = None, *,
            verifier: str | None = None, drop_shots: bool = False, pairs_per_problem: int = 4,
-           labeler: str | None = None, threshold: float | None = None, force: bool = False) -> Path:
+           labeler: str | None = None, threshold: float | None = None, rho: float = 0.5,
+           force: bool = False) -> Path:
     """Write a run's samples with their verdicts to JSONL or Parquet; or, with fmt
     'sft' or 'dpo', its verified samples as training data in TRL's formats; 'prm'
     its Monte Carlo step labels (`label`) and 'orm' its outcome labels as stepwise
-    supervision (see `testtime.export`). An existing file is replaced only with `force`, and
+    supervision (see `testtime.export`); 'tpo' thought preference pairs from a rated
+    thought-format run (`testtime.tpo`, length penalty `rho`). An existing file is replaced only with `force`, and
     the workspace's database (or its journal files) never, whatever `force` says."""
     from .export import dpo_rows, orm_rows, prm_rows, sft_rows, write_jsonl
 
@@ -251,6 +253,9 @@ def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str
             return write_jsonl(prm_rows(store, rid, labeler, threshold), path)[0]
         if fmt == "orm":
             return write_jsonl(orm_rows(store, rid, verifier), path)[0]
+        if fmt == "tpo":
+            from .tpo import tpo_rows
+            return write_jsonl(tpo_rows(store, rid, rho), path)[0]
         return store.export(rid, path, fmt)
 
 
@@ -283,6 +288,97 @@ def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", selec
                 return label_run(store, rid, eng, v, cfg, progress=progress)
         finally:
             _close(v)
+
+
+def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = None, target: str = "soft",
+                   holdout: float = 0.0, seed: int = 0, model: str | Path | None = None, n_threads: int | None = None,
+                   exclude: list[str] | None = None, outcomes: bool = True, force: bool = False,
+                   workspace: str | Path | None = None,
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """Train a step verifier on the Monte Carlo labels of stored runs (`testtime.learned`)
+    and save it to `path`. `holdout`: the fraction of the labelled problems (chosen by
+    `seed`) kept out of training for `eval_verifier`; `exclude`: runs whose problems must
+    never be trained on (an evaluation run); `outcomes`: add the final step of every graded
+    sample without step labels, labelled by its verdict. Returns the `learned.Verifier`."""
+    from .export import pick_labeler
+    from .learned import HiddenStates, TrainConfig, problem_key, step_data, train
+
+    cfg = TrainConfig(target=target, seed=seed)
+    cfg.check()
+    if not 0 <= holdout < 1:
+        raise InputError(f"holdout must be in [0, 1), got {holdout}")
+    if not runs:
+        raise InputError("name at least one labelled run to train on")
+    with Store(workspace, create=False) as store:
+        store.check_writable_target(path, force)
+        sources, delimiters = [], set()
+        for r in runs:
+            rid = store.resolve_run(r)
+            name, info = pick_labeler(store, rid, labeler)
+            sources.append((rid, name))
+            delimiters.add(info["delimiter"])
+        if len(delimiters) > 1:
+            raise InputError(f"the runs were labelled with different step delimiters ({sorted(delimiters)!r}); "
+                             "one verifier learns one way of splitting steps")
+        never = {problem_key(p["question"]) for r in (exclude or []) for p in store.problems(store.resolve_run(r))}
+        questions = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)} - never
+        import random
+        held = set(random.Random(f"holdout/{seed}").sample(sorted(questions), int(round(holdout * len(questions)))))
+        features = HiddenStates(model, n_threads=n_threads)
+        try:
+            data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress)
+            meta = {"delimiter": delimiters.pop(), "feature_model": None if model is None else str(model),
+                    "features": features.identity(), "labels": [list(s) for s in sources],
+                    "heldout_problems": sorted(held), "excluded_problems": len(never), "outcomes": outcomes,
+                    "feature_usage": features.usage.to_dict()}
+            verifier = train(data, cfg, meta)
+        finally:
+            features.close()
+        verifier.save(path)
+        return verifier
+
+
+def eval_verifier(path: str | Path, run_id: str, *, labeler: str | None = None, model: str | Path | None = None,
+                  n_threads: int | None = None, workspace: str | Path | None = None) -> dict[str, Any]:
+    """Step-level figures of a trained verifier on a labelled run's problems that it never
+    saw in training (`learned.step_metrics`); problems it saw are left out and counted."""
+    from .export import pick_labeler
+    from .learned import HiddenStates, Verifier, problem_key, step_data, step_metrics
+
+    v = Verifier.load(path)
+    with Store(workspace, create=False) as store:
+        rid = store.resolve_run(run_id)
+        name, info = pick_labeler(store, rid, labeler)
+        if info["delimiter"] != v.meta["delimiter"]:
+            raise InputError(f"run {rid} was labelled with steps split on {info['delimiter']!r}; the verifier "
+                             f"learned steps split on {v.meta['delimiter']!r}")
+        seen = v.problems & {problem_key(p["question"]) for p in store.problems(rid)}
+        features = HiddenStates(model if model is not None else v.meta.get("feature_model"), n_threads=n_threads)
+        try:
+            if features.identity()["model"].get("fingerprint") != v.meta["features"]["model"].get("fingerprint"):
+                raise InputError(f"{path} was trained on another feature model's hidden states; give it with model=")
+            data = step_data(store, [(rid, name)], features, exclude=seen)
+        finally:
+            features.close()
+    return {"run_id": rid, "labeler": name, "seen_problems_left_out": len(seen),
+            "problems": len(data.problems), **step_metrics(v.predict(data.X), data, v.threshold)}
+
+
+def judge_responses(run_id: str | None = None, *, engine: str | Engine = "llamacpp",
+                    engine_args: dict[str, Any] | None = None, workspace: str | Path | None = None) -> dict[str, Any]:
+    """Rate the responses of a thought-format run (`testtime.tpo`) with an LLM judge that
+    sees the instruction and the response, never the thought. Resumable."""
+    from .tpo import ResponseJudge, judge_run, scorer_id
+
+    with Store(workspace, create=False) as store:
+        if store.read_only:
+            raise InputError(f"workspace {store.workspace} is read-only; judging writes ratings into it")
+        rid = store.run_or_latest(run_id)
+        with _stack(engine, engine_args, None, None, extra=False) as (eng, _):
+            judge = ResponseJudge(eng)
+            rated, malformed = judge_run(store, rid, judge)
+            return {"run_id": rid, "scorer": scorer_id(judge), "rated": rated, "without_response": malformed,
+                    "usage": judge.usage.to_dict()}
 
 
 def cost(run_id: str | None = None, workspace: str | Path | None = None, prices: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,11 +177,13 @@ EngineArgOpt = typer.Option([], "--engine-arg", help="Engine argument key=value 
 ModelOpt = typer.Option(None, "--model", help="llamacpp: GGUF file, or smollm2-135m / gemma3-270m (ship on PyPI) "
                                               "\\[default: smollm2-135m]")
 PrmOpt = typer.Option(None, "--prm", help="Reward model: judge (the policy's model asked about each step), "
-                                          "served (a PRM behind HTTP) or confidence (the policy's own token "
-                                          "confidence, free; --prm-arg metric=lowest_group) "
+                                          "served (a PRM behind HTTP), confidence (the policy's own token "
+                                          "confidence, free; --prm-arg metric=lowest_group) or trained (a verifier "
+                                          "from train-verifier; --prm-arg path=FILE) "
                                           "\\[default: judge where a strategy needs one]")
 PrmArgOpt = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), e.g. "
-                                               "base_url=http://gpu-box:8001 for served")
+                                               "base_url=http://gpu-box:8001 for served, path=verifier.npz for "
+                                               "trained")
 ParamOpt = typer.Option([], "--param", help="Strategy parameter key=value (repeatable), given to every strategy "
                                             "that takes it; NAME.key=value for one strategy only")
 GridOpt = typer.Option([], "--grid", help="Strategy parameter to try several values of, key=v1,v2 (repeatable); "
@@ -368,10 +371,7 @@ def sample(task: str = typer.Option("arithmetic", "--task", "-t", help="Task nam
            lookahead: Optional[int] = typer.Option(None, help="Lookahead search: greedy rollout steps"),
            sequential: Optional[int] = typer.Option(None, help="Revision: attempts per chain"),
            aggregation: Optional[str] = typer.Option(None, help="Step scores to one: last, min, prod, mean"),
-           prm: Optional[str] = typer.Option(None, help="Reward model: judge (the policy's model asked about each "
-                                                        "step) or served (a PRM behind HTTP)"),
-           prm_arg: List[str] = typer.Option([], "--prm-arg", help="Reward model argument key=value (repeatable), "
-                                                                   "e.g. base_url=http://gpu-box:8001 for served"),
+           prm: Optional[str] = PrmOpt, prm_arg: List[str] = PrmArgOpt,
            template: Optional[str] = typer.Option(None, help="Prompt template \\[default: the task's]"),
            verifier: Optional[str] = typer.Option(None, help="Verifier \\[default: the task's]"),
            seed: int = typer.Option(0, help="Root seed of the run"),
@@ -614,9 +614,89 @@ def label(run_id: Optional[str] = typer.Argument(None, help="Run id, unique pref
         _fail(e)
 
 
+@app.command("train-verifier")
+def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to learn from (ids, prefixes or labels)"),
+                   out_path: Path = typer.Option(..., "--out", "-o", help="Where to save the verifier (.npz)"),
+                   labeler: Optional[str] = typer.Option(None, help="Which step labels \\[default: each run's only ones]"),
+                   holdout: float = typer.Option(0.0, help="Fraction of the problems kept out of training, for "
+                                                           "eval-verifier"),
+                   exclude: List[str] = typer.Option([], "--exclude", help="A run whose problems must never be "
+                                                                         "trained on (repeatable)"),
+                   seed: int = typer.Option(0, help="Seed of the held-out split"),
+                   outcomes: bool = typer.Option(True, help="Also learn from the last step of every graded sample "
+                                                            "without step labels (its verdict)"),
+                   target: str = typer.Option("soft", help="soft (fraction of rollouts verified) or hard (any)"),
+                   model: Optional[Path] = typer.Option(None, help="Feature model: GGUF file or smollm2-135m / "
+                                                                   "gemma3-270m \\[default: smollm2-135m]"),
+                   threads: Optional[int] = typer.Option(None, help="CPU threads \\[default: all]"),
+                   force: bool = typer.Option(False, "--force", help="Replace the file if it exists"),
+                   workspace: Optional[Path] = WorkspaceOpt):
+    """Train a step verifier on a CPU from Monte Carlo step labels (testtime label): a
+    logistic regression on the frozen model's hidden states at each step's end. Use it
+    with --prm trained --prm-arg path=FILE."""
+    try:
+        with Progress(TextColumn("reading solutions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task_id = bar.add_task("features", total=None)
+            v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
+                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
+                                   workspace=workspace,
+                                   progress=lambda k: bar.advance(task_id, k))
+        m = v.meta
+        auc = "n/a" if m["cv_auc"] is None else f"{m['cv_auc']:.3f}"
+        out.print(f"{out_path}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
+                  f"{len(m['train_problems'])} problems ({m['good_steps']} good); C={m['c']}, threshold "
+                  f"{v.threshold:.3f}; cross-validated by problem: step accuracy {m['cv_step_accuracy']:.3f}, "
+                  f"macro F1 {m['cv_step_f1']:.3f}, AUC {auc}; {len(m['heldout_problems'])} problems held out")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command("eval-verifier")
+def eval_verifier(path: Path = typer.Argument(..., help="A verifier file from train-verifier"),
+                  run_id: str = typer.Argument(..., help="A labelled run (its problems the verifier saw are left out)"),
+                  labeler: Optional[str] = typer.Option(None, help="Which step labels \\[default: the run's only ones]"),
+                  model: Optional[Path] = typer.Option(None, help="Feature model \\[default: as trained]"),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+                  workspace: Optional[Path] = WorkspaceOpt):
+    """Step accuracy, F1 and first-error accuracy (ProcessBench's measure) of a trained
+    verifier against Monte Carlo labels of problems it never saw."""
+    try:
+        r = api.eval_verifier(path, run_id, labeler=labeler, model=model, workspace=workspace)
+        if as_json:
+            out.print_json(json.dumps(r))
+            return
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        out.print(f"run {r['run_id']} ({r['labeler']}): {r['steps']} steps of {r['solutions']} solutions on "
+                  f"{r['problems']} unseen problems ({r['seen_problems_left_out']} seen in training left out)")
+        out.print(f"step accuracy {fmt(r['step_accuracy'])}, macro F1 {fmt(r['step_f1'])} (good {fmt(r['step_f1_good'])}, "
+                  f"bad {fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])}, log loss {fmt(r['log_loss'])}")
+        out.print(f"first error: accuracy {fmt(r['first_error_acc_erroneous'])} on solutions with one, "
+                  f"{fmt(r['first_error_acc_correct'])} on those without, F1 {fmt(r['first_error_f1'])}")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
+@app.command("judge-responses")
+def judge_responses(run_id: Optional[str] = typer.Argument(None, help="A run of the instructions task (thought "
+                                                                      "format) \\[default: latest]"),
+                    engine: str = EngineOpt, model: Optional[Path] = ModelOpt,
+                    chat_template: Optional[str] = ChatTemplateOpt, engine_arg: List[str] = EngineArgOpt,
+                    workspace: Optional[Path] = WorkspaceOpt):
+    """Rate each output's response (never its thought) from 1 to 9 with an LLM judge, for
+    thought preference pairs (export --format tpo)."""
+    try:
+        r = api.judge_responses(run_id, engine=engine, engine_args=_engine_args(engine, model, chat_template, engine_arg),
+                                workspace=workspace)
+        out.print(f"run {r['run_id']}: {r['rated']} responses rated now by {r['scorer']}, {r['without_response']} "
+                  f"outputs have no response; {int(r['usage']['prefill']):,} prompt tokens computed")
+    except USER_ERRORS as e:
+        _fail(e)
+
+
 @app.command()
 def export(run_id: str, path: Path,
-           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft, dpo, prm or orm "
+           fmt: Optional[str] = typer.Option(None, "--format", help="jsonl, parquet, sft, dpo, prm, orm or tpo "
                                                                     "\\[default: from suffix]"),
            verifier: Optional[str] = typer.Option(None, help="sft/dpo/orm: whose verdicts decide "
                                                              "\\[default: the run's only one]"),
@@ -625,16 +705,19 @@ def export(run_id: str, path: Path,
            labeler: Optional[str] = typer.Option(None, help="prm: which step labels \\[default: the run's only ones]"),
            threshold: Optional[float] = typer.Option(None, help="prm: a step is good when at least this fraction of "
                                                                 "its rollouts passed \\[default: any]"),
+           rho: float = typer.Option(0.5, help="tpo: length penalty on the judge's rating, per standard deviation "
+                                               "of response length"),
            force: bool = typer.Option(False, "--force", help="Replace the file if it exists (never the workspace's "
                                                            "database)"),
            workspace: Optional[Path] = WorkspaceOpt):
     """Export a run's samples and verdicts (JSONL, Parquet), or training data for TRL:
     sft (prompt-completion), dpo (chosen/rejected pairs), prm (step labels from
-    `testtime label`, stepwise supervision) or orm (outcome labels, one step each)."""
+    `testtime label`, stepwise supervision), orm (outcome labels, one step each) or tpo
+    (thought preference pairs from judge-responses)."""
     try:
         out.print(str(api.export(run_id, path, fmt, workspace, verifier=verifier, drop_shots=drop_shots,
                                  pairs_per_problem=pairs_per_problem, labeler=labeler, threshold=threshold,
-                                 force=force)))
+                                 rho=rho, force=force)))
     except USER_ERRORS as e:
         _fail(e)
 
@@ -648,7 +731,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on (loop
                                                            "an OpenAI-compatible server to draw samples from"),
           upstream_model: Optional[str] = typer.Option(None, help="The upstream's model name \\[default: its only one]"),
           prm: str = typer.Option("judge", "--prm", help="Reward model for the strategies that need one: judge (a "
-                                                         "judge made from the same engine), served, or none"),
+                                                         "judge made from the same engine), served, confidence, trained, or none"),
           prm_arg: List[str] = PrmArgOpt,
           policy: Optional[Path] = typer.Option(None, help="Offer policy@B: a compute-optimal policy file "
                                                            "(fitted with --difficulty predicted)"),

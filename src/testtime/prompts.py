@@ -81,6 +81,18 @@ ARITHMETIC_FEWSHOT = register(PromptTemplate(
 
 PLAIN = register(PromptTemplate(name="plain", user="{question}"))
 
+RESPONSE_MARKER = "Here is my response:"
+"""Ends the thoughts and starts the response in the `thought` template (`testtime.tpo`)."""
+
+# Thought Preference Optimization's format: private thoughts, then the response.
+THOUGHT = register(PromptTemplate(
+    name="thought",
+    user=("{question}\n\nFirst think it through for yourself: what is asked, what matters, a plan or a draft. "
+          f"Nobody will read these thoughts. Then write the line \"{RESPONSE_MARKER}\" and after it the answer for the "
+          "user, which is all they will see."),
+))
+
+
 # The step-by-step format Meta published with its Llama 3 evaluations of MATH:
 # short problems answered briefly, longer ones as "## Step k:" blocks, always
 # closing with a boxed final answer. Written out here so that runs are

@@ -33,7 +33,8 @@ class RewardModelSpec:
             return None, []
         args = dict(self.args)
         if self.name != "judge":
-            return load_reward_model(self.name, **args), []
+            rm = load_reward_model(self.name, **args)
+            return rm, [rm] if hasattr(rm, "close") else []  # a trained verifier holds a model
         engine_name = args.pop("engine", None)
         engine_args = dict(args.pop("engine_args", None) or {})
         if engine_name is None and not isinstance(policy_engine, str):

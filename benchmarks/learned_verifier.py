@@ -1,0 +1,195 @@
+"""A verifier learned from the embedded model's own rollouts, judged on problems it never saw.
+
+On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
+`make run`; at levels 4-5 it almost never answers, so there is nothing to select):
+
+1. **Train problems** (task seed 1): `--train-n` samples each, and Monte Carlo step
+   labels (`testtime label`, m rollouts from each step's prefix) for up to
+   `--label-max` of those samples.
+2. **A verifier** (`testtime train-verifier`): logistic regression on the frozen
+   model's hidden states at each step's end, fitted to the soft labels, plus the
+   last step of every other graded training sample labelled by its verdict. The
+   regularisation and the decision threshold come from cross-validation grouped
+   by problem on the training problems only; any training problem whose text also
+   occurs among the held-out problems is left out.
+3. **Held-out problems** (task seed 0): N samples each, step labels for up to
+   `--eval-label-max` of them, and:
+   - step metrics of the verifier against those labels: step accuracy, macro F1
+     (good and bad steps' F1 averaged), AUC, and ProcessBench's first-error
+     accuracy;
+   - selection at N: majority vote, best-of-N with the trained verifier weighted
+     (each answer's scores summed) and naive (the top-scored sample), weighted
+     best-of-N with the judge PRM (the same model asked "is this step correct?"),
+     and pass@N, each the expectation over N-subsets of the drawn samples, with a
+     95% bootstrap interval over problems;
+   - beam search (width 4) steered by the trained verifier, live, at `--beam-n`;
+   - with `--compute-ratio`: `compute_optimal.py --prm-path` with the trained
+     verifier as its reward model (levels 1-5 seed 0; checked for overlap; its
+     own budget sweep, long).
+
+Last line: `step_f1=<x> bon_gain=<y> compute_ratio=<z>`; bon_gain is trained-verifier
+weighted best-of-N minus majority at N on held-out problems (its paired 95% interval,
+and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
+--compute-ratio ran. Quick mode: fewer problems and labels, no judge, no beam search.
+
+    python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--compute-ratio]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from selection_signals import interval, per_problem
+from testtime import SamplingParams, api
+from testtime.analysis import selected
+from testtime.engines.llamacpp import LlamaCppEngine
+from testtime.rewards.judge import JudgePRM
+from testtime.rewards.trained import TrainedPRM
+from testtime.runner import score_samples, scorer_name
+from testtime.store import Store
+
+LEVELS = [1, 2, 3]
+MAX_TOKENS = 128
+
+
+def sample(workspace, seed, per_level, n):
+    t = time.perf_counter()
+    run = api.sample("arithmetic", n=n, limit=len(LEVELS) * per_level, task_args={"levels": LEVELS, "seed": seed},
+                     workspace=workspace, params=SamplingParams(max_tokens=MAX_TOKENS))
+    print(f"arithmetic seed {seed}: run {run.run_id}, {len(LEVELS) * per_level} problems x {n} samples "
+          f"({run.drawn} drawn now, {time.perf_counter() - t:.0f} s)", flush=True)
+    return run.run_id
+
+
+def label(workspace, run_id, m, max_samples):
+    res = api.label(run_id, m, max_samples=max_samples, workspace=workspace)
+    u = res.usage
+    print(f"labels for run {run_id}: {res.total} samples ({res.labelled} now), {res.rollouts} rollouts now, "
+          f"{u.decode:,} tokens generated, {u.prefill:,} prompt tokens computed ({res.seconds:.0f} s)", flush=True)
+    return res.labeler
+
+
+def row(name, values):
+    lo, hi = interval(values)
+    print(f"{name:34s} {values.mean():.3f}   [{lo:.3f}, {hi:.3f}]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5 held-out and 8 training problems per level, smaller "
+                    "label sets, no judge, no beam search (about 10 minutes on 2 cores)")
+    ap.add_argument("--per-level", type=int, default=10, help="held-out problems per level")
+    ap.add_argument("--train-per-level", type=int, default=15, help="training problems per level")
+    ap.add_argument("-n", type=int, default=16, help="samples per held-out problem (the N of best-of-N)")
+    ap.add_argument("--train-n", type=int, default=8, help="samples per training problem")
+    ap.add_argument("-m", type=int, default=4, help="rollouts per step for the labels")
+    ap.add_argument("--label-max", type=int, default=150, help="training samples given step labels")
+    ap.add_argument("--eval-label-max", type=int, default=50, help="held-out samples given step labels")
+    ap.add_argument("--beam-n", type=int, default=8, help="beam search budget (0: skip)")
+    ap.add_argument("--no-judge", action="store_true", help="skip best-of-N with the judge PRM")
+    ap.add_argument("--compute-ratio", action="store_true", help="also run compute_optimal.py with the trained "
+                    "verifier (its full mode: about an hour more)")
+    ap.add_argument("--workspace", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.per_level, args.train_per_level, args.label_max, args.eval_label_max = 5, 8, 80, 30
+        args.beam_n, args.no_judge = 0, True
+    t0 = time.perf_counter()
+    ws = args.workspace
+    train_run = sample(ws, 1, args.train_per_level, args.train_n)
+    eval_run = sample(ws, 0, args.per_level, args.n)
+    label(ws, train_run, args.m, args.label_max)
+    label(ws, eval_run, args.m, args.eval_label_max)
+
+    with Store(ws) as store:
+        root = Path(store.workspace)
+    path = root / f"verifier-{train_run}.npz"
+    t = time.perf_counter()
+    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, workspace=ws)
+    m = v.meta
+    print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
+          f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['excluded_problems']} problems "
+          f"excluded as held out), C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy "
+          f"{m['cv_step_accuracy']:.3f}, macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f} "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+    r = api.eval_verifier(path, eval_run, workspace=ws)
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"held-out steps: {r['steps']} of {r['solutions']} solutions on {r['problems']} problems "
+          f"({r['good_steps']} good; {r['seen_problems_left_out']} seen problems left out): step accuracy "
+          f"{fmt(r['step_accuracy'])}, macro F1 {fmt(r['step_f1'])} (good {fmt(r['step_f1_good'])}, bad "
+          f"{fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])}; first error: {fmt(r['first_error_acc_erroneous'])} on "
+          f"solutions with one, {fmt(r['first_error_acc_correct'])} on those without, F1 {fmt(r['first_error_f1'])}",
+          flush=True)
+
+    with Store(ws) as store:
+        ids = [p["problem_id"] for p in store.problems(eval_run)][:len(LEVELS) * args.per_level]
+        trained = TrainedPRM(path)
+        t = time.perf_counter()
+        score_samples(store, eval_run, trained, "\n", limit=args.n)
+        scores = store.step_scores(eval_run, scorer_name(trained, "\n"))
+        print(f"trained verifier scored the held-out samples: {trained.usage.prefill:,} prompt tokens computed "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        trained.close()
+        table = {
+            "majority": per_problem(store, eval_run, ids, None, "vote", 1.0, args.n),
+            "trained, weighted best-of-N": per_problem(store, eval_run, ids, scores, "weighted", 1.0, args.n),
+            "trained, naive best-of-N": per_problem(store, eval_run, ids, scores, "naive", 1.0, args.n),
+        }
+        if not args.no_judge:
+            engine = LlamaCppEngine(slots=16, max_prefixes=32)
+            judge = JudgePRM(engine)
+            t = time.perf_counter()
+            score_samples(store, eval_run, judge, "\n", limit=args.n)
+            jscores = store.step_scores(eval_run, scorer_name(judge, "\n"))
+            print(f"judge scored the held-out samples ({time.perf_counter() - t:.0f} s)", flush=True)
+            engine.close()
+            table["judge PRM, weighted best-of-N"] = per_problem(store, eval_run, ids, jscores, "weighted", 1.0, args.n)
+        table["pass@N (ceiling)"] = per_problem(store, eval_run, ids, None, "pass", 1.0, args.n)
+
+    beam = None
+    if args.beam_n:
+        t = time.perf_counter()
+        res = api.sample("arithmetic", n=args.beam_n, limit=len(LEVELS) * args.per_level, task_args={"levels": LEVELS},
+                         strategy="beam_search", strategy_args={"width": 4, "max_steps": 4, "step_tokens": 48},
+                         prm="trained", prm_args={"path": str(path)}, params=SamplingParams(max_tokens=MAX_TOKENS),
+                         workspace=ws)
+        with Store(ws) as store:
+            got = selected(store, res.run_id, "math_answer")
+        beam = np.asarray([got[p][0] for p in ids if p in got])
+        print(f"beam search (trained verifier, N={args.beam_n}, width 4): run {res.run_id} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+
+    print(f"\nheld-out accuracy, {len(ids)} problems, N={args.n} (95% bootstrap intervals over problems)")
+    for name, values in table.items():
+        row(name, values)
+    if beam is not None:
+        row(f"beam search, trained (N={args.beam_n})", beam)
+    for kind in ("naive", "weighted"):
+        diff = table[f"trained, {kind} best-of-N"] - table["majority"]
+        lo, hi = interval(diff)
+        print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired)")
+    gain = table["trained, weighted best-of-N"] - table["majority"]
+
+    ratio = "n/a"
+    if args.compute_ratio:
+        cmd = [sys.executable, str(Path(__file__).parent / "compute_optimal.py"), "--prm-path", str(path)]
+        if ws:
+            cmd += ["--workspace", ws]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        print(out.stdout[-3000:], end="")
+        last = [ln for ln in out.stdout.splitlines() if ln.startswith("compute_ratio=")]
+        ratio = last[-1].split("=", 1)[1].split()[0] if last else f"failed ({out.returncode})"
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    print(f"step_f1={fmt(r['step_f1'])} bon_gain={gain.mean():+.3f} compute_ratio={ratio}")
+
+
+if __name__ == "__main__":
+    main()

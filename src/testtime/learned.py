@@ -1,0 +1,436 @@
+"""A verifier learned from the policy's own rollouts, trained on a CPU in minutes.
+
+Features: the frozen embedded model reads the problem and the solution (its own
+chat template, the question as the user's turn, the steps as the assistant's
+text) once, and each step is described by the last hidden state at its final
+token and the mean hidden state over its tokens (after the model's final norm;
+llama.cpp returns them with `embeddings=True`). A causal model's state at a step's
+end does not depend on later steps, so one pass gives every step's features, and
+samples of the same problem share the question's KV cache.
+
+Model: scikit-learn's logistic regression on standardised features, fitted to
+Monte Carlo step labels (`testtime.labels`): soft labels as weighted 0/1 rows
+(the cross-entropy against the fraction of verified rollouts), or hard labels.
+The regularisation C is chosen by cross-validation grouped by problem, and the
+decision threshold (for step accuracy and first-error location) on the same
+out-of-fold predictions, so the held-out figures are never fitted on.
+
+The saved file is a plain `.npz` (arrays and one JSON header; no pickle, so
+loading a file runs no code): scaler, weights, threshold, the feature model's
+fingerprint, the labels it learned from, and the problems it saw (hashes of
+their text), so an evaluation can prove it never saw its problems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .engines.base import Request
+from .errors import InputError
+from .files import atomic_path
+from .flops import Usage
+from .rewards.base import split_steps
+from .spec import SamplingParams
+from .store import Store
+
+FORMAT = "testtime-verifier/1"
+TARGETS = ("soft", "hard")
+
+
+def problem_key(question: str) -> str:
+    """A problem's identity for splits: its text, so it holds across tasks, seeds and runs."""
+    return hashlib.sha256(question.strip().encode()).hexdigest()[:16]
+
+
+class HiddenStates:
+    """Step features from a frozen llama.cpp model (see the module's docstring)."""
+
+    def __init__(self, model: str | Path | None = None, seq_ctx: int = 2048, n_threads: int | None = None,
+                 chat_template: str | None = None):
+        from .engines.llamacpp import LlamaCppEngine
+
+        self.model_arg = None if model is None else str(model)
+        self.engine = LlamaCppEngine(model, slots=1, max_prefixes=1, seq_ctx=seq_ctx, n_threads=n_threads,
+                                     chat_template=chat_template, token_stats=False, embeddings=True)
+        self.llm = self.engine.llm
+        self.dim = 2 * self.llm.n_embd
+        self.usage = Usage()
+        """Every token the feature model computed."""
+        self.last_usage = Usage()
+        self._head: list[int] = []  # the prompt whose KV cells sequence 0 holds
+
+    def identity(self) -> dict[str, Any]:
+        return {"features": "hidden_state_end_mean", "model": self.engine.identity()}
+
+    def shape(self) -> Any:
+        return self.engine.shape()
+
+    def _tokens(self, question: str, text: str) -> list[int]:
+        req = Request(key=0, seeds=(0,), params=SamplingParams(max_tokens=1),
+                      messages=({"role": "user", "content": question},), continuation=text)
+        return self.engine.prefix_tokens(req)
+
+    def features(self, question: str, steps: Sequence[str], delimiter: str) -> np.ndarray:
+        """One row per step: [hidden state at the step's last token, mean over its tokens].
+        What it computed is added to `usage` and kept as `last_usage`."""
+        self.last_usage = Usage()
+        if not steps:
+            return np.zeros((0, self.dim), np.float32)
+        head = self._tokens(question, "")
+        full = self._tokens(question, delimiter.join(steps))
+        if full[:len(head)] != head:  # a template that renders an empty answer differently
+            head = head[:_common(head, full)]
+        limit = self.engine.seq_ctx
+        if len(full) > limit:
+            raise InputError(f"a solution of {len(full)} tokens (with its question) exceeds the feature model's "
+                             f"{limit}-token context; raise seq_ctx")
+        ends = []
+        for k in range(len(steps)):
+            toks = self._tokens(question, delimiter.join(steps[:k + 1]))
+            ends.append(max(len(head), _common(toks, full)) - 1)
+        states = self._states(head, full)  # hidden states of full[len(head):]
+        rows = np.zeros((len(steps), self.dim), np.float32)
+        start = len(head)
+        for k, end in enumerate(ends):
+            end = max(end, start)
+            block = states[start - len(head):end - len(head) + 1]
+            rows[k, :self.llm.n_embd] = states[end - len(head)]
+            rows[k, self.llm.n_embd:] = block.mean(axis=0)
+            start = end + 1 if end + 1 < len(full) else end
+        return rows
+
+    def _states(self, head: list[int], full: list[int]) -> np.ndarray:
+        llm, n_batch = self.llm, self.llm.n_batch
+        reused = head == self._head and len(head) > 0
+        if not reused:  # compute the question's prompt once into sequence 0
+            llm.seq_rm(0)
+            self._head = []
+            for i in range(0, len(head), n_batch):
+                part = head[i:i + n_batch]
+                llm.decode(np.asarray(part, np.int32), np.arange(i, i + len(part), dtype=np.int32),
+                           np.zeros(len(part), np.int32), np.zeros(len(part), np.int8))
+            self._head = list(head)
+        llm.seq_rm(1)
+        llm.seq_cp(0, 1)
+        out = []
+        for i in range(len(head), len(full), n_batch):
+            part = full[i:i + n_batch]
+            llm.decode(np.asarray(part, np.int32), np.arange(i, i + len(part), dtype=np.int32),
+                       np.ones(len(part), np.int32), np.ones(len(part), np.int8))
+            out.append(llm.embeddings(len(part)))
+        self.last_usage = Usage.of(len(full), len(head) if reused else 0, 0)
+        self.usage += self.last_usage
+        return np.concatenate(out) if out else np.zeros((0, llm.n_embd), np.float32)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# -- data -----------------------------------------------------------------------
+
+@dataclass
+class StepData:
+    """Labelled steps: one row per step of every labelled solution."""
+
+    X: np.ndarray
+    soft: np.ndarray
+    """Fraction of rollouts from the step that were verified."""
+    sample: np.ndarray
+    """Row -> index of its solution in `solutions`."""
+    step: np.ndarray
+    solutions: list[tuple[str, str, int]] = field(default_factory=list)
+    """(run id, problem id, sample index) of each solution."""
+    groups: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    """Row -> problem (by text), for splits grouped by problem."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Problem key -> question."""
+
+    @property
+    def hard(self) -> np.ndarray:
+        return self.soft > 0
+
+
+def step_data(store: Store, sources: Sequence[tuple[str, str]], features: HiddenStates,
+              exclude: Iterable[str] = (), outcomes: bool = False, progress: Any = None) -> StepData:
+    """Features and labels of the labelled samples of (run id, labeler) pairs, leaving out
+    problems whose key is in `exclude`. `outcomes`: also the last step of every graded
+    sample without step labels, labelled by its verdict (outcome supervision, free)."""
+    from .export import REJECTABLE
+
+    skip = set(exclude)
+    X, soft, sample, step, groups, sols, problems = [], [], [], [], [], [], {}
+    group_ids: dict[str, int] = {}
+    for run_id, labeler in sources:
+        info = store.labelers(run_id).get(labeler)
+        if info is None:
+            raise InputError(f"run {run_id} has no labels from labeler {labeler!r}")
+        labels = store.step_labels(run_id, labeler)
+        verdicts = {(r[0], r[1]): r[2] for r in store.db.execute(
+            "SELECT problem_id, sample_index, verdict FROM verdicts WHERE run_id = ? AND verifier = ?",
+            (run_id, info["verifier"]))} if outcomes else {}
+        questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
+        for s in store.samples(run_id):
+            rows = labels.get((s.problem_id, s.sample_index))
+            q = questions[s.problem_id]
+            key = problem_key(q)
+            if key in skip:
+                continue
+            steps = split_steps(s.text, info["delimiter"])
+            only_last = False
+            if rows is None:
+                v = verdicts.get((s.problem_id, s.sample_index))
+                if v is None or not steps or (v != "pass" and v not in REJECTABLE):
+                    continue
+                rows, only_last = [(1, int(v == "pass"))], True
+            elif len(steps) != len(rows):
+                raise InputError(f"run {run_id} sample {s.problem_id}/{s.sample_index}: {len(steps)} steps but "
+                                 f"{len(rows)} labels (labeler {labeler})")
+            problems[key] = q
+            g = group_ids.setdefault(key, len(group_ids))
+            feats = features.features(q, steps, info["delimiter"])
+            X.append(feats[-1:] if only_last else feats)
+            soft.extend(p / r for r, p in rows)
+            sample.extend([len(sols)] * len(rows))
+            step.extend([len(steps) - 1] if only_last else range(len(rows)))
+            groups.extend([g] * len(rows))
+            sols.append((run_id, s.problem_id, s.sample_index))
+            if progress:
+                progress(1)
+    if not sols:
+        raise InputError("no labelled samples to learn from (label a run first: testtime label RUN)")
+    return StepData(np.concatenate(X), np.asarray(soft, float), np.asarray(sample), np.asarray(step),
+                    sols, np.asarray(groups), problems)
+
+
+# -- the model --------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    target: str = "soft"
+    """soft: fit the fraction of verified rollouts; hard: whether any was verified."""
+    cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    """Regularisation strengths to choose from by grouped cross-validation."""
+    folds: int = 5
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.target not in TARGETS:
+            raise InputError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if not self.cs or any(c <= 0 for c in self.cs):
+            raise InputError(f"cs must be positive regularisation strengths, got {self.cs}")
+        if self.folds < 2:
+            raise InputError(f"folds must be >= 2, got {self.folds}")
+
+
+def _rows(X: np.ndarray, soft: np.ndarray, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, y, weight) for a classifier: a soft label p is a 1-row of weight p and a 0-row of weight 1-p."""
+    if target == "hard":
+        return X, (soft > 0).astype(int), np.ones(len(soft))
+    Xs = np.concatenate([X, X])
+    y = np.concatenate([np.ones(len(soft), int), np.zeros(len(soft), int)])
+    w = np.concatenate([soft, 1 - soft])
+    keep = w > 0
+    return Xs[keep], y[keep], w[keep]
+
+
+def _fit(X: np.ndarray, soft: np.ndarray, target: str, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    Xr, y, w = _rows(scaler.transform(X), soft, target)
+    if len(set(y.tolist())) < 2:
+        raise InputError("the labels are all one kind (every step good, or every step bad): nothing to learn; "
+                         "label more samples, or with select=balanced")
+    clf = LogisticRegression(C=c, max_iter=5000).fit(Xr, y, sample_weight=w)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    return scaler.mean_, scale, clf.coef_[0], float(clf.intercept_[0])
+
+
+def _predict(X: np.ndarray, mean, scale, coef, intercept) -> np.ndarray:
+    z = ((X - mean) / scale) @ coef + intercept
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+
+
+def _log_loss(p: np.ndarray, soft: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(soft * np.log(p) + (1 - soft) * np.log(1 - p)))
+
+
+def best_threshold(p: np.ndarray, hard: np.ndarray) -> float:
+    """The threshold on P(good step) that maximises the macro F1 (mean of the F1 of good
+    steps and of bad ones: neither class's abundance decides); 0.5 with one class only."""
+    if hard.all() or not hard.any():
+        return 0.5
+    best, best_f1 = 0.5, -1.0
+    for t in np.unique(np.round(p, 4)):
+        f1 = macro_f1(hard, p >= t)
+        if f1 > best_f1:
+            best, best_f1 = float(t), f1
+    return best
+
+
+def macro_f1(truth: np.ndarray, pred: np.ndarray) -> float:
+    return (f1_score(truth, pred) + f1_score(~truth, ~pred)) / 2
+
+
+def f1_score(truth: np.ndarray, pred: np.ndarray) -> float:
+    tp = float(np.sum(truth & pred))
+    fp = float(np.sum(~truth & pred))
+    fn = float(np.sum(truth & ~pred))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@dataclass
+class Verifier:
+    """A trained step verifier: P(a step leads to a verified answer) from its features."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+    meta: dict[str, Any]
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return _predict(X, self.mean, self.scale, self.coef, self.intercept)
+
+    @property
+    def problems(self) -> set[str]:
+        """Keys of the problems it was trained on."""
+        return set(self.meta["train_problems"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        header = json.dumps({"format": FORMAT, **self.meta, "threshold": self.threshold})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+            np.savez(f, mean=self.mean, scale=self.scale, coef=self.coef, intercept=np.float64(self.intercept),
+                     header=np.array(header))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Verifier":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no trained verifier at {path} (make one with testtime train-verifier)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                arrays = {k: np.array(z[k]) for k in ("mean", "scale", "coef", "intercept")}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # JSONDecodeError is a ValueError
+            raise InputError(f"{path} is not a trained verifier file ({type(e).__name__}: {e})") from None
+        if header.get("format") != FORMAT:
+            raise InputError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+        threshold = header.pop("threshold")
+        header.pop("format")
+        if not (arrays["mean"].shape == arrays["scale"].shape == arrays["coef"].shape):
+            raise InputError(f"{path}: its arrays disagree in size; the file is damaged")
+        return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"]), float(threshold), header)
+
+
+def train(data: StepData, cfg: TrainConfig = TrainConfig(), meta: dict[str, Any] | None = None) -> Verifier:
+    """Fit the verifier; C and the threshold from out-of-fold predictions grouped by problem."""
+    from sklearn.model_selection import GroupKFold
+
+    cfg.check()
+    t0 = time.perf_counter()
+    n_groups = len(set(data.groups.tolist()))
+    folds = min(cfg.folds, n_groups)
+    if folds < 2:
+        raise InputError(f"the labels cover {n_groups} problem; cross-validation needs at least 2")
+    splits = list(GroupKFold(n_splits=folds).split(data.X, groups=data.groups))
+    cv: dict[float, np.ndarray] = {}
+    for c in cfg.cs:
+        oof = np.full(len(data.soft), np.nan)
+        for tr, te in splits:
+            try:
+                oof[te] = _predict(data.X[te], *_fit(data.X[tr], data.soft[tr], cfg.target, c))
+            except InputError:  # a fold with one kind of label: predict the training mean
+                oof[te] = float(np.mean(data.soft[tr] > 0 if cfg.target == "hard" else data.soft[tr]))
+        cv[c] = oof
+    losses = {c: _log_loss(p, data.soft if cfg.target == "soft" else data.hard.astype(float)) for c, p in cv.items()}
+    c = min(losses, key=lambda k: (losses[k], k))
+    threshold = best_threshold(cv[c], data.hard)
+    mean, scale, coef, intercept = _fit(data.X, data.soft, cfg.target, c)
+    oof = cv[c]
+    info = {
+        "train_problems": sorted(data.problems),
+        "train_solutions": len(data.solutions),
+        "train_steps": int(len(data.soft)),
+        "good_steps": int(data.hard.sum()),
+        "config": {**asdict(cfg), "cs": list(cfg.cs)},
+        "c": c,
+        "cv_log_loss": {str(k): v for k, v in losses.items()},
+        "cv_step_accuracy": float(np.mean((oof >= threshold) == data.hard)),
+        "cv_step_f1": macro_f1(data.hard, oof >= threshold),
+        "cv_auc": _auc(oof, data.hard),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return Verifier(mean, scale, coef, intercept, threshold, {**(meta or {}), **info})
+
+
+def _auc(p: np.ndarray, y: np.ndarray) -> float | None:
+    """Area under the ROC curve (P(a good step outscores a bad one), ties half)."""
+    pos, neg = p[y], p[~y]
+    if not len(pos) or not len(neg):
+        return None
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    vals = np.concatenate([pos, neg])[order]
+    i = 0
+    while i < len(vals):  # average ranks over ties
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+# -- evaluation --------------------------------------------------------------------
+
+def step_metrics(p: np.ndarray, data: StepData, threshold: float) -> dict[str, Any]:
+    """Step-level accuracy and F1 against Monte Carlo hard labels (macro: the mean of the
+    good and the bad steps' F1, as most steps of a weak model are bad),
+    and ProcessBench's first-error measure: per solution, the first step predicted bad
+    (or none) against the first step labelled bad (or none); accuracy on solutions
+    with an error, on those without, and their harmonic mean."""
+    hard = data.hard
+    pred_good = p >= threshold
+    first_true, first_pred = {}, {}
+    for i in range(len(p)):
+        s = int(data.sample[i])
+        first_true.setdefault(s, -1)
+        first_pred.setdefault(s, -1)
+        if not hard[i] and first_true[s] == -1:
+            first_true[s] = int(data.step[i])
+        if not pred_good[i] and first_pred[s] == -1:
+            first_pred[s] = int(data.step[i])
+    erroneous = [s for s in first_true if first_true[s] >= 0]
+    correct = [s for s in first_true if first_true[s] < 0]
+    acc_err = float(np.mean([first_pred[s] == first_true[s] for s in erroneous])) if erroneous else None
+    acc_ok = float(np.mean([first_pred[s] == -1 for s in correct])) if correct else None
+    both = None if acc_err is None or acc_ok is None or acc_err + acc_ok == 0 else \
+        2 * acc_err * acc_ok / (acc_err + acc_ok)
+    return {"steps": int(len(p)), "solutions": len(first_true), "good_steps": int(hard.sum()),
+            "step_accuracy": float(np.mean(pred_good == hard)), "step_f1": macro_f1(hard, pred_good),
+            "step_f1_good": f1_score(hard, pred_good), "step_f1_bad": f1_score(~hard, ~pred_good),
+            "auc": _auc(p, hard), "log_loss": _log_loss(p, data.soft),
+            "first_error_acc_erroneous": acc_err, "first_error_acc_correct": acc_ok, "first_error_f1": both}
+

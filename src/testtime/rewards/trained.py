@@ -1,0 +1,76 @@
+"""`trained`: a step verifier trained here (`testtime train-verifier`, `testtime.learned`)
+as a reward model, for every selector and search strategy:
+
+    --prm trained --prm-arg path=verifier.npz
+
+A step's score is the verifier's P(the step leads to a verified answer), from the
+frozen feature model's hidden states. The feature model must be the file the
+verifier was trained with (checked by fingerprint); it is found as it was named
+at training time, or given with `--prm-arg model=...`. Scoring costs one forward
+pass over each solution (the question's tokens shared between samples of one
+problem), counted in `usage` like a judge's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import InputError
+from ..flops import Usage
+from .base import REWARD_MODELS, Scoring
+
+
+@REWARD_MODELS.register("trained")
+class TrainedPRM:
+    name = "trained"
+
+    def __init__(self, path: str | Path | None = None, model: str | Path | None = None, n_threads: int | None = None):
+        """path: the verifier file. model: its feature model [default: as named when it was trained]."""
+        from ..learned import HiddenStates, Verifier
+
+        if path is None:
+            raise InputError("the trained reward model needs its file: --prm-arg path=verifier.npz "
+                             "(made by testtime train-verifier)")
+        self.path = Path(path)
+        self.verifier = Verifier.load(self.path)
+        meta = self.verifier.meta
+        self.delimiter = meta["delimiter"]
+        self.features = HiddenStates(model if model is not None else meta.get("feature_model"), n_threads=n_threads)
+        want = meta["features"]["model"].get("fingerprint")
+        got = self.features.identity()["model"].get("fingerprint")
+        if want != got:
+            name = self.features.identity()["model"].get("model")
+            self.features.close()
+            raise InputError(f"{self.path} was trained on the hidden states of {meta['features']['model'].get('model')} "
+                             f"(fingerprint {want}); {name} (fingerprint {got}) is another model: give the same file "
+                             "with --prm-arg model=...")
+        with open(self.path, "rb") as f:
+            self._sha = hashlib.sha256(f.read()).hexdigest()[:12]
+        self._lock = threading.Lock()  # one llama.cpp context: concurrent requests take turns
+        self.usage = Usage()
+        """Every token the feature model computed for this reward model."""
+
+    def identity(self) -> dict[str, Any]:
+        return {"reward_model": "trained", "file": self._sha, "features": self.verifier.meta["features"]}
+
+    def shape(self) -> Any:
+        return self.features.shape()
+
+    def score(self, items: Sequence[Scoring]) -> list[list[float]]:
+        out = []
+        for it in items:
+            if not it.steps[it.known:]:
+                out.append([])
+                continue
+            with self._lock:
+                X = self.features.features(it.question, it.steps, self.delimiter)
+                used = self.features.last_usage
+            self.usage += used
+            out.append([float(v) for v in self.verifier.predict(X[it.known:])])
+        return out
+
+    def close(self) -> None:
+        self.features.close()

@@ -1,0 +1,217 @@
+"""The trained verifier (issue 14): it learns a signal planted in the features and
+nothing from noise, its file round-trips and refuses damage, its step metrics match
+a hand count, its splits never overlap, and on the embedded model its features are
+causal and it scores through the reward-model protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from doubles import MazeEngine
+from testtime.errors import InputError
+from testtime.labels import LabelConfig, label_run
+from testtime.learned import (StepData, TrainConfig, Verifier, best_threshold, macro_f1, problem_key, step_metrics,
+                              train)
+from testtime.runner import draw_samples
+from testtime.spec import SamplingParams
+from testtime.store import Store
+from testtime.tasks.base import Problem, Task
+from testtime.verifiers.math_answer import MathAnswerVerifier
+
+
+def synthetic(n_problems=40, per=15, dim=12, signal=3.0, seed=0) -> StepData:
+    """Steps whose soft label is sigmoid(signal * x0): feature 0 carries the signal."""
+    rng = np.random.default_rng(seed)
+    n = n_problems * per
+    X = rng.normal(size=(n, dim))
+    p = 1 / (1 + np.exp(-(signal * X[:, 0] - 0.5)))
+    soft = rng.binomial(4, p) / 4  # as 4 rollouts would estimate it
+    groups = np.repeat(np.arange(n_problems), per)
+    return StepData(X, soft, np.arange(n), np.zeros(n, int), [("r", f"p{g}", i) for i, g in enumerate(groups)],
+                    groups, {f"k{g}": f"q{g}" for g in range(n_problems)})
+
+
+def auc(p, y):
+    pos, neg = p[y], p[~y]
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+
+@pytest.mark.parametrize("target", ["soft", "hard"])
+def test_the_verifier_separates_a_planted_signal_and_learns_nothing_from_noise(target):
+    v = train(synthetic(), TrainConfig(target=target))
+    fresh = synthetic(seed=1)
+    p = v.predict(fresh.X)
+    assert auc(p, fresh.hard) > 0.8 and v.meta["cv_auc"] > 0.8
+    assert abs(np.corrcoef(p, fresh.X[:, 0])[0, 1]) > 0.9  # it found the planted feature
+    noise = synthetic(signal=0.0)
+    v0 = train(noise, TrainConfig(target=target))
+    assert abs(v0.meta["cv_auc"] - 0.5) < 0.1
+    # on noise it stays near its base rate: its scores spread far less than the signal's
+    assert np.std(v0.predict(fresh.X)) < 0.25 * np.std(p)
+
+
+def test_threshold_maximises_macro_f1_on_the_given_predictions():
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    hard = np.array([False, False, True, True, True, True])
+    t = best_threshold(p, hard)
+    assert macro_f1(hard, p >= t) == pytest.approx(1.0) and 0.2 < t <= 0.3
+    assert best_threshold(p, np.ones(6, bool)) == 0.5
+
+
+def test_step_metrics_against_a_hand_count():
+    # two solutions: the first goes wrong at step 1, the second is right throughout
+    soft = np.array([1.0, 0.0, 0.0, 0.75, 0.5])
+    data = StepData(np.zeros((5, 1)), soft, np.array([0, 0, 0, 1, 1]), np.array([0, 1, 2, 0, 1]),
+                    [("r", "a", 0), ("r", "a", 1)], np.zeros(5, int), {"k": "q"})
+    p = np.array([0.9, 0.8, 0.1, 0.9, 0.2])  # first error predicted at step 2 (wrong), and a false alarm
+    m = step_metrics(p, data, 0.5)
+    assert m["step_accuracy"] == pytest.approx(3 / 5)
+    # good steps: truth [T,F,F,T,T], pred [T,T,F,T,F]: tp 2, fp 1, fn 1 -> F1 2/3; bad: tp 1, fp 1, fn 1 -> 1/2
+    assert m["step_f1_good"] == pytest.approx(2 / 3) and m["step_f1_bad"] == pytest.approx(1 / 2)
+    assert m["step_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["first_error_acc_erroneous"] == 0.0 and m["first_error_acc_correct"] == 0.0
+    assert m["first_error_f1"] is None
+    m2 = step_metrics(np.array([0.9, 0.1, 0.1, 0.9, 0.9]), data, 0.5)
+    assert m2["first_error_acc_erroneous"] == 1.0 and m2["first_error_acc_correct"] == 1.0
+    assert m2["first_error_f1"] == 1.0 and m2["auc"] == 1.0
+
+
+def test_the_file_round_trips_and_damage_is_refused(tmp_path):
+    v = train(synthetic(), TrainConfig(), {"delimiter": "\n", "features": {"model": {"fingerprint": "x"}}})
+    path = v.save(tmp_path / "v.npz")
+    assert path.name == "v.npz" and not (tmp_path / "v.npz.npz").exists()
+    back = Verifier.load(path)
+    X = synthetic(seed=2).X
+    assert np.array_equal(back.predict(X), v.predict(X)) and back.threshold == v.threshold
+    assert back.meta["train_problems"] == v.meta["train_problems"] and back.meta["delimiter"] == "\n"
+    data = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match="not a trained verifier"):
+        Verifier.load(tmp_path / "cut.npz")
+    with pytest.raises(InputError, match="no trained verifier"):
+        Verifier.load(tmp_path / "missing.npz")
+    (tmp_path / "other.npz").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(InputError, match="not a trained verifier"):
+        Verifier.load(tmp_path / "other.npz")
+
+
+class TextFeatures:
+    """Stands in for the model's hidden states: [number of 'good' steps so far, number of
+    'bad' steps so far, noise], so the maze's true success rate is a function of them."""
+
+    def __init__(self, model=None, n_threads=None):
+        from testtime.flops import Usage
+
+        self.usage = self.last_usage = Usage()
+        self.seen: list[str] = []
+
+    def identity(self):
+        return {"features": "text", "model": {"model": "fake", "fingerprint": "fake"}}
+
+    def features(self, question, steps, delimiter):
+        self.seen.append(question)
+        rows, good, bad = [], 0, 0
+        for s in steps:
+            good += "good" in s
+            bad += "bad" in s
+            h = int(hashlib.sha256(s.encode()).hexdigest()[:6], 16) / 16 ** 6
+            rows.append([good, bad, h])
+        return np.asarray(rows, float)
+
+    def close(self):
+        pass
+
+
+def test_train_on_the_maze_keeps_held_out_and_excluded_problems_out(tmp_path, monkeypatch):
+    import testtime.learned as learned
+    from testtime import api
+
+    monkeypatch.setattr(learned, "HiddenStates", TextFeatures)
+    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(20)]
+    train_task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
+    held_task = Task("maze2", {"name": "maze2"}, lambda limit: problems[15:][:limit], "plain", "math_answer")
+    ws = tmp_path / "ws"
+    eng = MazeEngine(depth=3, p_good=0.6)
+    with Store(ws) as store:
+        rid = draw_samples(store, train_task, eng, 6, SamplingParams(temperature=1.0), template="plain").run_id
+        other = draw_samples(store, held_task, eng, 2, SamplingParams(temperature=1.0), template="plain").run_id
+        label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+        label_run(store, other, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+    v = api.train_verifier([rid], tmp_path / "v.npz", holdout=0.25, exclude=[other], workspace=ws)
+    trained, held = v.problems, set(v.meta["heldout_problems"])
+    excluded = {problem_key(p.question) for p in problems[15:]}
+    assert not trained & held and not trained & excluded and len(held) == 4
+    assert trained | held | excluded == {problem_key(p.question) for p in problems}
+    assert v.meta["cv_auc"] > 0.9  # the maze's steps are separable by their good/bad counts
+    r = api.eval_verifier(tmp_path / "v.npz", rid, workspace=ws)
+    assert r["seen_problems_left_out"] == len(trained) and r["problems"] == 4 + 5  # held out, and excluded
+    assert r["step_accuracy"] > 0.8
+    r2 = api.eval_verifier(tmp_path / "v.npz", other, workspace=ws)
+    assert r2["seen_problems_left_out"] == 0 and r2["problems"] == 5
+    with pytest.raises(InputError, match="exists"):
+        api.train_verifier([rid], tmp_path / "v.npz", workspace=ws)
+    with pytest.raises(InputError, match="holdout"):
+        api.train_verifier([rid], tmp_path / "w.npz", holdout=1.0, workspace=ws)
+
+
+# ------------------------------------------------------------------ the embedded model
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_hidden_state_features_are_causal_and_reuse_the_questions_cache():
+    from testtime.learned import HiddenStates
+
+    f = HiddenStates()
+    try:
+        q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+        steps = ["Tom starts with 3 apples.", "He buys 4 more, so 3 + 4 = 7.", "The answer is 7."]
+        full = f.features(q, steps, "\n")
+        assert full.shape == (3, f.dim) and np.isfinite(full).all()
+        assert f.last_usage.prefill < f.last_usage.prompt  # the question's prompt was computed once, then shared
+        first_two = f.features(q, steps[:2], "\n")
+        np.testing.assert_allclose(first_two, full[:2], rtol=1e-3, atol=1e-3)  # later steps change nothing before
+        changed = f.features(q, steps[:2] + ["The answer is 8."], "\n")
+        np.testing.assert_allclose(changed[:2], full[:2], rtol=1e-3, atol=1e-3)
+        assert np.abs(changed[2] - full[2]).max() > 1e-2
+        other = f.features("Ann has 5 pens. She loses 2. How many are left?", steps, "\n")
+        assert np.abs(other[0] - full[0]).max() > 1e-2  # the question matters
+    finally:
+        f.close()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_trained_verifier_scores_a_run_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from testtime.cli import app
+    from testtime.learned import HiddenStates
+    from testtime.rewards import load_reward_model
+
+    f = HiddenStates()
+    ident, dim = f.identity(), f.dim
+    f.close()
+    data = synthetic(dim=dim)
+    v = train(data, TrainConfig(cs=(0.1,)), {"delimiter": "\n", "feature_model": None, "features": ident})
+    path = v.save(tmp_path / "v.npz")
+    ws = tmp_path / "ws"
+    res = CliRunner().invoke(app, ["sample", "-n", "3", "-l", "2", "--max-tokens", "48", "--strategy", "best_of_n",
+                                   "--prm", "trained", "--prm-arg", f"path={path}", "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    with Store(ws) as store:
+        rid = store.latest_run()
+        scorer = store.scorers(rid)[0]
+        scores = store.step_scores(rid, scorer)
+        assert len(scores) == 6 and all(0 <= x <= 1 for s in scores.values() for x in s)
+        assert sum(u.get("prefill", 0) for u in store.score_usage(rid).values()) > 0
+    meta = dict(v.meta, features={"model": {"model": "other.gguf", "fingerprint": "0" * 16}})
+    bad = Verifier(v.mean, v.scale, v.coef, v.intercept, v.threshold, meta).save(tmp_path / "bad.npz")
+    with pytest.raises(InputError, match="another model"):
+        load_reward_model("trained", path=str(bad))
+    with pytest.raises(InputError, match="needs its file"):
+        load_reward_model("trained")
+    assert json.loads(json.dumps(v.meta))  # the header is plain JSON
