@@ -9,10 +9,10 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
 2. **A verifier** (`testtime train-verifier`): logistic regression on the frozen
    model's hidden states at each step's end, fitted to the soft labels, plus the
    last step of every other graded training sample labelled by its verdict. The
-   regularisation and the decision threshold come from cross-validation grouped
-   by problem on the training problems only; any training problem whose text also
+   fit (pooled or within-problem), the regularisation and the decision threshold
+   come from cross-validation grouped by problem on the training problems only; any training problem whose text also
    occurs among the held-out problems is left out.
-3. **Held-out problems** (task seed 0): N samples each, step labels for up to
+3. **Held-out problems** (task seed 0, or `--eval-seed`): N samples each, step labels for up to
    `--eval-label-max` of them, and:
    - step metrics of the verifier against those labels: step accuracy, macro F1
      (good and bad steps' F1 averaged), AUC, and ProcessBench's first-error
@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--no-judge", action="store_true", help="skip best-of-N with the judge PRM")
     ap.add_argument("--compute-ratio", action="store_true", help="also run compute_optimal.py with the trained "
                     "verifier (its full mode: about an hour more)")
+    ap.add_argument("--eval-seed", type=int, default=0, help="task seed of the held-out problems (0: the problems "
+                    "of the other benchmarks; the training problems are seed 1)")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -104,7 +106,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ws = args.workspace
     train_run = sample(ws, 1, args.train_per_level, args.train_n)
-    eval_run = sample(ws, 0, args.per_level, args.n)
+    if args.eval_seed == 1:
+        raise SystemExit("--eval-seed 1 is the training problems' seed")
+    eval_run = sample(ws, args.eval_seed, args.per_level, args.n)
     label(ws, train_run, args.m, args.label_max)
     label(ws, eval_run, args.m, args.eval_label_max)
 
@@ -116,16 +120,18 @@ def main() -> None:
     m = v.meta
     print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
           f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['excluded_problems']} problems "
-          f"excluded as held out), C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy "
-          f"{m['cv_step_accuracy']:.3f}, macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f} "
-          f"({time.perf_counter() - t:.0f} s)", flush=True)
+          f"excluded as held out), {m['fit']} fit, C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step "
+          f"accuracy {m['cv_step_accuracy']:.3f}, macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within "
+          f"problems {m['cv_within_auc']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+    for name, figs in m["cv"].items():
+        print(f"  cv {name}: within-problem AUC {figs['within_auc']:.3f}, log loss {figs['log_loss']:.3f}")
 
     r = api.eval_verifier(path, eval_run, workspace=ws)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"held-out steps: {r['steps']} of {r['solutions']} solutions on {r['problems']} problems "
           f"({r['good_steps']} good; {r['seen_problems_left_out']} seen problems left out): step accuracy "
           f"{fmt(r['step_accuracy'])}, macro F1 {fmt(r['step_f1'])} (good {fmt(r['step_f1_good'])}, bad "
-          f"{fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])}; first error: {fmt(r['first_error_acc_erroneous'])} on "
+          f"{fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])} (within problems {fmt(r.get('within_auc'))}); first error: {fmt(r['first_error_acc_erroneous'])} on "
           f"solutions with one, {fmt(r['first_error_acc_correct'])} on those without, F1 {fmt(r['first_error_f1'])}",
           flush=True)
 
@@ -157,7 +163,8 @@ def main() -> None:
     beam = None
     if args.beam_n:
         t = time.perf_counter()
-        res = api.sample("arithmetic", n=args.beam_n, limit=len(LEVELS) * args.per_level, task_args={"levels": LEVELS},
+        res = api.sample("arithmetic", n=args.beam_n, limit=len(LEVELS) * args.per_level,
+                         task_args={"levels": LEVELS, "seed": args.eval_seed},
                          strategy="beam_search", strategy_args={"width": 4, "max_steps": 4, "step_tokens": 48},
                          prm="trained", prm_args={"path": str(path)}, params=SamplingParams(max_tokens=MAX_TOKENS),
                          workspace=ws)

@@ -46,7 +46,8 @@ def test_the_verifier_separates_a_planted_signal_and_learns_nothing_from_noise(t
     fresh = synthetic(seed=1)
     p = v.predict(fresh.X)
     assert auc(p, fresh.hard) > 0.8 and v.meta["cv_auc"] > 0.8
-    assert abs(np.corrcoef(p, fresh.X[:, 0])[0, 1]) > 0.9  # it found the planted feature
+    logit = np.log(p / (1 - p))
+    assert np.corrcoef(logit, fresh.X[:, 0])[0, 1] > 0.9  # it found the planted feature
     noise = synthetic(signal=0.0)
     v0 = train(noise, TrainConfig(target=target))
     assert abs(v0.meta["cv_auc"] - 0.5) < 0.1
@@ -216,3 +217,34 @@ def test_a_trained_verifier_scores_a_run_through_the_cli(tmp_path):
     with pytest.raises(InputError, match="needs its file"):
         load_reward_model("trained")
     assert json.loads(json.dumps(v.meta))  # the header is plain JSON
+
+
+def confounded(seed=0, n_problems=40, per=15):
+    """Feature 1 tells problems apart (their difficulty) and only adds noise within one;
+    feature 0 tells a problem's good steps from its bad ones."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_problems), per)
+    u = rng.normal(size=n_problems)[g]
+    X = np.stack([rng.normal(size=len(g)), u + 0.7 * rng.normal(size=len(g))], axis=1)
+    X = np.concatenate([X, rng.normal(size=(len(g), 6))], axis=1)
+    soft = rng.binomial(4, 1 / (1 + np.exp(-(3 * u + 1.0 * X[:, 0] - 1)))) / 4
+    return StepData(X, soft, np.arange(len(g)), np.zeros(len(g), int), [("r", "p", i) for i in range(len(g))], g,
+                    {f"k{i}": "q" for i in range(n_problems)})
+
+
+def test_the_within_problem_fit_wins_where_difficulty_confounds_the_pooled_one():
+    from testtime.learned import within_auc
+
+    data, fresh = confounded(), confounded(seed=1)
+    v = train(data)
+    assert v.meta["fit"] == "within"
+    pooled = train(data, TrainConfig(fits=("pooled",)))
+    assert pooled.meta["fit"] == "pooled"
+    got = within_auc(v.predict(fresh.X), fresh.hard, fresh.groups)
+    base = within_auc(pooled.predict(fresh.X), fresh.hard, fresh.groups)
+    assert got > base + 0.03
+    # still a probability that tracks the labels across problems (Platt-calibrated)
+    p = v.predict(fresh.X)
+    assert 0.5 * fresh.soft.mean() < p.mean() < 2 * fresh.soft.mean()
+    with pytest.raises(InputError, match="fits"):
+        train(data, TrainConfig(fits=("mixed",)))

@@ -645,8 +645,8 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
         m = v.meta
         auc = "n/a" if m["cv_auc"] is None else f"{m['cv_auc']:.3f}"
         out.print(f"{out_path}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
-                  f"{len(m['train_problems'])} problems ({m['good_steps']} good); C={m['c']}, threshold "
-                  f"{v.threshold:.3f}; cross-validated by problem: step accuracy {m['cv_step_accuracy']:.3f}, "
+                  f"{len(m['train_problems'])} problems ({m['good_steps']} good); {m['fit']} fit, C={m['c']}, "
+                  f"threshold {v.threshold:.3f}; cross-validated by problem: step accuracy {m['cv_step_accuracy']:.3f}, "
                   f"macro F1 {m['cv_step_f1']:.3f}, AUC {auc}; {len(m['heldout_problems'])} problems held out")
     except USER_ERRORS as e:
         _fail(e)
@@ -670,7 +670,8 @@ def eval_verifier(path: Path = typer.Argument(..., help="A verifier file from tr
         out.print(f"run {r['run_id']} ({r['labeler']}): {r['steps']} steps of {r['solutions']} solutions on "
                   f"{r['problems']} unseen problems ({r['seen_problems_left_out']} seen in training left out)")
         out.print(f"step accuracy {fmt(r['step_accuracy'])}, macro F1 {fmt(r['step_f1'])} (good {fmt(r['step_f1_good'])}, "
-                  f"bad {fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])}, log loss {fmt(r['log_loss'])}")
+                  f"bad {fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])} (within problems {fmt(r['within_auc'])}), "
+                  f"log loss {fmt(r['log_loss'])}")
         out.print(f"first error: accuracy {fmt(r['first_error_acc_erroneous'])} on solutions with one, "
                   f"{fmt(r['first_error_acc_correct'])} on those without, F1 {fmt(r['first_error_f1'])}")
     except USER_ERRORS as e:

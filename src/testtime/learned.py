@@ -11,9 +11,14 @@ samples of the same problem share the question's KV cache.
 Model: scikit-learn's logistic regression on standardised features, fitted to
 Monte Carlo step labels (`testtime.labels`): soft labels as weighted 0/1 rows
 (the cross-entropy against the fraction of verified rollouts), or hard labels.
-The regularisation C is chosen by cross-validation grouped by problem, and the
-decision threshold (for step accuracy and first-error location) on the same
-out-of-fold predictions, so the held-out figures are never fitted on.
+Two fits compete: pooled, and within-problem (features centred per problem, so
+the weights come from what tells a good step from a bad one *of the same
+problem*, not from what tells an easy problem from a hard one; its score is then
+calibrated to a probability). Selection ranks the candidates of one problem, so
+the fit and the regularisation C are chosen by how well their out-of-fold
+predictions (cross-validation grouped by problem) rank the solutions within each
+problem by their last step; the decision threshold (for step accuracy and first-error location)
+comes from the same predictions. Nothing is fitted on held-out problems.
 
 The saved file is a plain `.npz` (arrays and one JSON header; no pickle, so
 loading a file runs no code): scaler, weights, threshold, the feature model's
@@ -43,6 +48,7 @@ from .store import Store
 
 FORMAT = "testtime-verifier/1"
 TARGETS = ("soft", "hard")
+FITS = ("pooled", "within")
 
 
 def problem_key(question: str) -> str:
@@ -226,6 +232,8 @@ class TrainConfig:
     """soft: fit the fraction of verified rollouts; hard: whether any was verified."""
     cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     """Regularisation strengths to choose from by grouped cross-validation."""
+    fits: tuple[str, ...] = ("pooled", "within")
+    """Fits to choose from by cross-validation: pooled, and within-problem (`_fit_within`)."""
     folds: int = 5
     seed: int = 0
 
@@ -234,6 +242,8 @@ class TrainConfig:
             raise InputError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not self.cs or any(c <= 0 for c in self.cs):
             raise InputError(f"cs must be positive regularisation strengths, got {self.cs}")
+        if not self.fits or any(f not in FITS for f in self.fits):
+            raise InputError(f"fits must be among {', '.join(FITS)}, got {self.fits}")
         if self.folds < 2:
             raise InputError(f"folds must be >= 2, got {self.folds}")
 
@@ -344,8 +354,54 @@ class Verifier:
         return cls(arrays["mean"], arrays["scale"], arrays["coef"], float(arrays["intercept"]), float(threshold), header)
 
 
+def _demean(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each row minus the mean of its problem's rows."""
+    out = X.astype(float, copy=True)
+    for g in np.unique(groups):
+        m = groups == g
+        out[m] -= out[m].mean(axis=0)
+    return out
+
+
+def _fit_within(X: np.ndarray, soft: np.ndarray, groups: np.ndarray, target: str,
+                c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Weights from differences between steps of the same problem only (a fixed-effects
+    logistic regression: features centred per problem), so that what tells problems
+    apart (their difficulty) does not stand in for what tells a good step from a bad
+    one; then its score on raw features is calibrated to a probability (Platt)."""
+    _, scale, w, _ = _fit(_demean(X, groups), soft, target, c)
+    z = (X / scale) @ w
+    zm, zs, a, b = _fit(z[:, None], soft, target, 1e4)
+    k = float(a[0] / zs[0])
+    return np.zeros_like(scale), scale, w * k, float(b - k * zm[0])
+
+
+def within_auc(p: np.ndarray, hard: np.ndarray, groups: np.ndarray, rows: np.ndarray | None = None) -> float | None:
+    """Mean over problems (with both kinds of row) of the AUC among that problem's rows
+    (`rows`: a mask of the rows to rank, e.g. solutions' last steps): how well the
+    verifier ranks the candidates of one problem, which is what selection uses."""
+    keep = np.ones(len(p), bool) if rows is None else rows
+    vals = [_auc(p[keep & (groups == g)], hard[keep & (groups == g)]) for g in np.unique(groups[keep])]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def last_steps(data: "StepData") -> np.ndarray:
+    """Mask of each solution's last row: its final answer's label."""
+    mask = np.zeros(len(data.sample), bool)
+    last: dict[int, int] = {}
+    for r, s in enumerate(data.sample.tolist()):
+        last[s] = r
+    mask[list(last.values())] = True
+    return mask
+
+
 def train(data: StepData, cfg: TrainConfig = TrainConfig(), meta: dict[str, Any] | None = None) -> Verifier:
-    """Fit the verifier; C and the threshold from out-of-fold predictions grouped by problem."""
+    """Fit the verifier. Two fits compete, each at every C: pooled (all rows as they are)
+    and within-problem (`_fit_within`). Out-of-fold predictions, grouped by problem,
+    choose the fit and C by how well they rank the solutions of one problem by their
+    last step (`within_auc` over `last_steps`, as best-of-N does; log loss breaks
+    ties), and the threshold by macro F1 over every step."""
     from sklearn.model_selection import GroupKFold
 
     cfg.check()
@@ -355,31 +411,43 @@ def train(data: StepData, cfg: TrainConfig = TrainConfig(), meta: dict[str, Any]
     if folds < 2:
         raise InputError(f"the labels cover {n_groups} problem; cross-validation needs at least 2")
     splits = list(GroupKFold(n_splits=folds).split(data.X, groups=data.groups))
-    cv: dict[float, np.ndarray] = {}
-    for c in cfg.cs:
-        oof = np.full(len(data.soft), np.nan)
-        for tr, te in splits:
-            try:
-                oof[te] = _predict(data.X[te], *_fit(data.X[tr], data.soft[tr], cfg.target, c))
-            except InputError:  # a fold with one kind of label: predict the training mean
-                oof[te] = float(np.mean(data.soft[tr] > 0 if cfg.target == "hard" else data.soft[tr]))
-        cv[c] = oof
-    losses = {c: _log_loss(p, data.soft if cfg.target == "soft" else data.hard.astype(float)) for c, p in cv.items()}
-    c = min(losses, key=lambda k: (losses[k], k))
-    threshold = best_threshold(cv[c], data.hard)
-    mean, scale, coef, intercept = _fit(data.X, data.soft, cfg.target, c)
-    oof = cv[c]
+    truth = data.soft if cfg.target == "soft" else data.hard.astype(float)
+
+    def fit(kind: str, rows: np.ndarray, c: float):
+        if kind == "within":
+            return _fit_within(data.X[rows], data.soft[rows], data.groups[rows], cfg.target, c)
+        return _fit(data.X[rows], data.soft[rows], cfg.target, c)
+
+    cv: dict[tuple[str, float], np.ndarray] = {}
+    for kind in cfg.fits:
+        for c in cfg.cs:
+            oof = np.full(len(data.soft), np.nan)
+            for tr, te in splits:
+                try:
+                    oof[te] = _predict(data.X[te], *fit(kind, tr, c))
+                except InputError:  # a fold with one kind of label: predict the training mean
+                    oof[te] = float(np.mean(truth[tr]))
+            cv[kind, c] = oof
+    finals = last_steps(data)  # best-of-N ranks a problem's solutions by their last step's score
+    scores = {k: (within_auc(p, data.hard, data.groups, finals) or 0.5, -_log_loss(p, truth)) for k, p in cv.items()}
+    best = max(scores, key=lambda k: (scores[k], -k[1]))
+    kind, c = best
+    oof = cv[best]
+    threshold = best_threshold(oof, data.hard)
+    mean, scale, coef, intercept = fit(kind, np.arange(len(data.soft)), c)
     info = {
         "train_problems": sorted(data.problems),
         "train_solutions": len(data.solutions),
         "train_steps": int(len(data.soft)),
         "good_steps": int(data.hard.sum()),
-        "config": {**asdict(cfg), "cs": list(cfg.cs)},
+        "config": {**asdict(cfg), "cs": list(cfg.cs), "fits": list(cfg.fits)},
+        "fit": kind,
         "c": c,
-        "cv_log_loss": {str(k): v for k, v in losses.items()},
+        "cv": {f"{k}/C={cc}": {"within_auc": v[0], "log_loss": -v[1]} for (k, cc), v in scores.items()},
         "cv_step_accuracy": float(np.mean((oof >= threshold) == data.hard)),
         "cv_step_f1": macro_f1(data.hard, oof >= threshold),
         "cv_auc": _auc(oof, data.hard),
+        "cv_within_auc": within_auc(oof, data.hard, data.groups, finals),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return Verifier(mean, scale, coef, intercept, threshold, {**(meta or {}), **info})
@@ -431,6 +499,7 @@ def step_metrics(p: np.ndarray, data: StepData, threshold: float) -> dict[str, A
     return {"steps": int(len(p)), "solutions": len(first_true), "good_steps": int(hard.sum()),
             "step_accuracy": float(np.mean(pred_good == hard)), "step_f1": macro_f1(hard, pred_good),
             "step_f1_good": f1_score(hard, pred_good), "step_f1_bad": f1_score(~hard, ~pred_good),
-            "auc": _auc(p, hard), "log_loss": _log_loss(p, data.soft),
+            "auc": _auc(p, hard), "within_auc": within_auc(p, hard, data.groups, last_steps(data)),
+            "log_loss": _log_loss(p, data.soft),
             "first_error_acc_erroneous": acc_err, "first_error_acc_correct": acc_ok, "first_error_f1": both}
 
