@@ -141,14 +141,17 @@ def regrade(run_id: str, verifier: str | None = None, workspace: str | Path | No
         if store.read_only:
             raise InputError(f"workspace {store.workspace} is read-only; grading writes verdicts into it")
         rid = store.resolve_run(run_id)
-        if verifier is None:
-            problems = store.problems(rid)
-            verifier = "code" if problems and "tests" in problems[0]["meta"] else "math_answer"
-        v = load_verifier(verifier, **(verifier_args or {}))
+        v = load_verifier(verifier or _default_verifier(store, rid), **(verifier_args or {}))
         try:
             return grade(store, rid, v)
         finally:
             _close(v)
+
+
+def _default_verifier(store: Store, run_id: str) -> str:
+    """`code` for a run of code problems, else `math_answer`."""
+    problems = store.problems(run_id)
+    return "code" if problems and "tests" in (problems[0]["meta"] or {}) else "math_answer"
 
 
 def grading_info(run_id: str, verifier: str, workspace: str | Path | None = None) -> dict[str, Any] | None:
@@ -276,10 +279,7 @@ def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", selec
         if store.read_only:
             raise InputError(f"workspace {store.workspace} is read-only; labelling writes labels into it")
         rid = store.run_or_latest(run_id)
-        if verifier is None:
-            problems = store.problems(rid)
-            verifier = "code" if problems and "tests" in (problems[0]["meta"] or {}) else "math_answer"
-        v = load_verifier(verifier, **(verifier_args or {}))
+        v = load_verifier(verifier or _default_verifier(store, rid), **(verifier_args or {}))
         eargs = dict(engine_args or {})
         if isinstance(engine, str) and engine == "llamacpp":
             eargs = {"slots": 16, "max_prefixes": 48, **eargs}  # each sample's steps extend one another's prefixes

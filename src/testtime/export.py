@@ -45,13 +45,19 @@ from .store import Store
 REJECTABLE = ("fail", "error", "timeout", "memory")
 
 
-def _prompt_for(store: Store, run_id: str, drop_shots: bool):
+def run_template(store: Store, run_id: str, consequence: str):
+    """The run's prompt template, refusing one whose text has changed since the run."""
     spec = store.run_spec(run_id)
     tmpl = get_template(spec.template["name"])
     if tmpl.identity() != spec.template:
         raise InputError(f"run {run_id} used template {spec.template['name']!r} with hash {spec.template.get('sha')}, "
                          f"but the template now has hash {tmpl.identity()['sha']}: the prompt the model saw "
-                         "cannot be rebuilt, so the export would be wrong")
+                         f"cannot be rebuilt, so {consequence}")
+    return tmpl
+
+
+def _prompt_for(store: Store, run_id: str, drop_shots: bool):
+    tmpl = run_template(store, run_id, "the export would be wrong")
 
     def messages(question: str) -> list[dict[str, str]]:
         msgs = tmpl.messages(question)

@@ -28,9 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .engines.base import Engine, Request
 from .errors import InputError
-from .export import REJECTABLE
+from .export import REJECTABLE, run_template
 from .flops import Usage
-from .prompts import get_template
 from .rewards.base import split_steps
 from .runner import ENGINE_ENDED, grade, set_shapes
 from .spec import SamplingParams, sample_seed, stable_hash
@@ -139,11 +138,7 @@ def label_run(store: Store, run_id: str, engine: Engine, verifier: Verifier, cfg
     cfg.check()
     t0 = time.perf_counter()
     spec = store.run_spec(run_id)
-    tmpl = get_template(spec.template["name"])
-    if tmpl.identity() != spec.template:
-        raise InputError(f"run {run_id} used template {spec.template['name']!r} with hash {spec.template.get('sha')}, "
-                         f"but the template now has hash {tmpl.identity()['sha']}: the prompt the policy saw cannot "
-                         "be rebuilt, so rollouts would not continue it")
+    tmpl = run_template(store, run_id, "rollouts would not continue it")
     params = replace(spec.sampling, max_tokens=cfg.max_tokens or spec.sampling.max_tokens, logprobs=0)
     grade(store, run_id, verifier)
     info = labeler_info(engine, params, verifier.name, cfg)
