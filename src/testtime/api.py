@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +242,9 @@ def export(run_id: str, path: str | Path, fmt: str | None = None, workspace: str
     'sft' or 'dpo', its verified samples as training data in TRL's formats; 'prm'
     its Monte Carlo step labels (`label`) and 'orm' its outcome labels as stepwise
     supervision (see `testtime.export`); 'tpo' thought preference pairs from a rated
-    thought-format run (`testtime.tpo`, length penalty `rho`). An existing file is replaced only with `force`, and
-    the workspace's database (or its journal files) never, whatever `force` says."""
+    thought-format run (`testtime.tpo`, length penalty `rho`). An existing file is
+    replaced only with `force`, and the workspace's database (or its journal files)
+    never, whatever `force` says."""
     from .export import dpo_rows, orm_rows, prm_rows, sft_rows, write_jsonl
 
     with Store(workspace, create=False) as store:
@@ -322,7 +324,6 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
                              "one verifier learns one way of splitting steps")
         never = {problem_key(p["question"]) for r in (exclude or []) for p in store.problems(store.resolve_run(r))}
         questions = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)} - never
-        import random
         held = set(random.Random(f"holdout/{seed}").sample(sorted(questions), int(round(holdout * len(questions)))))
         features = HiddenStates(model, n_threads=n_threads)
         try:
