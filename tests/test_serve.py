@@ -277,6 +277,26 @@ def test_a_policy_picks_the_strategy_per_request_from_the_probe():
         make_app(engine, judge=judge, policy=old)
 
 
+def test_thought_response_answers_with_the_response_and_the_thought_as_reasoning(server):
+    client, _, _ = server
+    r = client.chat.completions.create(model="thought_response@3", messages=MSG, seed=2, max_tokens=32,
+                                       extra_body={"testtime": {"params": {"thought_tokens": 4}}})
+    msg = r.choices[0].message
+    thought = msg.model_extra["reasoning"]
+    # the toy engine's thought is cut at 4 words; the response is what followed the marker line
+    assert thought.startswith("Let me think") and len(thought.split()) == 4
+    assert msg.content.startswith("Let me think") and "Here is my response" not in msg.content + thought
+    assert sum(r.model_extra["testtime"]["decision"]["thought_ended"].values()) == 3
+    stream = client.chat.completions.create(model="thought_response@3", messages=MSG, seed=2, max_tokens=32,
+                                            stream=True, extra_body={"testtime": {"params": {"thought_tokens": 4}}})
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning", "") for d in deltas) == thought
+    assert "".join(d.content or "" for d in deltas) == msg.content
+    done = client.completions.create(model="thought_response@3", prompt="Say hi.", max_tokens=8,
+                                     extra_body={"testtime": {"params": {"thought_tokens": 4}}})
+    assert "Here is my response" not in done.choices[0].text
+
+
 def test_policy_requests_need_a_policy(server):
     client, _, _ = server
     with pytest.raises(openai.NotFoundError, match="no policy"):
@@ -291,7 +311,8 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
     asked = {"beam_search@4": {**step, "width": 2}, "dvts@4": {**step, "width": 2},
              "lookahead@4": {**step, "width": 2, "lookahead": 1}, "revision@4": {"sequential": 2},
              "repeated_sampling@3": {}, "majority@3": {}, "best_of_n@3": {},
-             "adaptive_consistency@4": {"threshold": 0.8}, "particle_filtering@4": step}
+             "adaptive_consistency@4": {"threshold": 0.8}, "particle_filtering@4": step,
+             "thought_response@2": {"thought_tokens": 8}}
     builtin = {s for s in STRATEGIES.names() if STRATEGIES.get(s).__module__.startswith("testtime.")}
     # a new built-in strategy gets a line here; the policy is served with the server's own file (below)
     assert {m.split("@")[0] for m in asked} == builtin - {"policy", "deepconf_online"}
@@ -304,7 +325,7 @@ def test_every_registered_strategy_is_servable_with_its_parameters(server):
         assert info["candidates"] >= 1 and r.usage.completion_tokens > 0, model
         judged = judge.scored > before
         # votes never ask the judge
-        assert judged == (model.split("@")[0] not in ("majority", "adaptive_consistency", "deepconf_online")), model
+        assert judged == (model.split("@")[0] not in ("majority", "adaptive_consistency", "thought_response")), model
     # deepconf_online needs an engine that can stop a sample on confidence: this server's (toy) cannot
     with pytest.raises(openai.BadRequestError, match="deepconf_online needs an engine with stops_on_confidence"):
         client.chat.completions.create(model="deepconf_online@4", messages=MSG)

@@ -13,7 +13,7 @@ from testtime import api
 from testtime.engines.base import Completion, TokenLogprob
 from testtime.errors import InputError
 from testtime.runner import draw_samples
-from testtime.spec import SamplingParams
+from testtime.spec import SamplingParams, SpecError
 from testtime.store import Store
 from testtime.tasks import load_task
 from testtime.tpo import ResponseJudge, expected_rating, judge_run, tpo_rows
@@ -66,6 +66,93 @@ class Judge:
 
     def close(self):
         pass
+
+
+class Thinker:
+    """Writes a thought, then (asked to go on after the marker line) a response. By seed:
+    0 writes the marker itself (the engine cuts it as a stop string), 1 ends its text
+    after a short thought, 2 thinks past any limit. Reads a lazy stream as engines do."""
+
+    name = "thinker"
+
+    def __init__(self):
+        self.requests = []
+
+    def identity(self):
+        return {"engine": "thinker"}
+
+    def generate(self, requests):
+        waited = False
+        for req in requests:
+            if req is None:
+                assert not waited, "the stream waited twice with nothing running"
+                waited = True
+                continue
+            waited = False
+            self.requests.append(req)
+            for i, seed in enumerate(req.seeds):
+                if req.continuation.endswith("Here is my response:\n"):
+                    words, reason, hit = ["Good", "point."] * (seed % 3 + 1), "stop", None
+                else:
+                    k = seed % 3
+                    words = [f"SECRET-PLAN-{k}:", "think", "it", "over."] + ["more"] * (50 if k == 2 else 0)
+                    reason, hit = "stop", None
+                    if k == 0:
+                        words += ["Here", "is", "my", "response:", "Hi"]
+                    text = " ".join(words)
+                    for s in req.params.stop:
+                        if s in text:
+                            words, hit = text[:text.index(s)].split(), s
+                    if len(words) > req.params.max_tokens:
+                        words, reason = words[:req.params.max_tokens], "length"
+                yield Completion(req.key, i, seed, " ".join(words), list(range(len(words))), 12,
+                                 0 if not req.continuation.endswith(":\n") else 10, reason, stop_hit=hit)
+
+    def close(self):
+        pass
+
+
+def test_thought_response_writes_the_format_the_model_forgets(tmp_path):
+    ws = tmp_path / "ws"
+    eng = Thinker()
+    r = api.sample("instructions", 6, 4, engine=eng, strategy="thought_response",
+                   strategy_args={"thought_tokens": 10}, params=SamplingParams(max_tokens=8), workspace=ws)
+    thoughts = [q for q in eng.requests if q.key[0] == "thought"]
+    responses = [q for q in eng.requests if q.key[0] == "response"]
+    assert len(thoughts) == 4 and len(responses) == 24
+    assert all(q.params.max_tokens == 10 and "Here is my response:" in q.params.stop and q.retain for q in thoughts)
+    assert all(q.params.max_tokens == 8 and "Here is my response:" in q.params.stop for q in responses)
+    with Store(ws) as store:
+        samples = list(store.samples(r.run_id))
+        decisions = store.decisions(r.run_id)
+        usage = store.usage(r.run_id)
+    assert len(samples) == 24
+    ends = {"marker": 0, "end_of_text": 0, "length": 0}
+    for s in samples:
+        thought, response = split_thought(s.text)
+        assert thought.startswith("SECRET-PLAN-") and response.startswith("Good point.")
+        assert s.text.count("Here is my response:") == 1  # the model's own marker was cut, one is written
+        k = s.seed % 3
+        ends[["marker", "end_of_text", "length"][k]] += 1
+        assert len(thought.split()) == (4 if k < 2 else 10)
+        assert s.completion_tokens == len(thought.split()) + len(response.split())
+        # the response continued the prompt's opening, the thought and the marker line
+        req = next(q for q in responses if q.key[1:] == (s.problem_id, s.sample_index))
+        assert req.continuation.endswith(thought + "\nHere is my response:\n") and req.seeds[0] != s.seed
+    for d in decisions.values():
+        assert sum(d["thought_ended"].values()) == 6 and d["thought_tokens"] == 10
+    assert {k: sum(d["thought_ended"].get(k, 0) for d in decisions.values()) for k in ends} == ends
+    assert all(v > 0 for v in ends.values())
+    total = sum(u["decode"] for u in usage.values())
+    assert total == sum(s.completion_tokens for s in samples)
+    # every output can be judged, so the export has a pair per instruction
+    res = api.judge_responses(r.run_id, engine=Judge(), workspace=ws)
+    assert res["rated"] == 24 and res["without_response"] == 0
+    rows = [json.loads(x) for x in open(api.export(r.run_id, tmp_path / "t.jsonl", "tpo", ws))]
+    assert len(rows) == 4
+    with pytest.raises(SpecError, match="thought_tokens"):
+        api.sample("instructions", 2, 1, engine=Thinker(), strategy="thought_response",
+                   strategy_args={"thought_tokens": 0}, workspace=ws)
 
 
 def test_expected_rating_reads_digits_only():
@@ -131,3 +218,40 @@ def test_instructions_file_errors_name_the_row(tmp_path):
     bad.write_text('{"instruction": "Say hi."}\n{"prompt": "x"}\n')
     with pytest.raises(InputError, match=r"i.jsonl:2: missing field 'instruction'"):
         load_task("instructions", path=str(bad)).problems()
+
+
+class Recorder:
+    """Passes everything to an engine and keeps its completions."""
+
+    def __init__(self, engine):
+        self.engine, self.name, self.completions = engine, engine.name, []
+
+    def identity(self):
+        return self.engine.identity()
+
+    def generate(self, requests):
+        for c in self.engine.generate(requests):
+            self.completions.append(c)
+            yield c
+
+    def close(self):
+        pass
+
+
+@pytest.mark.model
+def test_thought_response_on_the_embedded_model_reuses_the_thoughts_cache(engine, tmp_path):
+    rec = Recorder(engine)
+    r = api.sample("instructions", 2, 2, engine=rec, strategy="thought_response",
+                   strategy_args={"thought_tokens": 12}, params=SamplingParams(max_tokens=12), workspace=tmp_path)
+    thoughts = {(c.key[1], c.index): c for c in rec.completions if c.key[0] == "thought"}
+    responses = [c for c in rec.completions if c.key[0] == "response"]
+    assert len(thoughts) == 4 and len(responses) == 4
+    for c in responses:
+        t = thoughts[c.key[1], c.key[2]]
+        # the response's prompt is the thought's prompt, the thought and the marker line; all
+        # but the last few tokens were kept from the thought (re-tokenising may differ there)
+        assert c.prompt_tokens > t.prompt_tokens + t.completion_tokens
+        assert c.cached_tokens >= t.prompt_tokens + t.completion_tokens - 3
+    with Store(tmp_path) as store:
+        samples = store.samples(r.run_id)
+        assert len(samples) == 4 and all(s.text.count("Here is my response:") == 1 for s in samples)

@@ -4,6 +4,9 @@ instructions that have no verifier.
 1. `testtime sample -t instructions -n 8` (template `thought`): the model writes its
    thoughts, then the line "Here is my response:", then the response the user
    would see. The `response_format` verifier passes an output that has a response.
+   With `--strategy thought_response` the marker is written for the model once its
+   thought ends (`strategies.thought`), so a model too small to follow the format
+   still yields outputs to judge.
 2. `testtime judge-responses RUN`: a judge (any engine; an LLM-as-judge prompt
    written here) rates each *response* from 1 to 9. The judge never sees the
    thought: the point of TPO is that thoughts are optimised only through the

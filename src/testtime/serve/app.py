@@ -193,7 +193,9 @@ class Runner:
         pick = choose(strategy, candidates, self.keys, aggregation)
         answers = [self.keys.of_text(c.text) for c in candidates]
         chosen, best = answers[pick], candidates[pick]
-        job.result = {"text": best.text, "finish_reason": best.finish_reason if best.finish_reason in ("stop", "length")
+        split = getattr(STRATEGIES.get(strategy), "reply", None) if strategy in STRATEGIES else None
+        text, reasoning = split(best.text) if split is not None else (best.text, None)
+        job.result = {"text": text, **({"reasoning": reasoning} if reasoning else {}), "finish_reason": best.finish_reason if best.finish_reason in ("stop", "length")
                       else "stop", "votes": sum(k == chosen for k in answers) if chosen is not None else 0,
                       "candidates": len(answers), **(extra or {})}
 
@@ -217,7 +219,8 @@ def _testtime(job: Job) -> dict[str, Any]:
 
 def _reply(job: Job, rid: str, chat: bool) -> dict[str, Any]:
     r = job.result
-    choice = ({"index": 0, "message": {"role": "assistant", "content": r["text"]}} if chat else
+    message = {"role": "assistant", "content": r["text"], **({"reasoning": r["reasoning"]} if "reasoning" in r else {})}
+    choice = ({"index": 0, "message": message} if chat else
               {"index": 0, "text": r["text"]})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": job.model, "choices": [{**choice, "finish_reason": r["finish_reason"], "logprobs": None}],
@@ -442,6 +445,10 @@ class Server:
                 yield f"data: {json.dumps(_failure(error).body())}\n\n"
                 return
             text = job.result["text"]
+            if chat and "reasoning" in job.result:  # the thought of thought_response, before the answer
+                choice = {"index": 0, "delta": {"reasoning": job.result["reasoning"]}, "finish_reason": None,
+                          "logprobs": None}
+                yield f"data: {json.dumps(base | {'choices': [choice]})}\n\n"
             rest = text[len(sent):] if text.startswith(sent) else ""
             if rest:
                 yield chunk(rest)

@@ -5,7 +5,7 @@ strategy, and the defaults that name strategies live here and nowhere else.
 """
 
 from . import (adaptive, beam, best_of_n, deepconf, dvts, lookahead, majority, particles, policy,  # noqa: F401
-               revision, sampling)  # (importing them registers them)
+               revision, sampling, thought)  # (importing them registers them)
 from .base import (STRATEGIES, Candidate, ProblemResult, SearchContext, Strategy, StrategyParams, load_strategy,
                    strategy_params, trait)
 
