@@ -7,7 +7,8 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
    labels (`testtime label`, m rollouts from each step's prefix) for up to
    `--label-max` of those samples.
 2. **A verifier** (`testtime train-verifier`): logistic regression on the frozen
-   model's hidden states at each step's end, fitted to the soft labels, plus the
+   model's hidden states at each step's end (the final ones, or with `--layer` a
+   block's residual stream), fitted to the soft labels, plus the
    last step of every other graded training sample labelled by its verdict. The
    fit (pooled or within-problem), the regularisation and the decision threshold
    come from cross-validation grouped by problem on the training problems only; any training problem whose text also
@@ -32,7 +33,8 @@ weighted best-of-N minus majority at N on held-out problems (its paired 95% inte
 and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
 --compute-ratio ran. Quick mode: fewer problems and labels, no judge, no beam search.
 
-    python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--compute-ratio]
+    python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15]
+                                          [--compute-ratio]
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main() -> None:
                     "verifier (its full mode: about an hour more)")
     ap.add_argument("--eval-seed", type=int, default=0, help="task seed of the held-out problems (0: the problems "
                     "of the other benchmarks; the training problems are seed 1)")
+    ap.add_argument("--layer", type=int, action="append", default=[], help="features from this block's residual "
+                    "stream (repeatable; default: the final hidden state)")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -114,9 +118,10 @@ def main() -> None:
 
     with Store(ws) as store:
         root = Path(store.workspace)
-    path = root / f"verifier-{train_run}.npz"
+    tag = "".join(f"-l{i}" for i in args.layer)
+    path = root / f"verifier-{train_run}{tag}.npz"
     t = time.perf_counter()
-    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, workspace=ws)
+    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=args.layer, workspace=ws)
     m = v.meta
     print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
           f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['excluded_problems']} problems "

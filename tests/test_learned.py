@@ -14,8 +14,8 @@ import pytest
 from doubles import MazeEngine
 from testtime.errors import InputError
 from testtime.labels import LabelConfig, label_run
-from testtime.learned import (StepData, TrainConfig, Verifier, best_threshold, macro_f1, problem_key, step_metrics,
-                              train)
+from testtime.learned import (StepData, TrainConfig, Verifier, auto_layers, best_threshold, layer_columns, macro_f1,
+                              problem_key, step_metrics, train, train_choosing_layer)
 from testtime.runner import draw_samples
 from testtime.spec import SamplingParams
 from testtime.store import Store
@@ -53,6 +53,28 @@ def test_the_verifier_separates_a_planted_signal_and_learns_nothing_from_noise(t
     assert abs(v0.meta["cv_auc"] - 0.5) < 0.1
     # on noise it stays near its base rate: its scores spread far less than the signal's
     assert np.std(v0.predict(fresh.X)) < 0.25 * np.std(p)
+
+
+def as_layers(d: StepData, at: int, n_layers: int = 3, width: int = 6, seed: int = 0) -> StepData:
+    """`d`'s signal in the end-state block of layer `at` of `n_layers` read side by side
+    (ends of every layer, then means), noise everywhere else."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(len(d.soft), 2 * n_layers * width))
+    X[:, at * width:(at + 1) * width] = d.X[:, :width]
+    return StepData(X, d.soft, d.sample, d.step, d.solutions, d.groups, d.problems)
+
+
+def test_the_layer_is_chosen_by_cross_validation_on_the_training_data():
+    data = as_layers(synthetic(), at=1)
+    meta = {"features": {"features": "hidden_state_end_mean", "layers": [4, 9, 20], "model": {"fingerprint": "x"}}}
+    v = train_choosing_layer(data, (4, 9, 20), TrainConfig(cs=(0.1,)), meta)
+    assert v.meta["features"]["layers"] == [9] and len(v.coef) == 12
+    cv = v.meta["layer_cv"]
+    assert set(cv) == {"4", "9", "20"} and cv["9"]["within_auc"] > 0.8 > max(cv["4"]["within_auc"], cv["20"]["within_auc"])
+    fresh = layer_columns(as_layers(synthetic(seed=1), at=1, seed=1), 1, 3)
+    assert auc(v.predict(fresh.X), fresh.hard) > 0.8  # the saved weights read the chosen layer's columns
+    assert np.array_equal(layer_columns(data, 2, 3).X, np.c_[data.X[:, 12:18], data.X[:, 30:36]])
+    assert auto_layers(30) == (3, 7, 11, 15, 19, 23, 27, 29) and auto_layers(4) == (3,)
 
 
 def test_threshold_maximises_macro_f1_on_the_given_predictions():
@@ -102,26 +124,36 @@ def test_the_file_round_trips_and_damage_is_refused(tmp_path):
 
 class TextFeatures:
     """Stands in for the model's hidden states: [number of 'good' steps so far, number of
-    'bad' steps so far, noise], so the maze's true success rate is a function of them."""
+    'bad' steps so far, noise], so the maze's true success rate is a function of them.
+    Read by layers, only block 7 carries them; the others are noise."""
 
-    def __init__(self, model=None, n_threads=None):
+    SIGNAL_BLOCK = 7
+
+    def __init__(self, model=None, n_threads=None, layers=()):
         from testtime.flops import Usage
 
         self.usage = self.last_usage = Usage()
         self.seen: list[str] = []
+        self.layers = tuple(layers)
 
     def identity(self):
-        return {"features": "text", "model": {"model": "fake", "fingerprint": "fake"}}
+        return {"features": "text", **({"layers": list(self.layers)} if self.layers else {}),
+                "model": {"model": "fake", "fingerprint": "fake"}}
 
     def features(self, question, steps, delimiter):
         self.seen.append(question)
         rows, good, bad = [], 0, 0
-        for s in steps:
+        for k, s in enumerate(steps):
             good += "good" in s
             bad += "bad" in s
             h = int(hashlib.sha256(s.encode()).hexdigest()[:6], 16) / 16 ** 6
             rows.append([good, bad, h])
-        return np.asarray(rows, float)
+        rows = np.asarray(rows, float)
+        if not self.layers:
+            return rows
+        rng = np.random.default_rng(int(hashlib.sha256((question + "|".join(steps)).encode()).hexdigest()[:8], 16))
+        per = [rows if b == self.SIGNAL_BLOCK else rng.normal(size=rows.shape) for b in self.layers]
+        return np.concatenate(per + per, axis=1)  # every layer's end states, then every layer's means
 
     def close(self):
         pass
@@ -151,6 +183,12 @@ def test_train_on_the_maze_keeps_held_out_and_excluded_problems_out(tmp_path, mo
     r = api.eval_verifier(tmp_path / "v.npz", rid, workspace=ws)
     assert r["seen_problems_left_out"] == len(trained) and r["problems"] == 4 + 5  # held out, and excluded
     assert r["step_accuracy"] > 0.8
+    # --layer auto: the block whose verifier cross-validates best is kept, and read back alone
+    va = api.train_verifier([rid], tmp_path / "va.npz", holdout=0.25, exclude=[other], layers="auto", workspace=ws)
+    assert va.meta["features"]["layers"] == [TextFeatures.SIGNAL_BLOCK] and len(va.meta["layer_cv"]) == 8
+    assert api.eval_verifier(tmp_path / "va.npz", rid, workspace=ws)["step_accuracy"] > 0.8
+    with pytest.raises(InputError, match="'auto'"):
+        api.train_verifier([rid], tmp_path / "vb.npz", layers="middle", workspace=ws)
     r2 = api.eval_verifier(tmp_path / "v.npz", other, workspace=ws)
     assert r2["seen_problems_left_out"] == 0 and r2["problems"] == 5
     with pytest.raises(InputError, match="exists"):
@@ -183,6 +221,42 @@ def test_hidden_state_features_are_causal_and_reuse_the_questions_cache():
         assert np.abs(other[0] - full[0]).max() > 1e-2  # the question matters
     finally:
         f.close()
+
+
+@pytest.mark.model
+def test_middle_layer_features_are_read_from_the_graph():
+    from testtime.learned import HiddenStates, features_for
+
+    q = "Ann has 5 pens. She loses 2. How many are left?"
+    steps = ["She had 5 pens.", "5 - 2 = 3.", "The answer is 3."]
+    final = HiddenStates()
+    try:
+        want = final.features(q, steps, "\n")
+    finally:
+        final.close()
+    f = HiddenStates(layers=(29, 12))
+    try:
+        assert f.dim == 4 * 576 and f.identity()["layers"] == [29, 12]
+        got = f.features(q, steps, "\n")
+        assert got.shape == (3, f.dim)
+        # the last block's stream, RMS-normalised, is the final hidden state up to the
+        # norm's per-column weight: the ratio is one constant per column
+        last = got[:, :576]
+        ratio = want[:, :576] / (last / np.sqrt((last ** 2).mean(axis=1, keepdims=True) + 1e-5))
+        np.testing.assert_allclose(ratio, np.broadcast_to(ratio[0], ratio.shape), rtol=1e-3, atol=1e-4)
+        middle = got[:, 576:1152]
+        assert np.abs(middle - last).max() > 1.0  # block 12 is not block 29
+        np.testing.assert_allclose(f.features(q, steps[:2], "\n"), got[:2], rtol=1e-4, atol=1e-3)  # causal
+        meta = {"features": f.identity(), "feature_model": None}
+    finally:
+        f.close()
+    again = features_for(meta, "v.npz")
+    try:
+        assert again.layers == (29, 12)
+    finally:
+        again.close()
+    with pytest.raises(InputError, match="layers must be in 0..29"):
+        HiddenStates(layers=(30,))
 
 
 @pytest.mark.model

@@ -12,7 +12,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
@@ -295,15 +295,18 @@ def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", selec
 def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = None, target: str = "soft",
                    holdout: float = 0.0, seed: int = 0, model: str | Path | None = None, n_threads: int | None = None,
                    exclude: list[str] | None = None, outcomes: bool = True, force: bool = False,
-                   workspace: str | Path | None = None,
+                   layers: Sequence[int] | str = (), workspace: str | Path | None = None,
                    progress: Callable[[int], None] | None = None) -> Any:
     """Train a step verifier on the Monte Carlo labels of stored runs (`testtime.learned`)
     and save it to `path`. `holdout`: the fraction of the labelled problems (chosen by
     `seed`) kept out of training for `eval_verifier`; `exclude`: runs whose problems must
     never be trained on (an evaluation run); `outcomes`: add the final step of every graded
-    sample without step labels, labelled by its verdict. Returns the `learned.Verifier`."""
+    sample without step labels, labelled by its verdict; `layers`: features from these
+    blocks' residual streams instead of the final hidden state, or "auto": the block
+    whose verifier cross-validates best on the training problems (`learned.auto_layers`
+    are the candidates, read in one pass). Returns the `learned.Verifier`."""
     from .export import pick_labeler
-    from .learned import HiddenStates, TrainConfig, problem_key, step_data, train
+    from .learned import HiddenStates, TrainConfig, auto_layers, problem_key, step_data, train, train_choosing_layer
 
     cfg = TrainConfig(target=target, seed=seed)
     cfg.check()
@@ -311,6 +314,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         raise InputError(f"holdout must be in [0, 1), got {holdout}")
     if not runs:
         raise InputError("name at least one labelled run to train on")
+    if isinstance(layers, str) and layers != "auto":
+        raise InputError(f"layers must be block numbers or 'auto', got {layers!r}")
     with Store(workspace, create=False) as store:
         store.check_writable_target(path, force)
         sources, delimiters = [], set()
@@ -325,14 +330,20 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         never = {problem_key(p["question"]) for r in (exclude or []) for p in store.problems(store.resolve_run(r))}
         questions = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)} - never
         held = set(random.Random(f"holdout/{seed}").sample(sorted(questions), int(round(holdout * len(questions)))))
-        features = HiddenStates(model, n_threads=n_threads)
+        if layers == "auto":
+            from .engines._llama import resolve_model
+            from .flops import ModelShape
+
+            candidates = auto_layers(ModelShape.from_gguf(resolve_model(model)).n_layers)
+        features = HiddenStates(model, n_threads=n_threads, layers=candidates if layers == "auto" else layers)
         try:
             data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress)
             meta = {"delimiter": delimiters.pop(), "feature_model": None if model is None else str(model),
                     "features": features.identity(), "labels": [list(s) for s in sources],
                     "heldout_problems": sorted(held), "excluded_problems": len(never), "outcomes": outcomes,
                     "feature_usage": features.usage.to_dict()}
-            verifier = train(data, cfg, meta)
+            verifier = (train_choosing_layer(data, candidates, cfg, meta) if layers == "auto"
+                        else train(data, cfg, meta))
         finally:
             features.close()
         verifier.save(path)
@@ -344,7 +355,7 @@ def eval_verifier(path: str | Path, run_id: str, *, labeler: str | None = None, 
     """Step-level figures of a trained verifier on a labelled run's problems that it never
     saw in training (`learned.step_metrics`); problems it saw are left out and counted."""
     from .export import pick_labeler
-    from .learned import HiddenStates, Verifier, problem_key, step_data, step_metrics
+    from .learned import Verifier, features_for, problem_key, step_data, step_metrics
 
     v = Verifier.load(path)
     with Store(workspace, create=False) as store:
@@ -354,10 +365,8 @@ def eval_verifier(path: str | Path, run_id: str, *, labeler: str | None = None, 
             raise InputError(f"run {rid} was labelled with steps split on {info['delimiter']!r}; the verifier "
                              f"learned steps split on {v.meta['delimiter']!r}")
         seen = v.problems & {problem_key(p["question"]) for p in store.problems(rid)}
-        features = HiddenStates(model if model is not None else v.meta.get("feature_model"), n_threads=n_threads)
+        features = features_for(v.meta, path, model, n_threads)
         try:
-            if features.identity()["model"].get("fingerprint") != v.meta["features"]["model"].get("fingerprint"):
-                raise InputError(f"{path} was trained on another feature model's hidden states; give it with model=")
             data = step_data(store, [(rid, name)], features, exclude=seen)
         finally:
             features.close()

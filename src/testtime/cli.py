@@ -628,6 +628,9 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                    target: str = typer.Option("soft", help="soft (fraction of rollouts verified) or hard (any)"),
                    model: Optional[Path] = typer.Option(None, help="Feature model: GGUF file or smollm2-135m / "
                                                                    "gemma3-270m \\[default: smollm2-135m]"),
+                   layer: List[str] = typer.Option([], "--layer", help="Features from this block's residual "
+                                                   "stream (0-based; repeatable), or auto: the block that "
+                                                   "cross-validates best \\[default: the final hidden state]"),
                    threads: Optional[int] = typer.Option(None, help="CPU threads \\[default: all]"),
                    force: bool = typer.Option(False, "--force", help="Replace the file if it exists"),
                    workspace: Optional[Path] = WorkspaceOpt):
@@ -640,7 +643,7 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
             task_id = bar.add_task("features", total=None)
             v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
                                    model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
-                                   workspace=workspace,
+                                   layers=_layers(layer), workspace=workspace,
                                    progress=lambda k: bar.advance(task_id, k))
         m = v.meta
         auc = "n/a" if m["cv_auc"] is None else f"{m['cv_auc']:.3f}"
@@ -648,8 +651,21 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                   f"{len(m['train_problems'])} problems ({m['good_steps']} good); {m['fit']} fit, C={m['c']}, "
                   f"threshold {v.threshold:.3f}; cross-validated by problem: step accuracy {m['cv_step_accuracy']:.3f}, "
                   f"macro F1 {m['cv_step_f1']:.3f}, AUC {auc}; {len(m['heldout_problems'])} problems held out")
+        if "layer_cv" in m:
+            out.print(f"features from block {m['features']['layers'][0]}, chosen by cross-validated within-problem "
+                      "AUC: " + ", ".join(f"{k}: {f['within_auc']:.3f}" if f["within_auc"] is not None else f"{k}: n/a"
+                                          for k, f in m["layer_cv"].items()))
     except USER_ERRORS as e:
         _fail(e)
+
+
+def _layers(values: list[str]) -> tuple[int, ...] | str:
+    if values == ["auto"]:
+        return "auto"
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise InputError(f"--layer takes block numbers or auto (alone), got {' '.join(values)}") from None
 
 
 @app.command("eval-verifier")

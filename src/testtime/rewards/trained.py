@@ -29,7 +29,7 @@ class TrainedPRM:
 
     def __init__(self, path: str | Path | None = None, model: str | Path | None = None, n_threads: int | None = None):
         """path: the verifier file. model: its feature model [default: as named when it was trained]."""
-        from ..learned import HiddenStates, Verifier
+        from ..learned import Verifier, features_for
 
         if path is None:
             raise InputError("the trained reward model needs its file: --prm-arg path=verifier.npz "
@@ -38,15 +38,7 @@ class TrainedPRM:
         self.verifier = Verifier.load(self.path)
         meta = self.verifier.meta
         self.delimiter = meta["delimiter"]
-        self.features = HiddenStates(model if model is not None else meta.get("feature_model"), n_threads=n_threads)
-        want = meta["features"]["model"].get("fingerprint")
-        got = self.features.identity()["model"].get("fingerprint")
-        if want != got:
-            name = self.features.identity()["model"].get("model")
-            self.features.close()
-            raise InputError(f"{self.path} was trained on the hidden states of {meta['features']['model'].get('model')} "
-                             f"(fingerprint {want}); {name} (fingerprint {got}) is another model: give the same file "
-                             "with --prm-arg model=...")
+        self.features = features_for(meta, self.path, model, n_threads)
         with open(self.path, "rb") as f:
             self._sha = hashlib.sha256(f.read()).hexdigest()[:12]
         self._lock = threading.Lock()  # one llama.cpp context: concurrent requests take turns
