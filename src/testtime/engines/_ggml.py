@@ -81,7 +81,7 @@ def _ggml(llama_cpp: Any) -> ctypes.CDLL | None:
 @lru_cache(maxsize=1)
 def ggml_base(llama_cpp: Any) -> ctypes.CDLL:
     """libggml-base, as libllama loaded it: the tensor accessors the eval callback of
-    `_llama.LlamaModel(layer=...)` reads a layer's states with."""
+    `_llama.LlamaModel(layers=...)` reads the layers' states with."""
     path = _mapped("libggml-base.so") or str(lib_dir(llama_cpp) / "libggml-base.so")
     lib = ctypes.CDLL(path)
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
