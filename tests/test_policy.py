@@ -143,6 +143,9 @@ def test_budget_to_reach_interpolates_in_log2_n():
     assert budget_to_reach(curve, 0.35) == pytest.approx(2 ** 2.5)
     assert budget_to_reach(curve, 0.05) == 1.0
     assert budget_to_reach(curve, 0.5) is None
+    # the same accuracy summed in another order reaches itself (the policy tying best-of-N)
+    assert budget_to_reach({8: 0.05, 16: sum([0.1] * 3) / 3, 32: 0.0}, (0.1 + 0.1 + 0.1) / 3 + 1e-17) == 16.0
+    assert budget_to_reach({8: 0.05, 16: 0.0888888888888}, 0.0888888888889) == 16.0
 
 
 def test_accuracy_table_from_cells_averages_seeds():

@@ -254,10 +254,14 @@ def budget_to_reach(curve: Mapping[int, float | None], target: float) -> float |
     pts = sorted((int(n), float(a)) for n, a in curve.items() if a is not None)
     if not pts:
         return None
-    if pts[0][1] >= target:
+    # accuracies are means summed in different orders: equal ones may differ in the last bits
+    eps = 1e-9
+    if pts[0][1] >= target - eps:
         return float(pts[0][0])
     for (n0, a0), (n1, a1) in zip(pts, pts[1:]):
-        if a1 >= target > a0:
+        if a1 >= target - eps > a0:
+            if a1 <= target:
+                return float(n1)
             frac = (target - a0) / (a1 - a0)
             return float(2 ** (math.log2(n0) + frac * (math.log2(n1) - math.log2(n0))))
     return None
