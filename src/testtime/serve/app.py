@@ -195,7 +195,8 @@ class Runner:
         chosen, best = answers[pick], candidates[pick]
         split = getattr(STRATEGIES.get(strategy), "reply", None) if strategy in STRATEGIES else None
         text, reasoning = split(best.text) if split is not None else (best.text, None)
-        job.result = {"text": text, **({"reasoning": reasoning} if reasoning else {}), "finish_reason": best.finish_reason if best.finish_reason in ("stop", "length")
+        job.result = {"text": text, **({"reasoning": reasoning} if reasoning else {}),
+                      "finish_reason": best.finish_reason if best.finish_reason in ("stop", "length")
                       else "stop", "votes": sum(k == chosen for k in answers) if chosen is not None else 0,
                       "candidates": len(answers), **(extra or {})}
 
