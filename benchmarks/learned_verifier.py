@@ -119,13 +119,13 @@ def main() -> None:
     with Store(ws) as store:
         root = Path(store.workspace)
     tag = "".join(f"-l{i}" for i in args.layer)
-    path = root / f"verifier-{train_run}{tag}.npz"
+    path = root / f"verifier-{train_run}-not-{eval_run}{tag}.npz"  # one per held-out set: none overwrites another
     t = time.perf_counter()
     v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=args.layer, workspace=ws)
     m = v.meta
     print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
-          f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['excluded_problems']} problems "
-          f"excluded as held out), {m['fit']} fit, C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step "
+          f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
+          f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step "
           f"accuracy {m['cv_step_accuracy']:.3f}, macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within "
           f"problems {m['cv_within_auc']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
     for name, figs in m["cv"].items():

@@ -178,6 +178,7 @@ def test_train_on_the_maze_keeps_held_out_and_excluded_problems_out(tmp_path, mo
     trained, held = v.problems, set(v.meta["heldout_problems"])
     excluded = {problem_key(p.question) for p in problems[15:]}
     assert not trained & held and not trained & excluded and len(held) == 4
+    assert v.meta["excluded_problems"] == 5 and v.meta["dropped_problems"] == 5  # p15..p19 were in both runs
     assert trained | held | excluded == {problem_key(p.question) for p in problems}
     assert v.meta["cv_auc"] > 0.9  # the maze's steps are separable by their good/bad counts
     r = api.eval_verifier(tmp_path / "v.npz", rid, workspace=ws)

@@ -328,7 +328,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
             raise InputError(f"the runs were labelled with different step delimiters ({sorted(delimiters)!r}); "
                              "one verifier learns one way of splitting steps")
         never = {problem_key(p["question"]) for r in (exclude or []) for p in store.problems(store.resolve_run(r))}
-        questions = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)} - never
+        labelled = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)}
+        questions = labelled - never
         held = set(random.Random(f"holdout/{seed}").sample(sorted(questions), int(round(holdout * len(questions)))))
         if layers == "auto":
             from .engines._llama import resolve_model
@@ -340,7 +341,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
             data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress)
             meta = {"delimiter": delimiters.pop(), "feature_model": None if model is None else str(model),
                     "features": features.identity(), "labels": [list(s) for s in sources],
-                    "heldout_problems": sorted(held), "excluded_problems": len(never), "outcomes": outcomes,
+                    "heldout_problems": sorted(held), "excluded_problems": len(never),
+                    "dropped_problems": len(labelled & never), "outcomes": outcomes,
                     "feature_usage": features.usage.to_dict()}
             verifier = (train_choosing_layer(data, candidates, cfg, meta) if layers == "auto"
                         else train(data, cfg, meta))
