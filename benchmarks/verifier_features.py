@@ -17,8 +17,8 @@ Per solution, in rotation (so this machine's drift hits every side alike):
 - auto: `HiddenStates(layers=auto_layers(n))` (what `--layer auto` reads in one pass).
 
 Each prints tokens per second; the last line is `final_ratio=<raw s / final s>
-layer_ratio=<raw s / layer s> auto_ratio=<raw s / auto s>` (1.0: free; 0.5: twice
-raw's time).
+layer_ratio=<raw s / layer s> auto_ratio=<raw s / auto s>` (1.0: nothing beyond the forward
+pass; 0.5: twice raw's time).
 
     python benchmarks/verifier_features.py [--quick] [--problems 30] [--layer 7]
 """

@@ -251,6 +251,13 @@ def test_middle_layer_features_are_read_from_the_graph():
         meta = {"features": f.identity(), "feature_model": None}
     finally:
         f.close()
+    alone = HiddenStates(layers=(12,))  # no last block: decoded without outputs, same states
+    try:
+        assert not alone._outputs
+        np.testing.assert_allclose(alone.features(q, steps, "\n"), np.concatenate([middle, got[:, 1728:]], axis=1),
+                                   rtol=1e-4, atol=1e-3)
+    finally:
+        alone.close()
     again = features_for(meta, "v.npz")
     try:
         assert again.layers == (29, 12)

@@ -81,6 +81,10 @@ class HiddenStates:
         """Every token the feature model computed."""
         self.last_usage = Usage()
         self._head: list[int] = []  # the prompt whose KV cells sequence 0 holds
+        # outputs (the LM head's rows) are needed for the final state, and for the last
+        # block's stream, which llama.cpp cuts to the output rows; a middle block's
+        # stream holds every token anyway, so reading only those skips the LM head
+        self._outputs = not self.layers or self.llm.n_layer - 1 in self.layers
 
     def identity(self) -> dict[str, Any]:
         return {"features": "hidden_state_end_mean", **({"layers": list(self.layers)} if self.layers else {}),
@@ -140,8 +144,9 @@ class HiddenStates:
         out = []
         for i in range(len(head), len(full), n_batch):
             part = full[i:i + n_batch]
+            flags = np.ones(len(part), np.int8) if self._outputs else np.zeros(len(part), np.int8)
             llm.decode(np.asarray(part, np.int32), np.arange(i, i + len(part), dtype=np.int32),
-                       np.ones(len(part), np.int32), np.ones(len(part), np.int8))
+                       np.ones(len(part), np.int32), flags)
             out.append(llm.layer_states() if self.layers else llm.embeddings(len(part)))
         self.last_usage = Usage.of(len(full), len(head) if reused else 0, 0)
         self.usage += self.last_usage
