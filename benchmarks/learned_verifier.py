@@ -125,9 +125,10 @@ def main() -> None:
     m = v.meta
     print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
           f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
-          f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step "
-          f"accuracy {m['cv_step_accuracy']:.3f}, macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within "
-          f"problems {m['cv_within_auc']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+          f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, "
+          f"C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy {m['cv_step_accuracy']:.3f}, "
+          f"macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within problems {m['cv_within_auc']:.3f} "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
     for name, figs in m["cv"].items():
         print(f"  cv {name}: within-problem AUC {figs['within_auc']:.3f}, log loss {figs['log_loss']:.3f}")
 
