@@ -26,6 +26,7 @@ pass; 0.5: twice raw's time).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import numpy as np
@@ -86,8 +87,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.problems, args.n = 10, 4
-    import tempfile
-
     scratch = tempfile.TemporaryDirectory() if args.workspace is None else None
     ws = args.workspace or scratch.name
     t = time.perf_counter()
