@@ -8,7 +8,8 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
    `--label-max` of those samples.
 2. **A verifier** (`testtime train-verifier`): logistic regression on the frozen
    model's hidden states at each step's end (the final ones, or with `--layer` a
-   block's residual stream), fitted to the soft labels, plus the
+   block's residual stream; with `--feature-model` another frozen model's, such as
+   gemma3-270m reading the 135M policy's solutions), fitted to the soft labels, plus the
    last step of every other graded training sample labelled by its verdict. The
    fit (pooled or within-problem), the regularisation and the decision threshold
    come from cross-validation grouped by problem on the training problems only; any training problem whose text also
@@ -18,11 +19,15 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
    - step metrics of the verifier against those labels: step accuracy, macro F1
      (good and bad steps' F1 averaged), AUC, and ProcessBench's first-error
      accuracy;
+   - how well the last step's score ranks each problem's N samples by their
+     verdict (within-problem AUC over every held-out sample, not only the labelled
+     ones): the ranking that selection depends on;
    - selection at N: majority vote, best-of-N with the trained verifier weighted
      (each answer's scores summed) and naive (the top-scored sample), weighted
      best-of-N with the judge PRM (the same model asked "is this step correct?"),
      and pass@N, each the expectation over N-subsets of the drawn samples, with a
-     95% bootstrap interval over problems;
+     95% bootstrap interval over problems, and the paired difference from majority
+     with the problems won and lost;
    - beam search (width 4) steered by the trained verifier, live, at `--beam-n`;
    - with `--compute-ratio`: `compute_optimal.py --prm-path` with the trained
      verifier as its reward model (levels 1-5 seed 0; checked for overlap; its
@@ -33,8 +38,8 @@ weighted best-of-N minus majority at N on held-out problems (its paired 95% inte
 and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
 --compute-ratio ran. Quick mode: fewer problems and labels, no judge, no beam search.
 
-    python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15]
-                                          [--compute-ratio]
+    python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15 | auto]
+                                          [--feature-model gemma3-270m] [--compute-ratio]
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ import numpy as np
 
 from selection_signals import interval, per_problem
 from testtime import SamplingParams, api
-from testtime.analysis import selected
+from testtime.analysis import graded_samples, selected
 from testtime.engines.llamacpp import LlamaCppEngine
+from testtime.learned import within_auc
 from testtime.rewards.judge import JudgePRM
 from testtime.rewards.trained import TrainedPRM
 from testtime.runner import score_samples, scorer_name
@@ -78,6 +84,23 @@ def label(workspace, run_id, m, max_samples):
     return res.labeler
 
 
+def ranking(store, run_id, ids, scores, n):
+    """How well the last step's score ranks one problem's first n samples by their verdict
+    (the within-problem AUC, on every held-out sample, not only the step-labelled ones), and
+    on how many problems it can matter (some right and some wrong samples)."""
+    graded = graded_samples(store, run_id, "math_answer")
+    p, y, g = [], [], []
+    for k, pid in enumerate(ids):
+        for i, _, ok in sorted(graded.get(pid, [])):
+            if i < n:
+                p.append((scores.get((pid, i)) or [0.0])[-1])
+                y.append(bool(ok))
+                g.append(k)
+    p, y, g = np.asarray(p), np.asarray(y), np.asarray(g)
+    mixed = sum(1 for k in np.unique(g) if 0 < y[g == k].mean() < 1)
+    return within_auc(p, y, g), mixed
+
+
 def row(name, values):
     lo, hi = interval(values)
     print(f"{name:34s} {values.mean():.3f}   [{lo:.3f}, {hi:.3f}]")
@@ -100,13 +123,22 @@ def main() -> None:
                     "verifier (its full mode: about an hour more)")
     ap.add_argument("--eval-seed", type=int, default=0, help="task seed of the held-out problems (0: the problems "
                     "of the other benchmarks; the training problems are seed 1)")
-    ap.add_argument("--layer", type=int, action="append", default=[], help="features from this block's residual "
-                    "stream (repeatable; default: the final hidden state)")
+    ap.add_argument("--layer", action="append", default=[], help="features from this block's residual stream "
+                    "(repeatable; 'auto': the block that cross-validates best on the training problems; default: "
+                    "the final hidden state)")
+    ap.add_argument("--feature-model", default=None, help="the frozen model whose states are the features (GGUF "
+                    "file, or gemma3-270m; default: the policy, smollm2-135m); the policy stays smollm2-135m")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.quick:
         args.per_level, args.train_per_level, args.label_max, args.eval_label_max = 5, 8, 80, 30
         args.beam_n, args.no_judge = 0, True
+    if "auto" in args.layer and len(args.layer) > 1:
+        raise SystemExit("--layer auto chooses one block; give it alone")
+    try:
+        layers = "auto" if args.layer == ["auto"] else [int(x) for x in args.layer]
+    except ValueError:
+        raise SystemExit(f"--layer takes block numbers or 'auto', got {args.layer}") from None
     t0 = time.perf_counter()
     ws = args.workspace
     train_run = sample(ws, 1, args.train_per_level, args.train_n)
@@ -119,11 +151,16 @@ def main() -> None:
     with Store(ws) as store:
         root = Path(store.workspace)
     tag = "".join(f"-l{i}" for i in args.layer)
+    if args.feature_model:
+        tag += "-" + Path(args.feature_model).stem
     path = root / f"verifier-{train_run}-not-{eval_run}{tag}.npz"  # one per held-out set: none overwrites another
     t = time.perf_counter()
-    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=args.layer, workspace=ws)
+    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=layers, model=args.feature_model,
+                           workspace=ws)
     m = v.meta
-    print(f"verifier {path.name}: {m['train_steps']} steps of {m['train_solutions']} solutions on "
+    chosen = m["features"].get("layers")
+    print(f"verifier {path.name}: features of {m['features']['model'].get('model')}"
+          f"{f' block {chosen}' if chosen else ''}; {m['train_steps']} steps of {m['train_solutions']} solutions on "
           f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
           f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, "
           f"C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy {m['cv_step_accuracy']:.3f}, "
@@ -137,7 +174,8 @@ def main() -> None:
     print(f"held-out steps: {r['steps']} of {r['solutions']} solutions on {r['problems']} problems "
           f"({r['good_steps']} good; {r['seen_problems_left_out']} seen problems left out): step accuracy "
           f"{fmt(r['step_accuracy'])}, macro F1 {fmt(r['step_f1'])} (good {fmt(r['step_f1_good'])}, bad "
-          f"{fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])} (within problems {fmt(r.get('within_auc'))}); first error: {fmt(r['first_error_acc_erroneous'])} on "
+          f"{fmt(r['step_f1_bad'])}), AUC {fmt(r['auc'])} (within problems {fmt(r.get('within_auc'))}); "
+          f"first error: {fmt(r['first_error_acc_erroneous'])} on "
           f"solutions with one, {fmt(r['first_error_acc_correct'])} on those without, F1 {fmt(r['first_error_f1'])}",
           flush=True)
 
@@ -150,6 +188,9 @@ def main() -> None:
         print(f"trained verifier scored the held-out samples: {trained.usage.prefill:,} prompt tokens computed "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
         trained.close()
+        auc, mixed = ranking(store, eval_run, ids, scores, args.n)
+        print(f"trained verifier, last step vs verdict on all held-out samples: within-problem AUC {fmt(auc)} "
+              f"over the {mixed} problems with right and wrong samples", flush=True)
         table = {
             "majority": per_problem(store, eval_run, ids, None, "vote", 1.0, args.n),
             "trained, weighted best-of-N": per_problem(store, eval_run, ids, scores, "weighted", 1.0, args.n),
@@ -188,7 +229,8 @@ def main() -> None:
     for kind in ("naive", "weighted"):
         diff = table[f"trained, {kind} best-of-N"] - table["majority"]
         lo, hi = interval(diff)
-        print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired)")
+        print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired; "
+              f"{(diff > 0).sum()} problems won, {(diff < 0).sum()} lost)")
     gain = table["trained, weighted best-of-N"] - table["majority"]
 
     ratio = "n/a"

