@@ -128,6 +128,10 @@ def main() -> None:
                     "the final hidden state)")
     ap.add_argument("--feature-model", default=None, help="the frozen model whose states are the features (GGUF "
                     "file, or gemma3-270m; default: the policy, smollm2-135m); the policy stays smollm2-135m")
+    ap.add_argument("--kind", choices=("probe", "finetune"), default="probe", help="probe: logistic regression on "
+                    "a frozen model's states; finetune: the policy's weights fine-tuned with a value head (torch)")
+    ap.add_argument("--epochs", type=int, default=3, help="finetune: epochs (the best on the dev problems is kept)")
+    ap.add_argument("--lr", type=float, default=2e-5, help="finetune: learning rate of the body")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -153,21 +157,41 @@ def main() -> None:
     tag = "".join(f"-l{i}" for i in args.layer)
     if args.feature_model:
         tag += "-" + Path(args.feature_model).stem
-    path = root / f"verifier-{train_run}-not-{eval_run}{tag}.npz"  # one per held-out set: none overwrites another
+    if args.kind == "finetune":
+        if layers:
+            raise SystemExit("--layer chooses a frozen model's features; --kind finetune reads the last hidden state")
+        tag += f"-ft-e{args.epochs}-lr{args.lr:g}"
+    suffix = ".safetensors" if args.kind == "finetune" else ".npz"
+    path = root / f"verifier-{train_run}-not-{eval_run}{tag}{suffix}"  # one per held-out set: none overwrites another
     t = time.perf_counter()
-    v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=layers, model=args.feature_model,
-                           workspace=ws)
+    if args.kind == "finetune":
+        v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, model=args.feature_model,
+                               kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr}, workspace=ws,
+                               log=lambda line: print("  " + line, flush=True))
+        m = v.meta
+        print(f"verifier {path.name}: {m['features']['model'].get('model')} fine-tuned with a value head on "
+              f"{m['train_steps']} steps of {m['train_solutions'] + m['dev_solutions']} solutions on "
+              f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
+              f"problems dropped as they are among the {m['excluded_problems']} held out); epoch "
+              f"{m['chosen_epoch']} of {len(m['epochs'])} kept by the {len(m['dev_problems'])} dev problems' "
+              f"within-problem AUC {m['dev_within_auc']:.3f}, threshold {v.threshold:.3f}, dev step accuracy "
+              f"{m['dev_step_accuracy']:.3f}, macro F1 {m['dev_step_f1']:.3f} ({time.perf_counter() - t:.0f} s)",
+              flush=True)
+    else:
+        v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=layers,
+                               model=args.feature_model, workspace=ws)
     m = v.meta
     chosen = m["features"].get("layers")
-    print(f"verifier {path.name}: features of {m['features']['model'].get('model')}"
-          f"{f' block {chosen}' if chosen else ''}; {m['train_steps']} steps of {m['train_solutions']} solutions on "
-          f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
-          f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, "
-          f"C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy {m['cv_step_accuracy']:.3f}, "
-          f"macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within problems {m['cv_within_auc']:.3f} "
-          f"({time.perf_counter() - t:.0f} s)", flush=True)
-    for name, figs in m["cv"].items():
-        print(f"  cv {name}: within-problem AUC {figs['within_auc']:.3f}, log loss {figs['log_loss']:.3f}")
+    if args.kind == "probe":
+        print(f"verifier {path.name}: features of {m['features']['model'].get('model')}"
+              f"{f' block {chosen}' if chosen else ''}; {m['train_steps']} steps of {m['train_solutions']} solutions on "
+              f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
+              f"problems dropped as they are among the {m['excluded_problems']} held out), {m['fit']} fit, "
+              f"C={m['c']}, threshold {v.threshold:.3f}; cross-validated: step accuracy {m['cv_step_accuracy']:.3f}, "
+              f"macro F1 {m['cv_step_f1']:.3f}, AUC {m['cv_auc']:.3f}, within problems {m['cv_within_auc']:.3f} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        for name, figs in m["cv"].items():
+            print(f"  cv {name}: within-problem AUC {figs['within_auc']:.3f}, log loss {figs['log_loss']:.3f}")
 
     r = api.eval_verifier(path, eval_run, workspace=ws)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731

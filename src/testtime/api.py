@@ -295,19 +295,27 @@ def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", selec
 def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = None, target: str = "soft",
                    holdout: float = 0.0, seed: int = 0, model: str | Path | None = None, n_threads: int | None = None,
                    exclude: list[str] | None = None, outcomes: bool = True, force: bool = False,
-                   layers: Sequence[int] | str = (), workspace: str | Path | None = None,
-                   progress: Callable[[int], None] | None = None) -> Any:
-    """Train a step verifier on the Monte Carlo labels of stored runs (`testtime.learned`)
-    and save it to `path`. `holdout`: the fraction of the labelled problems (chosen by
-    `seed`) kept out of training for `eval_verifier`; `exclude`: runs whose problems must
-    never be trained on (an evaluation run); `outcomes`: add the final step of every graded
-    sample without step labels, labelled by its verdict; `layers`: features from these
-    blocks' residual streams instead of the final hidden state, or "auto": the block
-    whose verifier cross-validates best on the training problems (`learned.auto_layers`
-    are the candidates, read in one pass). Returns the `learned.Verifier`."""
+                   layers: Sequence[int] | str = (), kind: str = "probe", finetune: dict[str, Any] | None = None,
+                   device: str | None = None, workspace: str | Path | None = None,
+                   progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> Any:
+    """Train a step verifier on the Monte Carlo labels of stored runs and save it to `path`.
+    `kind`: "probe", a logistic regression on a frozen model's hidden states
+    (`testtime.learned`; `layers`: features from these blocks' residual streams instead of
+    the final hidden state, or "auto": the block whose verifier cross-validates best on
+    the training problems, `learned.auto_layers` the candidates, read in one pass); or
+    "finetune", the model itself fine-tuned with a value head (`testtime.finetune`;
+    `finetune`: `FinetuneConfig` fields such as epochs and lr; `device`: torch's;
+    `log`: a line per epoch). `holdout`: the fraction of the labelled problems (chosen
+    by `seed`) kept out of training for `eval_verifier`; `exclude`: runs whose problems
+    must never be trained on (an evaluation run); `outcomes`: add the final step of every
+    graded sample without step labels, labelled by its verdict. Returns the verifier
+    (`learned.Verifier` or `finetune.FineTuned`)."""
     from .export import pick_labeler
-    from .learned import HiddenStates, TrainConfig, auto_layers, problem_key, step_data, train, train_choosing_layer
+    from .learned import (HiddenStates, TrainConfig, auto_layers, labelled_solutions, problem_key, step_data, train,
+                          train_choosing_layer)
 
+    if kind not in ("probe", "finetune"):
+        raise InputError(f"kind must be probe or finetune, got {kind!r}")
     cfg = TrainConfig(target=target, seed=seed)
     cfg.check()
     if not 0 <= holdout < 1:
@@ -316,6 +324,10 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         raise InputError("name at least one labelled run to train on")
     if isinstance(layers, str) and layers != "auto":
         raise InputError(f"layers must be block numbers or 'auto', got {layers!r}")
+    if kind == "finetune" and layers:
+        raise InputError("layers choose a frozen model's features; a fine-tuned verifier reads its last hidden state")
+    if kind == "probe" and (finetune or device):
+        raise InputError("fine-tuning settings (finetune, device) need kind='finetune'")
     with Store(workspace, create=False) as store:
         store.check_writable_target(path, force)
         sources, delimiters = [], set()
@@ -331,6 +343,28 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         labelled = {problem_key(p["question"]) for rid, _ in sources for p in store.problems(rid)}
         questions = labelled - never
         held = set(random.Random(f"holdout/{seed}").sample(sorted(questions), int(round(holdout * len(questions)))))
+        delimiter = delimiters.pop()
+        meta = {"delimiter": delimiter, "feature_model": None if model is None else str(model),
+                "labels": [list(s) for s in sources], "heldout_problems": sorted(held),
+                "excluded_problems": len(never), "dropped_problems": len(labelled & never), "outcomes": outcomes}
+        if kind == "finetune":
+            from .finetune import FinetuneConfig, finetune as fine_tune
+
+            if target != "soft":
+                raise InputError("a fine-tuned verifier learns the soft labels (target='soft')")
+            fields = set(FinetuneConfig.__dataclass_fields__)
+            unknown = sorted(set(finetune or {}) - fields)
+            if unknown:
+                raise InputError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+            ft_cfg = FinetuneConfig(**{"seed": seed, **(finetune or {})})
+            sols = list(labelled_solutions(store, sources, exclude=never | held, outcomes=outcomes))
+            verifier = fine_tune(sols, delimiter, ft_cfg, meta, model=model, n_threads=n_threads, device=device,
+                                 log=log)
+            try:
+                verifier.save(path)
+            finally:
+                verifier.close()
+            return verifier
         if layers == "auto":
             from .engines._llama import resolve_model
             from .flops import ModelShape
@@ -339,11 +373,7 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         features = HiddenStates(model, n_threads=n_threads, layers=candidates if layers == "auto" else layers)
         try:
             data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress)
-            meta = {"delimiter": delimiters.pop(), "feature_model": None if model is None else str(model),
-                    "features": features.identity(), "labels": [list(s) for s in sources],
-                    "heldout_problems": sorted(held), "excluded_problems": len(never),
-                    "dropped_problems": len(labelled & never), "outcomes": outcomes,
-                    "feature_usage": features.usage.to_dict()}
+            meta.update(features=features.identity(), feature_usage=features.usage.to_dict())
             verifier = (train_choosing_layer(data, candidates, cfg, meta) if layers == "auto"
                         else train(data, cfg, meta))
         finally:
@@ -357,18 +387,17 @@ def eval_verifier(path: str | Path, run_id: str, *, labeler: str | None = None, 
     """Step-level figures of a trained verifier on a labelled run's problems that it never
     saw in training (`learned.step_metrics`); problems it saw are left out and counted."""
     from .export import pick_labeler
-    from .learned import Verifier, features_for, problem_key, step_data, step_metrics
+    from .learned import open_verifier, problem_key, step_data, step_metrics
 
-    v = Verifier.load(path)
     with Store(workspace, create=False) as store:
         rid = store.resolve_run(run_id)
         name, info = pick_labeler(store, rid, labeler)
-        if info["delimiter"] != v.meta["delimiter"]:
-            raise InputError(f"run {rid} was labelled with steps split on {info['delimiter']!r}; the verifier "
-                             f"learned steps split on {v.meta['delimiter']!r}")
-        seen = v.problems & {problem_key(p["question"]) for p in store.problems(rid)}
-        features = features_for(v.meta, path, model, n_threads)
+        v, features = open_verifier(path, model, n_threads)
         try:
+            if info["delimiter"] != v.meta["delimiter"]:
+                raise InputError(f"run {rid} was labelled with steps split on {info['delimiter']!r}; the verifier "
+                                 f"learned steps split on {v.meta['delimiter']!r}")
+            seen = v.problems & {problem_key(p["question"]) for p in store.problems(rid)}
             data = step_data(store, [(rid, name)], features, exclude=seen)
         finally:
             features.close()

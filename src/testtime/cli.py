@@ -616,7 +616,8 @@ def label(run_id: Optional[str] = typer.Argument(None, help="Run id, unique pref
 
 @app.command("train-verifier")
 def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to learn from (ids, prefixes or labels)"),
-                   out_path: Path = typer.Option(..., "--out", "-o", help="Where to save the verifier (.npz)"),
+                   out_path: Path = typer.Option(..., "--out", "-o", help="Where to save the verifier (.npz for a "
+                                                                          "probe, .safetensors for a fine-tune)"),
                    labeler: Optional[str] = typer.Option(None, help="Which step labels \\[default: each run's only ones]"),
                    holdout: float = typer.Option(0.0, help="Fraction of the problems kept out of training, for "
                                                            "eval-verifier"),
@@ -631,19 +632,48 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                    layer: List[str] = typer.Option([], "--layer", help="Features from this block's residual "
                                                    "stream (0-based; repeatable), or auto: the block that "
                                                    "cross-validates best \\[default: the final hidden state]"),
+                   kind: str = typer.Option("probe", help="probe: logistic regression on the frozen model's "
+                                                          "states; finetune: the model itself fine-tuned with a "
+                                                          "value head (needs torch: testtime[finetune])"),
+                   epochs: int = typer.Option(3, help="finetune: epochs (the one whose predictions rank the dev "
+                                                      "problems' solutions best is kept)"),
+                   lr: float = typer.Option(2e-5, help="finetune: learning rate of the model's weights"),
+                   dev: float = typer.Option(0.2, help="finetune: fraction of the training problems kept out of "
+                                                       "the gradient to choose the epoch and threshold"),
+                   device: Optional[str] = typer.Option(None, help="finetune: torch device \\[default: cuda if "
+                                                                   "available, else cpu]"),
                    threads: Optional[int] = typer.Option(None, help="CPU threads \\[default: all]"),
                    force: bool = typer.Option(False, "--force", help="Replace the file if it exists"),
                    workspace: Optional[Path] = WorkspaceOpt):
-    """Train a step verifier on a CPU from Monte Carlo step labels (testtime label): a
-    logistic regression on the frozen model's hidden states at each step's end. Use it
-    with --prm trained --prm-arg path=FILE."""
+    """Train a step verifier from Monte Carlo step labels (testtime label): a logistic
+    regression on the frozen model's hidden states at each step's end (--kind probe,
+    minutes on a CPU), or the model fine-tuned with a value head (--kind finetune, a
+    process reward model; tens of minutes on a CPU). Use it with --prm trained
+    --prm-arg path=FILE."""
     try:
+        if kind == "finetune":
+            v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
+                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
+                                   layers=_layers(layer), kind=kind,
+                                   finetune={"epochs": epochs, "lr": lr, "dev": dev}, device=device,
+                                   workspace=workspace, log=lambda line: console.print(line))
+            m = v.meta
+            out.print(f"{out_path}: {m['features']['model'].get('model')} fine-tuned on {m['train_steps']} steps of "
+                      f"{m['train_solutions'] + m['dev_solutions']} solutions on {len(m['train_problems'])} problems "
+                      f"({m['good_steps']} good); epoch {m['chosen_epoch']} kept, threshold {v.threshold:.3f}"
+                      + (f"; on the {len(m['dev_problems'])} dev problems: within-problem AUC "
+                         f"{m['dev_within_auc']:.3f}, step accuracy {m['dev_step_accuracy']:.3f}, macro F1 "
+                         f"{m['dev_step_f1']:.3f}" if m["dev_problems"] else "")
+                      + f"; {len(m['heldout_problems'])} problems held out")
+            return
+        if (epochs, lr, dev, device) != (3, 2e-5, 0.2, None):
+            raise InputError("--epochs, --lr, --dev and --device are fine-tuning settings: add --kind finetune")
         with Progress(TextColumn("reading solutions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task_id = bar.add_task("features", total=None)
             v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
                                    model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
-                                   layers=_layers(layer), workspace=workspace,
+                                   layers=_layers(layer), kind=kind, workspace=workspace,
                                    progress=lambda k: bar.advance(task_id, k))
         m = v.meta
         auc = "n/a" if m["cv_auc"] is None else f"{m['cv_auc']:.3f}"

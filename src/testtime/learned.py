@@ -36,7 +36,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,23 +104,15 @@ class HiddenStates:
         self.last_usage = Usage()
         if not steps:
             return np.zeros((0, self.dim), np.float32)
-        head = self._tokens(question, "")
-        full = self._tokens(question, delimiter.join(steps))
-        if full[:len(head)] != head:  # a template that renders an empty answer differently
-            head = head[:_common(head, full)]
+        head, full, ends = step_layout(self._tokens, question, steps, delimiter)
         limit = self.engine.seq_ctx
         if len(full) > limit:
             raise InputError(f"a solution of {len(full)} tokens (with its question) exceeds the feature model's "
                              f"{limit}-token context; raise seq_ctx")
-        ends = []
-        for k in range(len(steps)):
-            toks = self._tokens(question, delimiter.join(steps[:k + 1]))
-            ends.append(max(len(head), _common(toks, full)) - 1)
         states = self._states(head, full)  # hidden states of full[len(head):]
         rows = np.zeros((len(steps), self.dim), np.float32)
         start = len(head)
         for k, end in enumerate(ends):
-            end = max(end, start)
             block = states[start - len(head):end - len(head) + 1]
             rows[k, :self.width] = states[end - len(head)]
             rows[k, self.width:] = block.mean(axis=0)
@@ -174,12 +166,46 @@ def features_for(meta: dict[str, Any], source: str | Path, model: str | Path | N
     return f
 
 
+def open_verifier(path: str | Path, model: str | Path | None = None, n_threads: int | None = None) -> tuple[Any, Any]:
+    """(verifier, features) of a trained verifier file of either kind (this module's `.npz`,
+    or `testtime.finetune`'s safetensors): `features.features(question, steps, delimiter)`
+    gives the rows that `verifier.predict` turns into step scores; close `features` when
+    done. `model`: another copy of the model it was trained on."""
+    from .finetune import FineTuned, is_finetuned
+
+    if is_finetuned(path):
+        v = FineTuned.load(path, model, n_threads)
+        return v, v
+    v = Verifier.load(path)
+    return v, features_for(v.meta, path, model, n_threads)
+
+
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
             return i
     return n
+
+
+def step_layout(tokens: Callable[[str, str], list[int]], question: str, steps: Sequence[str],
+                delimiter: str) -> tuple[list[int], list[int], list[int]]:
+    """Where a solution's steps end in its tokens: (the prompt's tokens, the whole
+    rendering's tokens, the index in the latter of each step's last token). `tokens`
+    renders (question, answer text) in the model's chat format. A step's end is where
+    the rendering of the steps up to it stops agreeing with the whole one, never
+    inside the prompt, and after the previous step's end while tokens remain."""
+    head = tokens(question, "")
+    full = tokens(question, delimiter.join(steps))
+    if full[:len(head)] != head:  # a template that renders an empty answer differently
+        head = head[:_common(head, full)]
+    ends, start = [], len(head)
+    for k in range(len(steps)):
+        toks = tokens(question, delimiter.join(steps[:k + 1]))
+        end = max(max(len(head), _common(toks, full)) - 1, start)  # every step keeps a token of its own
+        ends.append(end)
+        start = end + 1 if end + 1 < len(full) else end
+    return head, full, ends
 
 
 # -- data -----------------------------------------------------------------------
@@ -206,16 +232,31 @@ class StepData:
         return self.soft > 0
 
 
-def step_data(store: Store, sources: Sequence[tuple[str, str]], features: HiddenStates,
-              exclude: Iterable[str] = (), outcomes: bool = False, progress: Any = None) -> StepData:
-    """Features and labels of the labelled samples of (run id, labeler) pairs, leaving out
-    problems whose key is in `exclude`. `outcomes`: also the last step of every graded
-    sample without step labels, labelled by its verdict (outcome supervision, free)."""
+@dataclass
+class Labelled:
+    """One solution to learn from or to evaluate on: its steps and their labels."""
+
+    run_id: str
+    problem_id: str
+    sample_index: int
+    question: str
+    key: str
+    """`problem_key(question)`."""
+    steps: list[str]
+    soft: list[float]
+    """Per step, the fraction of its rollouts that were verified; for an outcome-only
+    solution one value, its verdict, which belongs to its last step."""
+    only_last: bool
+
+
+def labelled_solutions(store: Store, sources: Sequence[tuple[str, str]], exclude: Iterable[str] = (),
+                       outcomes: bool = False) -> Iterator[Labelled]:
+    """The labelled samples of (run id, labeler) pairs, leaving out problems whose key is in
+    `exclude`. `outcomes`: also every graded sample without step labels, its last step
+    labelled by its verdict (outcome supervision, free)."""
     from .export import REJECTABLE
 
     skip = set(exclude)
-    X, soft, sample, step, groups, sols, problems = [], [], [], [], [], [], {}
-    group_ids: dict[str, int] = {}
     for run_id, labeler in sources:
         info = store.labelers(run_id).get(labeler)
         if info is None:
@@ -241,17 +282,29 @@ def step_data(store: Store, sources: Sequence[tuple[str, str]], features: Hidden
             elif len(steps) != len(rows):
                 raise InputError(f"run {run_id} sample {s.problem_id}/{s.sample_index}: {len(steps)} steps but "
                                  f"{len(rows)} labels (labeler {labeler})")
-            problems[key] = q
-            g = group_ids.setdefault(key, len(group_ids))
-            feats = features.features(q, steps, info["delimiter"])
-            X.append(feats[-1:] if only_last else feats)
-            soft.extend(p / r for r, p in rows)
-            sample.extend([len(sols)] * len(rows))
-            step.extend([len(steps) - 1] if only_last else range(len(rows)))
-            groups.extend([g] * len(rows))
-            sols.append((run_id, s.problem_id, s.sample_index))
-            if progress:
-                progress(1)
+            yield Labelled(run_id, s.problem_id, s.sample_index, q, key, steps, [p / r for r, p in rows], only_last)
+
+
+def step_data(store: Store, sources: Sequence[tuple[str, str]], features: Any,
+              exclude: Iterable[str] = (), outcomes: bool = False, progress: Any = None) -> StepData:
+    """Features and labels of `labelled_solutions(store, sources, exclude, outcomes)`, a row
+    per labelled step; `features` has `features(question, steps, delimiter)` (a
+    `HiddenStates`; or a `finetune.FineTuned`, whose one column is its score)."""
+    X, soft, sample, step, groups, sols, problems = [], [], [], [], [], [], {}
+    group_ids: dict[str, int] = {}
+    delimiters = {run_id: store.labelers(run_id).get(labeler, {}).get("delimiter") for run_id, labeler in sources}
+    for sol in labelled_solutions(store, sources, exclude, outcomes):
+        problems[sol.key] = sol.question
+        g = group_ids.setdefault(sol.key, len(group_ids))
+        feats = features.features(sol.question, sol.steps, delimiters[sol.run_id])
+        X.append(feats[-1:] if sol.only_last else feats)
+        soft.extend(sol.soft)
+        sample.extend([len(sols)] * len(sol.soft))
+        step.extend([len(sol.steps) - 1] if sol.only_last else range(len(sol.soft)))
+        groups.extend([g] * len(sol.soft))
+        sols.append((sol.run_id, sol.problem_id, sol.sample_index))
+        if progress:
+            progress(1)
     if not sols:
         raise InputError("no labelled samples to learn from (label a run first: testtime label RUN)")
     return StepData(np.concatenate(X), np.asarray(soft, float), np.asarray(sample), np.asarray(step),

@@ -3,12 +3,14 @@ as a reward model, for every selector and search strategy:
 
     --prm trained --prm-arg path=verifier.npz
 
-A step's score is the verifier's P(the step leads to a verified answer), from the
-frozen feature model's hidden states. The feature model must be the file the
-verifier was trained with (checked by fingerprint); it is found as it was named
-at training time, or given with `--prm-arg model=...`. Scoring costs one forward
-pass over each solution (the question's tokens shared between samples of one
-problem), counted in `usage` like a judge's.
+A step's score is the verifier's P(the step leads to a verified answer): from the
+frozen feature model's hidden states (an `.npz` file, `testtime.learned`), or from a
+fine-tuned model's value head (a safetensors file, `testtime.finetune`; needs torch).
+The model must be the file the verifier was trained with (checked by fingerprint);
+it is found as it was named at training time, or given with `--prm-arg model=...`.
+Scoring costs one forward pass over each solution (for the frozen features, the
+question's tokens shared between samples of one problem; a fine-tuned verifier
+scores the items of one call in batches), counted in `usage` like a judge's.
 """
 
 from __future__ import annotations
@@ -29,16 +31,14 @@ class TrainedPRM:
 
     def __init__(self, path: str | Path | None = None, model: str | Path | None = None, n_threads: int | None = None):
         """path: the verifier file. model: its feature model [default: as named when it was trained]."""
-        from ..learned import Verifier, features_for
+        from ..learned import open_verifier
 
         if path is None:
             raise InputError("the trained reward model needs its file: --prm-arg path=verifier.npz "
                              "(made by testtime train-verifier)")
         self.path = Path(path)
-        self.verifier = Verifier.load(self.path)
-        meta = self.verifier.meta
-        self.delimiter = meta["delimiter"]
-        self.features = features_for(meta, self.path, model, n_threads)
+        self.verifier, self.features = open_verifier(self.path, model, n_threads)
+        self.delimiter = self.verifier.meta["delimiter"]
         with open(self.path, "rb") as f:
             self._sha = hashlib.sha256(f.read()).hexdigest()[:12]
         self._lock = threading.Lock()  # one llama.cpp context: concurrent requests take turns
@@ -52,6 +52,16 @@ class TrainedPRM:
         return self.features.shape()
 
     def score(self, items: Sequence[Scoring]) -> list[list[float]]:
+        if hasattr(self.features, "scores"):  # a fine-tuned verifier scores a batch in one pass
+            todo = [k for k, it in enumerate(items) if it.steps[it.known:]]
+            with self._lock:
+                got = self.features.scores([(items[k].question, items[k].steps) for k in todo], self.delimiter)
+                used = self.features.last_usage
+            self.usage += used
+            out: list[list[float]] = [[] for _ in items]
+            for k, p in zip(todo, got):
+                out[k] = [float(v) for v in p[items[k].known:]]
+            return out
         out = []
         for it in items:
             if not it.steps[it.known:]:

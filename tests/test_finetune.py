@@ -1,0 +1,117 @@
+"""The fine-tuned verifier (issue 14): the embedded model, fine-tuned with a value head
+on the maze's Monte Carlo labels, learns which steps are bad from their text alone; the
+split rules hold; its file round-trips to the same scores and refuses damage and another
+model; it scores through the reward-model protocol and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from doubles import MazeEngine
+from testtime.errors import InputError
+from testtime.finetune import FinetuneConfig, is_finetuned
+from testtime.labels import LabelConfig, label_run
+from testtime.learned import Verifier, problem_key
+from testtime.runner import draw_samples
+from testtime.spec import SamplingParams
+from testtime.store import Store
+from testtime.tasks.base import Problem, Task
+from testtime.verifiers.math_answer import MathAnswerVerifier
+
+
+def test_the_two_file_formats_are_told_apart(tmp_path):
+    npz = Verifier(np.zeros(2), np.ones(2), np.ones(2), 0.0, 0.5, {"delimiter": "\n"}).save(tmp_path / "v.npz")
+    assert not is_finetuned(npz)
+    st = tmp_path / "v.safetensors"
+    header = json.dumps({"__metadata__": {"testtime": "{}"}}).encode()
+    st.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert is_finetuned(st)
+    (tmp_path / "junk").write_bytes(b"hello")
+    assert not is_finetuned(tmp_path / "junk") and not is_finetuned(tmp_path / "missing")
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    from testtime import api
+
+    with pytest.raises(InputError, match="kind"):
+        api.train_verifier(["r"], tmp_path / "v", kind="lora", workspace=tmp_path)
+    with pytest.raises(InputError, match="fine-tuned verifier reads"):
+        api.train_verifier(["r"], tmp_path / "v", layers=[3], kind="finetune", workspace=tmp_path)
+    with pytest.raises(InputError, match="kind='finetune'"):
+        api.train_verifier(["r"], tmp_path / "v", finetune={"epochs": 2}, workspace=tmp_path)
+    for bad in ({"epochs": 0}, {"lr": 0}, {"dev": 1.0}, {"batch": 0}):
+        with pytest.raises(InputError):
+            FinetuneConfig(**bad).check()
+
+
+def maze_workspace(tmp_path):
+    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(16)]
+    train_task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
+    held_task = Task("maze2", {"name": "maze2"}, lambda limit: problems[12:][:limit], "plain", "math_answer")
+    ws = tmp_path / "ws"
+    eng = MazeEngine(depth=3, p_good=0.6)
+    with Store(ws) as store:
+        rid = draw_samples(store, train_task, eng, 4, SamplingParams(temperature=1.0), template="plain").run_id
+        other = draw_samples(store, held_task, eng, 4, SamplingParams(temperature=1.0), template="plain").run_id
+        label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+        label_run(store, other, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+    return problems, ws, rid, other
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_fine_tuned_on_the_maze_it_learns_bad_steps_from_their_text(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from testtime import api
+    from testtime.finetune import FineTuned
+    from testtime.rewards import load_reward_model
+    from testtime.rewards.base import Scoring
+
+    problems, ws, rid, other = maze_workspace(tmp_path)
+    path = tmp_path / "v.safetensors"
+    lines = []
+    v = api.train_verifier([rid], path, holdout=0.25, exclude=[other], kind="finetune",
+                           finetune={"epochs": 2, "dev": 0.25, "lr": 5e-5, "batch": 4}, workspace=ws,
+                           log=lines.append)
+    m = v.meta
+    trained, held, dev = v.problems, set(m["heldout_problems"]), set(m["dev_problems"])
+    excluded = {problem_key(p.question) for p in problems[12:]}
+    assert not trained & held and not trained & excluded and len(held) == 3 and dev <= trained and len(dev) == 2
+    assert trained | held | excluded == {problem_key(p.question) for p in problems}
+    assert len(lines) == 2 and len(m["epochs"]) == 2 and m["chosen_epoch"] in (1, 2)
+    assert m["features"]["features"] == "finetuned_value_head" and m["kind"] == "finetune"
+    assert is_finetuned(path)
+
+    # the problems it never trained on: a bad step scores below a good one
+    r = api.eval_verifier(path, rid, workspace=ws)
+    assert r["seen_problems_left_out"] == len(trained) and r["problems"] == 3 + 4  # held out, and excluded
+    assert r["auc"] > 0.9, r
+
+    prm = load_reward_model("trained", path=str(path))
+    assert prm.identity()["features"]["features"] == "finetuned_value_head"
+    items = [Scoring("maze 14", ["step 0: good", "step 1: good", "step 2: good", "The answer is 1."], 0),
+             Scoring("maze 14", ["step 0: good", "step 1: bad", "step 2: good", "The answer is 0."], 1),
+             Scoring("maze 14", [], 0)]
+    got = prm.score(items)
+    assert len(got[0]) == 4 and len(got[1]) == 3 and got[2] == []  # `known` steps are not scored again
+    assert got[1][0] < got[0][1] and got[1][-1] < got[0][-1]
+    assert prm.usage.prefill > 0
+    prm.close()
+
+    # the file gives the same scores when loaded again; damage and another model are refused
+    again = FineTuned.load(path)
+    same = again.scores([(s.question, s.steps) for s in items[:2]], "\n\n")
+    assert np.allclose(same[0], got[0], atol=1e-5) and np.allclose(same[1][1:], got[1], atol=1e-5)
+    again.close()
+    with pytest.raises(InputError, match="another model"):
+        FineTuned.load(path, model="gemma3-270m")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[: 1 << 20])
+    with pytest.raises(InputError, match="not a fine-tuned verifier"):
+        FineTuned.load(damaged)
+    with pytest.raises(InputError, match="exists"):
+        api.train_verifier([rid], path, kind="finetune", workspace=ws)
