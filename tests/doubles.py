@@ -11,6 +11,29 @@ from testtime.engines.base import Completion, Request
 from testtime.rewards.base import split_steps
 
 
+def labelled_maze_runs(ws, n_problems: int, held_from: int, n: int, n_held: int) -> tuple[list, str, str]:
+    """Two labelled maze runs in workspace `ws`: problems 0..n_problems-1 with n samples each,
+    and problems held_from.. (an evaluation run, overlapping the first) with n_held each;
+    Monte Carlo labels (m=8) on both. Returns (problems, run id, evaluation run id)."""
+    from testtime.labels import LabelConfig, label_run
+    from testtime.runner import draw_samples
+    from testtime.spec import SamplingParams
+    from testtime.store import Store
+    from testtime.tasks.base import Problem, Task
+    from testtime.verifiers.math_answer import MathAnswerVerifier
+
+    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(n_problems)]
+    train_task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
+    held_task = Task("maze2", {"name": "maze2"}, lambda limit: problems[held_from:][:limit], "plain", "math_answer")
+    eng = MazeEngine(depth=3, p_good=0.6)
+    with Store(ws) as store:
+        rid = draw_samples(store, train_task, eng, n, SamplingParams(temperature=1.0), template="plain").run_id
+        other = draw_samples(store, held_task, eng, n_held, SamplingParams(temperature=1.0), template="plain").run_id
+        label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+        label_run(store, other, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+    return problems, rid, other
+
+
 def _u(*parts) -> float:
     h = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") / 2 ** 64

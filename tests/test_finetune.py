@@ -10,16 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from doubles import MazeEngine
+from doubles import labelled_maze_runs
 from testtime.errors import InputError
 from testtime.finetune import FinetuneConfig, is_finetuned
-from testtime.labels import LabelConfig, label_run
 from testtime.learned import Verifier, problem_key
-from testtime.runner import draw_samples
-from testtime.spec import SamplingParams
-from testtime.store import Store
-from testtime.tasks.base import Problem, Task
-from testtime.verifiers.math_answer import MathAnswerVerifier
 
 
 def test_the_two_file_formats_are_told_apart(tmp_path):
@@ -47,20 +41,6 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
             FinetuneConfig(**bad).check()
 
 
-def maze_workspace(tmp_path):
-    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(16)]
-    train_task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
-    held_task = Task("maze2", {"name": "maze2"}, lambda limit: problems[12:][:limit], "plain", "math_answer")
-    ws = tmp_path / "ws"
-    eng = MazeEngine(depth=3, p_good=0.6)
-    with Store(ws) as store:
-        rid = draw_samples(store, train_task, eng, 4, SamplingParams(temperature=1.0), template="plain").run_id
-        other = draw_samples(store, held_task, eng, 4, SamplingParams(temperature=1.0), template="plain").run_id
-        label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
-        label_run(store, other, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
-    return problems, ws, rid, other
-
-
 @pytest.mark.model
 @pytest.mark.slow
 def test_fine_tuned_on_the_maze_it_learns_bad_steps_from_their_text(tmp_path):
@@ -71,7 +51,8 @@ def test_fine_tuned_on_the_maze_it_learns_bad_steps_from_their_text(tmp_path):
     from testtime.rewards import load_reward_model
     from testtime.rewards.base import Scoring
 
-    problems, ws, rid, other = maze_workspace(tmp_path)
+    ws = tmp_path / "ws"
+    problems, rid, other = labelled_maze_runs(ws, 16, 12, 4, 4)
     path = tmp_path / "v.safetensors"
     lines = []
     v = api.train_verifier([rid], path, holdout=0.25, exclude=[other], kind="finetune",

@@ -11,16 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from doubles import MazeEngine
+from doubles import labelled_maze_runs
 from testtime.errors import InputError
-from testtime.labels import LabelConfig, label_run
 from testtime.learned import (StepData, TrainConfig, Verifier, auto_layers, best_threshold, layer_columns, macro_f1,
                               problem_key, step_metrics, train, train_choosing_layer)
-from testtime.runner import draw_samples
-from testtime.spec import SamplingParams
 from testtime.store import Store
-from testtime.tasks.base import Problem, Task
-from testtime.verifiers.math_answer import MathAnswerVerifier
 
 
 def synthetic(n_problems=40, per=15, dim=12, signal=3.0, seed=0) -> StepData:
@@ -164,16 +159,8 @@ def test_train_on_the_maze_keeps_held_out_and_excluded_problems_out(tmp_path, mo
     from testtime import api
 
     monkeypatch.setattr(learned, "HiddenStates", TextFeatures)
-    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(20)]
-    train_task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
-    held_task = Task("maze2", {"name": "maze2"}, lambda limit: problems[15:][:limit], "plain", "math_answer")
     ws = tmp_path / "ws"
-    eng = MazeEngine(depth=3, p_good=0.6)
-    with Store(ws) as store:
-        rid = draw_samples(store, train_task, eng, 6, SamplingParams(temperature=1.0), template="plain").run_id
-        other = draw_samples(store, held_task, eng, 2, SamplingParams(temperature=1.0), template="plain").run_id
-        label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
-        label_run(store, other, eng, MathAnswerVerifier(), LabelConfig(m=8, delimiter="\n\n"))
+    problems, rid, other = labelled_maze_runs(ws, 20, 15, 6, 2)
     v = api.train_verifier([rid], tmp_path / "v.npz", holdout=0.25, exclude=[other], workspace=ws)
     trained, held = v.problems, set(v.meta["heldout_problems"])
     excluded = {problem_key(p.question) for p in problems[15:]}
