@@ -40,7 +40,7 @@ class TrainedPRM:
         self.verifier, self.features = open_verifier(self.path, model, n_threads)
         self.delimiter = self.verifier.meta["delimiter"]
         with open(self.path, "rb") as f:
-            self._sha = hashlib.sha256(f.read()).hexdigest()[:12]
+            self._sha = hashlib.file_digest(f, "sha256").hexdigest()[:12]  # in chunks: a fine-tune is 200 MB
         self._lock = threading.Lock()  # one llama.cpp context: concurrent requests take turns
         self.usage = Usage()
         """Every token the feature model computed for this reward model."""
