@@ -39,7 +39,8 @@ and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
 --compute-ratio ran. Quick mode: fewer problems and labels, no judge, no beam search.
 
     python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15 | auto]
-                                          [--feature-model gemma3-270m] [--compute-ratio]
+                                          [--feature-model gemma3-270m] [--kind finetune] [--compute-ratio]
+    python benchmarks/learned_verifier.py --verifier FILE [--eval-seed 6] [--beam-n 8]   # evaluate a stored one
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from selection_signals import interval, per_problem
 from testtime import SamplingParams, api
 from testtime.analysis import graded_samples, selected
 from testtime.engines.llamacpp import LlamaCppEngine
-from testtime.learned import within_auc
+from testtime.learned import open_verifier, problem_key, within_auc
 from testtime.rewards.judge import JudgePRM
 from testtime.rewards.trained import TrainedPRM
 from testtime.runner import score_samples, scorer_name
@@ -132,8 +133,13 @@ def main() -> None:
                     "a frozen model's states; finetune: the policy's weights fine-tuned with a value head (torch)")
     ap.add_argument("--epochs", type=int, default=3, help="finetune: epochs (the best on the dev problems is kept)")
     ap.add_argument("--lr", type=float, default=2e-5, help="finetune: learning rate of the body")
+    ap.add_argument("--verifier", default=None, help="evaluate this trained verifier file (either kind) instead "
+                    "of training one; refused if it saw any held-out problem")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
+    if args.verifier and (args.layer or args.feature_model or args.kind != "probe"):
+        raise SystemExit("--verifier evaluates a file as it was trained; --layer, --feature-model and --kind "
+                         "choose how to train one")
     if args.quick:
         args.per_level, args.train_per_level, args.label_max, args.eval_label_max = 5, 8, 80, 30
         args.beam_n, args.no_judge = 0, True
@@ -149,7 +155,8 @@ def main() -> None:
     if args.eval_seed == 1:
         raise SystemExit("--eval-seed 1 is the training problems' seed")
     eval_run = sample(ws, args.eval_seed, args.per_level, args.n)
-    label(ws, train_run, args.m, args.label_max)
+    if not args.verifier:
+        label(ws, train_run, args.m, args.label_max)
     label(ws, eval_run, args.m, args.eval_label_max)
 
     with Store(ws) as store:
@@ -164,7 +171,20 @@ def main() -> None:
     suffix = ".safetensors" if args.kind == "finetune" else ".npz"
     path = root / f"verifier-{train_run}-not-{eval_run}{tag}{suffix}"  # one per held-out set: none overwrites another
     t = time.perf_counter()
-    if args.kind == "finetune":
+    if args.verifier:
+        path = Path(args.verifier)
+        v, features = open_verifier(path)
+        features.close()
+        with Store(ws) as store:
+            held = {problem_key(p["question"]) for p in store.problems(eval_run)}
+        if v.problems & held:
+            raise SystemExit(f"{path} was trained on {len(v.problems & held)} of the held-out problems (run "
+                             f"{eval_run}); its figures would flatter it")
+        m = v.meta
+        print(f"verifier {path.name} ({m.get('kind', 'probe')} on {m['features']['model'].get('model')}), trained "
+              f"on {len(m['train_problems'])} problems, none of the {len(held)} held out; threshold "
+              f"{v.threshold:.3f}", flush=True)
+    elif args.kind == "finetune":
         v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, model=args.feature_model,
                                kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr}, workspace=ws,
                                log=lambda line: print("  " + line, flush=True))
@@ -182,7 +202,7 @@ def main() -> None:
                                model=args.feature_model, workspace=ws)
     m = v.meta
     chosen = m["features"].get("layers")
-    if args.kind == "probe":
+    if args.kind == "probe" and not args.verifier:
         print(f"verifier {path.name}: features of {m['features']['model'].get('model')}"
               f"{f' block {chosen}' if chosen else ''}; {m['train_steps']} steps of {m['train_solutions']} solutions on "
               f"{len(m['train_problems'])} problems ({m['good_steps']} good steps; {m['dropped_problems']} training "
@@ -254,7 +274,7 @@ def main() -> None:
         diff = table[f"trained, {kind} best-of-N"] - table["majority"]
         lo, hi = interval(diff)
         print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired; "
-              f"{(diff > 0).sum()} problems won, {(diff < 0).sum()} lost)")
+              f"won on {(diff > 0).sum()} problems, lost on {(diff < 0).sum()})")
     gain = table["trained, weighted best-of-N"] - table["majority"]
 
     ratio = "n/a"
