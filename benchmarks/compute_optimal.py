@@ -108,7 +108,7 @@ def main() -> None:
     results = {kind: fit_policy(cells, ids(train), ids(test), kind=kind, budgets=budgets)
                for kind in ("oracle", "predicted")}
     curves = results["oracle"]["curves"]
-    bon, beam, dvts = "best_of_n", f"beam_search(width={args.width})", f"dvts(width={args.width})"
+    bon, beam, dvts = "best_of_n", "beam_search", "dvts"
     print(f"\n{len(train)} train / {len(test)} test problems (arithmetic levels 1-5); "
           f"candidates: {', '.join(sorted(curves))}")
     print("test accuracy of the selected answer, by budget N")
