@@ -102,6 +102,10 @@ def ranking(store, run_id, ids, scores, n):
     return within_auc(p, y, g), mixed
 
 
+def plural(k, noun):
+    return f"{k} {noun}" + ("" if k == 1 else "s")
+
+
 def row(name, values):
     lo, hi = interval(values)
     print(f"{name:34s} {values.mean():.3f}   [{lo:.3f}, {hi:.3f}]")
@@ -274,7 +278,7 @@ def main() -> None:
         diff = table[f"trained, {kind} best-of-N"] - table["majority"]
         lo, hi = interval(diff)
         print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired; "
-              f"won on {(diff > 0).sum()} problems, lost on {(diff < 0).sum()})")
+              f"won on {plural((diff > 0).sum(), 'problem')}, lost on {(diff < 0).sum()})")
     gain = table["trained, weighted best-of-N"] - table["majority"]
 
     ratio = "n/a"
