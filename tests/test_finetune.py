@@ -96,3 +96,34 @@ def test_fine_tuned_on_the_maze_it_learns_bad_steps_from_their_text(tmp_path):
         FineTuned.load(damaged)
     with pytest.raises(InputError, match="exists"):
         api.train_verifier([rid], path, kind="finetune", workspace=ws)
+
+
+def test_a_verifier_is_known_by_its_weights_not_its_header(tmp_path):
+    """Two trainings that end in the same weights share their stored scores: the reward
+    model's identity hashes the weights and features, not the timings or provenance."""
+    from testtime.rewards.trained import weights_digest
+
+    feats = {"model": {"model": "m.gguf", "fingerprint": "ab" * 8}, "layers": None}
+    npz = lambda name, meta, coef: Verifier(np.zeros(3), np.ones(3), coef, 0.5, 0.5,  # noqa: E731
+                                            {"features": feats, **meta}).save(tmp_path / name)
+    a = npz("a.npz", {"seconds": 12.0, "train_problems": ["x"]}, np.arange(3.0))
+    b = npz("b.npz", {"seconds": 99.5, "train_problems": ["y"], "excluded_problems": 4}, np.arange(3.0))
+    c = npz("c.npz", {"seconds": 12.0, "train_problems": ["x"]}, np.arange(3.0) + 1e-9)
+    assert weights_digest(a) == weights_digest(b) != weights_digest(c)
+    other = dict(feats, layers=[7])
+    d = Verifier(np.zeros(3), np.ones(3), np.arange(3.0), 0.5, 0.5, {"features": other}).save(tmp_path / "d.npz")
+    assert weights_digest(d) != weights_digest(a)  # the same weights reading other features
+
+    def safetensors(name, meta, data):
+        header = {"__metadata__": {"testtime": json.dumps({"features": feats, **meta})},
+                  "delta.w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}
+        raw = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+        return path
+
+    e = safetensors("e.safetensors", {"seconds": 994.9}, b"\x01\x02\x03\x04")
+    f = safetensors("f.safetensors", {"seconds": 949.0, "dropped_problems": 0}, b"\x01\x02\x03\x04")
+    g = safetensors("g.safetensors", {"seconds": 994.9}, b"\x01\x02\x03\x05")
+    assert is_finetuned(e) and weights_digest(e) == weights_digest(f) != weights_digest(g)
+    assert weights_digest(e) != weights_digest(a)

@@ -16,13 +16,43 @@ scores the items of one call in batches), counted in `usage` like a judge's.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ..errors import InputError
 from ..flops import Usage
 from .base import REWARD_MODELS, Scoring
+
+
+def weights_digest(path: str | Path) -> str:
+    """A hash of what decides a verifier file's scores: its weights (the arrays of an
+    `.npz`, the tensors of a safetensors file with their names, shapes and types) and
+    the features they read, not its provenance or timings. Two trainings that end in
+    the same weights share the scores stored under this reward model's identity, though
+    their headers differ in how long they took or which problems they left out."""
+    from ..finetune import is_finetuned
+
+    h = hashlib.sha256()
+    if is_finetuned(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            layout = json.loads(f.read(n))
+            meta = json.loads((layout.pop("__metadata__", None) or {}).get("testtime", "{}"))
+            h.update(json.dumps(layout, sort_keys=True).encode())
+            while chunk := f.read(1 << 20):  # in chunks: a fine-tune is 200 MB
+                h.update(chunk)
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["header"]))
+            for name in sorted(set(z.files) - {"header"}):
+                a = np.ascontiguousarray(z[name])
+                h.update(f"{name} {a.dtype.str} {a.shape}".encode() + a.tobytes())
+    h.update(json.dumps(meta.get("features"), sort_keys=True).encode())
+    return h.hexdigest()[:12]
 
 
 @REWARD_MODELS.register("trained")
@@ -39,8 +69,7 @@ class TrainedPRM:
         self.path = Path(path)
         self.verifier, self.features = open_verifier(self.path, model, n_threads)
         self.delimiter = self.verifier.meta["delimiter"]
-        with open(self.path, "rb") as f:
-            self._sha = hashlib.file_digest(f, "sha256").hexdigest()[:12]  # in chunks: a fine-tune is 200 MB
+        self._sha = weights_digest(self.path)
         self._lock = threading.Lock()  # one llama.cpp context: concurrent requests take turns
         self.usage = Usage()
         """Every token the feature model computed for this reward model."""
