@@ -39,7 +39,7 @@ and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
 --compute-ratio ran. Quick mode: fewer problems and labels, no judge, no beam search.
 
     python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15 | auto]
-                                          [--feature-model gemma3-270m] [--kind finetune] [--compute-ratio]
+                                          [--feature-model gemma3-270m] [--kind finetune [--lora 16]] [--compute-ratio]
     python benchmarks/learned_verifier.py --verifier FILE [--eval-seed 6] [--beam-n 8]   # evaluate a stored one
 """
 
@@ -137,13 +137,17 @@ def main() -> None:
                     "a frozen model's states; finetune: the policy's weights fine-tuned with a value head (torch)")
     ap.add_argument("--epochs", type=int, default=3, help="finetune: epochs (the best on the dev problems is kept)")
     ap.add_argument("--lr", type=float, default=2e-5, help="finetune: learning rate of the body")
+    ap.add_argument("--lora", type=int, default=0, help="finetune: train LoRA adapters of this rank instead of "
+                    "the body's weights")
     ap.add_argument("--verifier", default=None, help="evaluate this trained verifier file (either kind) instead "
                     "of training one; refused if it saw any held-out problem")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
-    if args.verifier and (args.layer or args.feature_model or args.kind != "probe"):
+    if args.verifier and (args.layer or args.feature_model or args.kind != "probe" or args.lora):
         raise SystemExit("--verifier evaluates a file as it was trained; --layer, --feature-model and --kind "
                          "choose how to train one")
+    if args.lora and args.kind != "finetune":
+        raise SystemExit("--lora is a way to fine-tune: add --kind finetune")
     if args.quick:
         args.per_level, args.train_per_level, args.label_max, args.eval_label_max = 5, 8, 80, 30
         args.beam_n, args.no_judge = 0, True
@@ -171,7 +175,7 @@ def main() -> None:
     if args.kind == "finetune":
         if layers:
             raise SystemExit("--layer chooses a frozen model's features; --kind finetune reads the last hidden state")
-        tag += f"-ft-e{args.epochs}-lr{args.lr:g}"
+        tag += f"-ft-e{args.epochs}-lr{args.lr:g}" + (f"-lora{args.lora}" if args.lora else "")
     suffix = ".safetensors" if args.kind == "finetune" else ".npz"
     path = root / f"verifier-{train_run}-not-{eval_run}{tag}{suffix}"  # one per held-out set: none overwrites another
     t = time.perf_counter()
@@ -190,7 +194,8 @@ def main() -> None:
               f"{v.threshold:.3f}", flush=True)
     elif args.kind == "finetune":
         v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, model=args.feature_model,
-                               kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr}, workspace=ws,
+                               kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr, "lora": args.lora},
+                               workspace=ws,
                                log=lambda line: print("  " + line, flush=True))
         m = v.meta
         print(f"verifier {path.name}: {m['features']['model'].get('model')} fine-tuned with a value head on "

@@ -36,7 +36,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         api.train_verifier(["r"], tmp_path / "v", layers=[3], kind="finetune", workspace=tmp_path)
     with pytest.raises(InputError, match="kind='finetune'"):
         api.train_verifier(["r"], tmp_path / "v", finetune={"epochs": 2}, workspace=tmp_path)
-    for bad in ({"epochs": 0}, {"lr": 0}, {"dev": 1.0}, {"batch": 0}):
+    for bad in ({"epochs": 0}, {"lr": 0}, {"dev": 1.0}, {"batch": 0}, {"lora": -1}):
         with pytest.raises(InputError):
             FinetuneConfig(**bad).check()
 
@@ -96,6 +96,43 @@ def test_fine_tuned_on_the_maze_it_learns_bad_steps_from_their_text(tmp_path):
         FineTuned.load(damaged)
     with pytest.raises(InputError, match="exists"):
         api.train_verifier([rid], path, kind="finetune", workspace=ws)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_lora_adapters_learn_bad_steps_and_their_file_is_small(tmp_path):
+    """With lora=r only rank-r adapters learn; the file holds them (not differences of
+    the whole body) and they come back exactly when it is loaded."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import torch
+
+    from testtime import api
+    from testtime.finetune import FineTuned
+
+    ws = tmp_path / "ws"
+    _, rid, other = labelled_maze_runs(ws, 16, 12, 4, 4)
+    path = tmp_path / "v.safetensors"
+    v = api.train_verifier([rid], path, holdout=0.25, exclude=[other], kind="finetune",
+                           finetune={"epochs": 2, "dev": 0.25, "lr": 1e-3, "batch": 4, "lora": 8}, workspace=ws)
+    assert v.meta["config"]["lora"] == 8 and v.value.lora == 8
+    names = list(v.value.trainable())
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert path.stat().st_size < 20 << 20  # a full fine-tune's differences: about 200 MB
+    r = api.eval_verifier(path, rid, workspace=ws)
+    assert r["auc"] > 0.9, r
+
+    trained = {n: p.detach().clone() for n, p in v.value.trainable().items()}
+    again = FineTuned.load(path)  # the adapters come back exactly; the base weights from the GGUF file
+    loaded = again.value.trainable()
+    assert again.value.lora == 8 and set(loaded) == set(trained)
+    assert all(torch.equal(loaded[n], trained[n]) for n in trained)
+    assert torch.equal(again.value.head.weight, v.value.head.weight)
+    got = again.scores([("maze 14", ["step 0: good", "step 1: good", "step 2: good", "The answer is 1."]),
+                        ("maze 14", ["step 0: good", "step 1: bad", "step 2: good", "The answer is 0."])], "\n\n")
+    again.close()
+    assert got[1][1] < got[0][1]  # the bad step scores below the good one in its place
 
 
 def test_a_verifier_is_known_by_its_weights_not_its_header(tmp_path):

@@ -642,6 +642,8 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                                                        "the gradient to choose the epoch and threshold"),
                    device: Optional[str] = typer.Option(None, help="finetune: torch device \\[default: cuda if "
                                                                    "available, else cpu]"),
+                   lora: int = typer.Option(0, help="finetune: train LoRA adapters of this rank (peft) instead of "
+                                                    "the weights; a file of about 20 MB at 16 instead of 200"),
                    threads: Optional[int] = typer.Option(None, help="CPU threads \\[default: all]"),
                    force: bool = typer.Option(False, "--force", help="Replace the file if it exists"),
                    workspace: Optional[Path] = WorkspaceOpt):
@@ -655,7 +657,7 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
             v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
                                    model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
                                    layers=_layers(layer), kind=kind,
-                                   finetune={"epochs": epochs, "lr": lr, "dev": dev}, device=device,
+                                   finetune={"epochs": epochs, "lr": lr, "dev": dev, "lora": lora}, device=device,
                                    workspace=workspace, log=lambda line: console.print(line))
             m = v.meta
             out.print(f"{out_path}: {m['features']['model'].get('model')} fine-tuned on {m['train_steps']} steps of "
@@ -666,8 +668,9 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                          f"{m['dev_step_f1']:.3f}" if m["dev_problems"] else "")
                       + f"; {len(m['heldout_problems'])} problems held out")
             return
-        if (epochs, lr, dev, device) != (3, 2e-5, 0.2, None):
-            raise InputError("--epochs, --lr, --dev and --device are fine-tuning settings: add --kind finetune")
+        if (epochs, lr, dev, device, lora) != (3, 2e-5, 0.2, None, 0):
+            raise InputError("--epochs, --lr, --dev, --device and --lora are fine-tuning settings: add --kind "
+                             "finetune")
         with Progress(TextColumn("reading solutions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task_id = bar.add_task("features", total=None)
