@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.verifier and (args.layer or args.feature_model or args.kind != "probe" or args.lora):
-        raise SystemExit("--verifier evaluates a file as it was trained; --layer, --feature-model and --kind "
+        raise SystemExit("--verifier evaluates a file as it was trained; --layer, --feature-model, --kind and --lora "
                          "choose how to train one")
     if args.lora and args.kind != "finetune":
         raise SystemExit("--lora is a way to fine-tune: add --kind finetune")

@@ -98,7 +98,7 @@ class FinetuneConfig:
     lora: int = 0
     """Rank of LoRA adapters (peft) on every linear layer of the body, which alone learn
     (scaled by alpha = 2 x rank); 0: every tensor but the embeddings learns. The file
-    then holds the adapters: a few MB instead of hundreds."""
+    then holds the adapters: about 20 MB at rank 16 instead of about 200."""
 
     def check(self) -> None:
         if self.epochs < 1:
