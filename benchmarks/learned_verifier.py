@@ -58,7 +58,7 @@ from selection_signals import interval, per_problem
 from testtime import SamplingParams, api
 from testtime.analysis import graded_samples, selected
 from testtime.engines.llamacpp import LlamaCppEngine
-from testtime.learned import open_verifier, problem_key, within_auc
+from testtime.learned import problem_key, verifier_header, within_auc
 from testtime.rewards.judge import JudgePRM
 from testtime.rewards.trained import TrainedPRM
 from testtime.runner import score_samples, scorer_name
@@ -181,17 +181,15 @@ def main() -> None:
     t = time.perf_counter()
     if args.verifier:
         path = Path(args.verifier)
-        v, features = open_verifier(path)
-        features.close()
+        m, threshold = verifier_header(path)
         with Store(ws) as store:
             held = {problem_key(p["question"]) for p in store.problems(eval_run)}
-        if v.problems & held:
-            raise SystemExit(f"{path} was trained on {len(v.problems & held)} of the held-out problems (run "
-                             f"{eval_run}); its figures would flatter it")
-        m = v.meta
+        if set(m["train_problems"]) & held:
+            raise SystemExit(f"{path} was trained on {len(set(m['train_problems']) & held)} of the held-out problems "
+                             f"(run {eval_run}); its figures would flatter it")
         print(f"verifier {path.name} ({m.get('kind', 'probe')} on {m['features']['model'].get('model')}), trained "
               f"on {len(m['train_problems'])} problems, none of the {len(held)} held out; threshold "
-              f"{v.threshold:.3f}", flush=True)
+              f"{threshold:.3f}", flush=True)
     elif args.kind == "finetune":
         v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, model=args.feature_model,
                                kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr, "lora": args.lora},
@@ -209,7 +207,7 @@ def main() -> None:
     else:
         v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=layers,
                                model=args.feature_model, workspace=ws)
-    m = v.meta
+        m = v.meta
     chosen = m["features"].get("layers")
     if args.kind == "probe" and not args.verifier:
         print(f"verifier {path.name}: features of {m['features']['model'].get('model')}"

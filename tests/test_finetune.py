@@ -164,3 +164,26 @@ def test_a_verifier_is_known_by_its_weights_not_its_header(tmp_path):
     g = safetensors("g.safetensors", {"seconds": 994.9}, b"\x01\x02\x03\x05")
     assert is_finetuned(e) and weights_digest(e) == weights_digest(f) != weights_digest(g)
     assert weights_digest(e) != weights_digest(a)
+
+
+def test_a_verifier_file_tells_what_it_was_trained_on_without_loading_a_model(tmp_path):
+    """`verifier_header` reads meta and threshold from either file kind's header alone:
+    it works where no model file exists at all, and refuses a file that is not one."""
+    from safetensors.numpy import save_file
+
+    from testtime.learned import verifier_header
+
+    meta = {"features": {"model": {"model": "nowhere.gguf"}}, "train_problems": ["k1", "k2"], "kind": "finetune"}
+    st = tmp_path / "v.safetensors"
+    save_file({"head.weight": np.ones((1, 4), np.float32)}, str(st),
+              metadata={"testtime": json.dumps({"format": "testtime-finetuned-verifier/1", **meta,
+                                                "threshold": 0.25})})
+    assert verifier_header(st) == (meta, 0.25)
+    npz = Verifier(np.zeros(2), np.ones(2), np.ones(2), 0.0, 0.5, {"train_problems": ["k3"]}).save(tmp_path / "v.npz")
+    assert verifier_header(npz) == ({"train_problems": ["k3"]}, 0.5)
+    wrong = tmp_path / "w.safetensors"
+    save_file({"x": np.ones(2, np.float32)}, str(wrong), metadata={"testtime": json.dumps({"format": "other/9"})})
+    with pytest.raises(InputError, match="format 'other/9'"):
+        verifier_header(wrong)
+    with pytest.raises(InputError, match="no trained verifier"):
+        verifier_header(tmp_path / "missing.safetensors")

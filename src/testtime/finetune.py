@@ -81,6 +81,26 @@ def is_finetuned(path: str | Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20
 
 
+def read_header(path: str | Path) -> tuple[dict[str, Any], float]:
+    """(meta, threshold) of a fine-tuned verifier file, from its header alone: no
+    tensor is read and no model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no trained verifier at {path} (make one with testtime train-verifier)")
+    try:
+        with safe_open(str(path), "np") as f:
+            header = json.loads((f.metadata() or {}).get("testtime", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path} is not a fine-tuned verifier file ({type(e).__name__}: {e})") from None
+    if header.get("format") != FORMAT:
+        raise InputError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    threshold = float(header.pop("threshold"))
+    header.pop("format")
+    return header, threshold
+
+
 @dataclass
 class FinetuneConfig:
     epochs: int = 3
@@ -332,18 +352,12 @@ class FineTuned:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no trained verifier at {path} (make one with testtime train-verifier)")
+        header, threshold = read_header(path)
         try:
             with safe_open(str(path), "pt") as f:
-                header = json.loads((f.metadata() or {}).get("testtime", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path} is not a fine-tuned verifier file ({type(e).__name__}: {e})") from None
-        if header.get("format") != FORMAT:
-            raise InputError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-        threshold = float(header.pop("threshold"))
-        header.pop("format")
         trained = header["features"]["model"]
         value = ValueModel(model if model is not None else header.get("feature_model"), n_threads, device,
                            fingerprint=trained.get("fingerprint"), source=f"{path} ({trained.get('model')})")

@@ -180,6 +180,18 @@ def open_verifier(path: str | Path, model: str | Path | None = None, n_threads: 
     return v, features_for(v.meta, path, model, n_threads)
 
 
+def verifier_header(path: str | Path) -> tuple[dict[str, Any], float]:
+    """(meta, threshold) of a trained verifier file of either kind, without loading a
+    model: what it was trained on (`meta["train_problems"]`: problem keys), how, and
+    its decision threshold."""
+    from .finetune import is_finetuned, read_header
+
+    if is_finetuned(path):
+        return read_header(path)
+    v = Verifier.load(path)  # a few arrays
+    return v.meta, v.threshold
+
+
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
