@@ -1,7 +1,7 @@
 """What adaptive stopping saves: tokens of majority@N over tokens of stopping each
 problem once its vote is decided, and the accuracy it costs, on held-out problems.
 
-The samples are `_signals.py`'s (embedded model, arithmetic levels 1-5 and GSM8K
+The samples are `_signals.py`'s (embedded model, arithmetic levels 1-5 (`--levels`) and GSM8K
 training problems, N per problem). Adaptive stopping is replayed on them
 (`testtime.adaptive.replay`): a problem's samples are stored in the order of their
 random seeds, so reading them in index order until the rule fires is what live
@@ -22,12 +22,14 @@ its batch does):
     by the engine.
 
 Tokens are generated tokens (the problems' decode usage), stopped samples and
-samples drawn past a stop included. Last line, for the better of the live
+samples drawn past a stop included. Each accuracy difference is printed with its
+paired 95% bootstrap interval over the report problems, and the problems won and
+lost. Last line, for the better of the live
 methods (by token ratio, among those within 0.005 of majority's accuracy):
 
     token_ratio=<x> acc_delta=<y>
 
-    python benchmarks/adaptive_compute.py [--quick] [-n 64] [--per-level 20] [--gsm8k 50]
+    python benchmarks/adaptive_compute.py [--quick] [-n 64] [--per-level 20] [--levels 1 2 3] [--gsm8k 50]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import numpy as np
 
 from _signals import add_args, draw, quick
+from selection_signals import interval
 from testtime.adaptive import StopRule, replay
 from testtime.store import Store
 
@@ -82,7 +85,8 @@ def main() -> None:
                 delta = s["acc"] - s["acc_all"]
                 best_of[kind] = (ratio, delta, name)
                 print(f"  {kind:<6} fitted {name}: {s['samples']:.1f} of {n} samples, token_ratio {ratio:.2f}, "
-                      f"accuracy {s['acc']:.3f} vs majority@{n} {s['acc_all']:.3f} (delta {delta:+.3f})"
+                      f"accuracy {s['acc']:.3f} vs majority@{n} {s['acc_all']:.3f} (delta {delta:+.3f} "
+                      f"{paired([r.correct for r in rep[name]], [r.correct_all for r in rep[name]])})"
                       + ("" if ok else "  [no setting kept accuracy on the fit half; the cheapest shown]"))
             fitted_beta = next(r for r in GRID if label(r) == best_of["beta"][2])
         n = budgets[-1]
@@ -102,10 +106,19 @@ def main() -> None:
             ratio, delta = tok_all / max(1, tok), float(np.mean(acc) - np.mean(acc_all))
             live[method] = (ratio, delta, f"{method} live")
             print(f"  live {method}: {tok} tokens vs majority@{n} {tok_all}, token_ratio {ratio:.2f}, accuracy "
-                  f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f})", flush=True)
+                  f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f} {paired(acc, acc_all)})",
+                  flush=True)
         kept = [v for v in live.values() if v[1] >= -0.005] or list(live.values())
         final = max(kept, key=lambda v: v[0])
     print(f"token_ratio={final[0]:.2f} acc_delta={final[1]:.3f}  ({final[2]}, N={budgets[-1]})")
+
+
+def paired(acc, acc_all) -> str:
+    """The accuracy difference's 95% bootstrap interval over problems, and the problems
+    it won and lost."""
+    diff = np.asarray(acc, float) - np.asarray(acc_all, float)
+    lo, hi = interval(diff)
+    return f"[{lo:+.3f}, {hi:+.3f}], {(diff > 1e-9).sum()} won, {(diff < -1e-9).sum()} lost"
 
 
 def live_run(store, d, method: str, values: dict) -> dict[str, tuple[float, int]]:

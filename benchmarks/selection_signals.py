@@ -1,6 +1,6 @@
 """Which free signal picks the right answer best: selection accuracy on held-out problems.
 
-On the embedded model (SmolLM2-135M), arithmetic levels 1-5 and GSM8K training
+On the embedded model (SmolLM2-135M), arithmetic levels 1-5 (`--levels`) and GSM8K training
 problems (`_signals.py`: one stored sampling run per task, N samples per problem,
 with the per-token statistics llama.cpp records while sampling). For each
 confidence measure (`testtime.confidence`: DeepConf's mean, lowest-group,
@@ -32,7 +32,7 @@ half only, to stay within 10 minutes, so it is reported (with its paired gain
 over majority on the same problems) but cannot be chosen. Skip it with
 --no-particles.
 
-    python benchmarks/selection_signals.py [--quick] [-n 64] [--per-level 20] [--gsm8k 50] [--judge]
+    python benchmarks/selection_signals.py [--quick] [-n 64] [--per-level 20] [--levels 1 2 3] [--gsm8k 50] [--judge]
 """
 
 from __future__ import annotations
