@@ -159,7 +159,8 @@ def main() -> None:
         raise SystemExit(f"--layer takes block numbers or 'auto', got {args.layer}") from None
     t0 = time.perf_counter()
     ws = args.workspace
-    train_run = sample(ws, 1, args.train_per_level, args.train_n)
+    # a stored verifier file names its own training problems: no training run is needed then
+    train_run = None if args.verifier else sample(ws, 1, args.train_per_level, args.train_n)
     if args.eval_seed == 1:
         raise SystemExit("--eval-seed 1 is the training problems' seed")
     eval_run = sample(ws, args.eval_seed, args.per_level, args.n)
