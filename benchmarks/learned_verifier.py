@@ -13,7 +13,10 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
    last step of every other graded training sample labelled by its verdict. The
    fit (pooled or within-problem), the regularisation and the decision threshold
    come from cross-validation grouped by problem on the training problems only; any training problem whose text also
-   occurs among the held-out problems is left out.
+   occurs among the held-out problems is left out. `--train-also SEED:PER_LEVEL` adds an earlier held-out set
+   (drawn and labelled as `--eval-seed SEED --per-level PER_LEVEL` drew it) to the training sets;
+   `--outcomes mixed` keeps outcome labels only on problems with both verified and failed samples, and
+   `--outcomes-per-problem K` at most K of them per problem and set.
 3. **Held-out problems** (task seed 0, or `--eval-seed`): N samples each, step labels for up to
    `--eval-label-max` of them, and:
    - step metrics of the verifier against those labels: step accuracy, macro F1
@@ -40,6 +43,7 @@ and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
 
     python benchmarks/learned_verifier.py [--quick] [--per-level 10] [--train-per-level 15] [--layer 15 | auto]
                                           [--feature-model gemma3-270m] [--kind finetune [--lora 16]] [--compute-ratio]
+                                          [--train-also 6:40 ...] [--outcomes mixed] [--outcomes-per-problem 8]
     python benchmarks/learned_verifier.py --verifier FILE [--eval-seed 6] [--beam-n 8]   # evaluate a stored one
 """
 
@@ -139,6 +143,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5, help="finetune: learning rate of the body")
     ap.add_argument("--lora", type=int, default=0, help="finetune: train LoRA adapters of this rank instead of "
                     "the body's weights")
+    ap.add_argument("--train-also", action="append", default=[], metavar="SEED:PER_LEVEL",
+                    help="also train on an earlier held-out set, drawn and labelled as --eval-seed SEED --per-level "
+                         "PER_LEVEL would draw it (-n samples, --eval-label-max labelled); repeatable")
+    ap.add_argument("--outcomes", choices=("all", "mixed", "none"), default="all", help="which unlabelled graded "
+                    "samples also teach the verifier (their last step, by verdict): all, only those of problems "
+                    "with both verified and failed samples, or none")
+    ap.add_argument("--outcomes-per-problem", type=int, default=0, help="at most this many of them per problem and "
+                    "run (0: all)")
     ap.add_argument("--verifier", default=None, help="evaluate this trained verifier file (either kind) instead "
                     "of training one; refused if it saw any held-out problem")
     ap.add_argument("--workspace", default=None)
@@ -146,6 +158,17 @@ def main() -> None:
     if args.verifier and (args.layer or args.feature_model or args.kind != "probe" or args.lora):
         raise SystemExit("--verifier evaluates a file as it was trained; --layer, --feature-model, --kind and --lora "
                          "choose how to train one")
+    try:
+        also = [tuple(int(x) for x in a.split(":")) for a in args.train_also]
+    except ValueError:
+        raise SystemExit(f"--train-also takes SEED:PER_LEVEL, got {args.train_also}") from None
+    if any(len(a) != 2 or a[1] < 1 for a in also):
+        raise SystemExit(f"--train-also takes SEED:PER_LEVEL with PER_LEVEL >= 1, got {args.train_also}")
+    if args.eval_seed in {a[0] for a in also}:
+        raise SystemExit(f"--eval-seed {args.eval_seed} is among the training sets' seeds")
+    if args.verifier and (also or args.outcomes != "all" or args.outcomes_per_problem):
+        raise SystemExit("--train-also, --outcomes and --outcomes-per-problem choose how to train a verifier; "
+                         "--verifier evaluates one as it was trained")
     if args.lora and args.kind != "finetune":
         raise SystemExit("--lora is a way to fine-tune: add --kind finetune")
     if args.quick:
@@ -163,9 +186,12 @@ def main() -> None:
     train_run = None if args.verifier else sample(ws, 1, args.train_per_level, args.train_n)
     if args.eval_seed == 1:
         raise SystemExit("--eval-seed 1 is the training problems' seed")
+    also_runs = [sample(ws, seed, per_level, args.n) for seed, per_level in also]
     eval_run = sample(ws, args.eval_seed, args.per_level, args.n)
     if not args.verifier:
         label(ws, train_run, args.m, args.label_max)
+        for run in also_runs:
+            label(ws, run, args.m, args.eval_label_max)
     label(ws, eval_run, args.m, args.eval_label_max)
 
     with Store(ws) as store:
@@ -177,6 +203,10 @@ def main() -> None:
         if layers:
             raise SystemExit("--layer chooses a frozen model's features; --kind finetune reads the last hidden state")
         tag += f"-ft-e{args.epochs}-lr{args.lr:g}" + (f"-lora{args.lora}" if args.lora else "")
+    if also:
+        tag += "-also" + "-".join(f"{seed}x{per_level}" for seed, per_level in also)
+    if args.outcomes != "all" or args.outcomes_per_problem:
+        tag += f"-out{args.outcomes}{args.outcomes_per_problem or ''}"
     suffix = ".safetensors" if args.kind == "finetune" else ".npz"
     path = root / f"verifier-{train_run}-not-{eval_run}{tag}{suffix}"  # one per held-out set: none overwrites another
     t = time.perf_counter()
@@ -192,9 +222,10 @@ def main() -> None:
               f"on {len(m['train_problems'])} problems, none of the {len(held)} held out; threshold "
               f"{threshold:.3f}", flush=True)
     elif args.kind == "finetune":
-        v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, model=args.feature_model,
-                               kind="finetune", finetune={"epochs": args.epochs, "lr": args.lr, "lora": args.lora},
-                               workspace=ws,
+        v = api.train_verifier([train_run, *also_runs], path, exclude=[eval_run], force=True,
+                               model=args.feature_model, kind="finetune", outcomes=args.outcomes,
+                               outcomes_per_problem=args.outcomes_per_problem, workspace=ws,
+                               finetune={"epochs": args.epochs, "lr": args.lr, "lora": args.lora},
                                log=lambda line: print("  " + line, flush=True))
         m = v.meta
         print(f"verifier {path.name}: {m['features']['model'].get('model')} fine-tuned with a value head on "
@@ -206,8 +237,9 @@ def main() -> None:
               f"{m['dev_step_accuracy']:.3f}, macro F1 {m['dev_step_f1']:.3f} ({time.perf_counter() - t:.0f} s)",
               flush=True)
     else:
-        v = api.train_verifier([train_run], path, exclude=[eval_run], force=True, layers=layers,
-                               model=args.feature_model, workspace=ws)
+        v = api.train_verifier([train_run, *also_runs], path, exclude=[eval_run], force=True, layers=layers,
+                               model=args.feature_model, outcomes=args.outcomes,
+                               outcomes_per_problem=args.outcomes_per_problem, workspace=ws)
         m = v.meta
     chosen = m["features"].get("layers")
     if args.kind == "probe" and not args.verifier:

@@ -185,6 +185,57 @@ def test_train_on_the_maze_keeps_held_out_and_excluded_problems_out(tmp_path, mo
         api.train_verifier([rid], tmp_path / "w.npz", holdout=1.0, workspace=ws)
 
 
+
+def test_outcome_samples_all_mixed_capped_or_none_against_a_hand_count(tmp_path):
+    """The unlabelled graded samples that teach by their verdict: all of them, only those
+    of problems with both a verified and a failed sample, at most k per problem (the lowest
+    sample indices), or none; step-labelled samples are always kept."""
+    from testtime.labels import LabelConfig, label_run
+    from testtime.learned import labelled_solutions
+    from testtime.runner import draw_samples
+    from testtime.spec import SamplingParams
+    from testtime.tasks.base import Problem, Task
+    from testtime.verifiers.math_answer import MathAnswerVerifier
+
+    from doubles import MazeEngine
+
+    problems = [Problem(f"p{i}", f"maze {i}", "1") for i in range(12)]
+    task = Task("maze", {"name": "maze"}, lambda limit: problems[:limit], "plain", "math_answer")
+    eng = MazeEngine(depth=3, p_good=0.5)
+    with Store(tmp_path / "ws") as store:
+        rid = draw_samples(store, task, eng, 6, SamplingParams(temperature=1.0), template="plain").run_id
+        labeler = label_run(store, rid, eng, MathAnswerVerifier(), LabelConfig(m=2, delimiter="\n\n",
+                                                                              max_samples=5)).labeler
+        verdicts = {(r[0], r[1]): r[2] == "pass" for r in store.db.execute(
+            "SELECT problem_id, sample_index, verdict FROM verdicts WHERE run_id = ?", (rid,))}
+        labelled = set(store.step_labels(rid, labeler))
+        src = [(rid, labeler)]
+
+        def got(**kw):
+            sols = list(labelled_solutions(store, src, **kw))
+            assert {(s.problem_id, s.sample_index) for s in sols if not s.only_last} == labelled
+            for s in sols:
+                if s.only_last:
+                    assert s.soft == [float(verdicts[s.problem_id, s.sample_index])]
+            return {(s.problem_id, s.sample_index) for s in sols if s.only_last}
+
+        unlabelled = set(verdicts) - labelled
+        mixed = {pid for pid in {k[0] for k in verdicts}
+                 if len({v for k, v in verdicts.items() if k[0] == pid}) == 2}
+        assert 0 < len(mixed) < 12 and len(labelled) == 5  # the draw has both kinds of problem
+        assert got(outcomes=True) == got(outcomes="all") == unlabelled
+        assert got(outcomes="mixed") == {k for k in unlabelled if k[0] in mixed} != unlabelled
+        assert got(outcomes=False) == got(outcomes="none") == set()
+        capped = got(outcomes="all", outcomes_per_problem=2)
+        assert capped == {k for k in unlabelled
+                          if k[1] in sorted(i for p, i in unlabelled if p == k[0])[:2]}
+        assert got(outcomes="mixed", outcomes_per_problem=2) == {k for k in capped if k[0] in mixed}
+        with pytest.raises(InputError, match="outcomes must be one of all, mixed, none, got 'some'"):
+            got(outcomes="some")
+        with pytest.raises(InputError, match="outcomes_per_problem"):
+            got(outcomes="all", outcomes_per_problem=-1)
+
+
 # ------------------------------------------------------------------ the embedded model
 
 @pytest.mark.model

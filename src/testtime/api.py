@@ -294,7 +294,8 @@ def label(run_id: str | None = None, m: int = 4, *, delimiter: str = "\n", selec
 
 def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = None, target: str = "soft",
                    holdout: float = 0.0, seed: int = 0, model: str | Path | None = None, n_threads: int | None = None,
-                   exclude: list[str] | None = None, outcomes: bool = True, force: bool = False,
+                   exclude: list[str] | None = None, outcomes: bool | str = True, outcomes_per_problem: int = 0,
+                   force: bool = False,
                    layers: Sequence[int] | str = (), kind: str = "probe", finetune: dict[str, Any] | None = None,
                    device: str | None = None, workspace: str | Path | None = None,
                    progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> Any:
@@ -307,15 +308,22 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
     `finetune`: `FinetuneConfig` fields such as epochs and lr; `device`: torch's;
     `log`: a line per epoch). `holdout`: the fraction of the labelled problems (chosen
     by `seed`) kept out of training for `eval_verifier`; `exclude`: runs whose problems
-    must never be trained on (an evaluation run); `outcomes`: add the final step of every
-    graded sample without step labels, labelled by its verdict. Returns the verifier
+    must never be trained on (an evaluation run); `outcomes`: add the final step of
+    graded samples without step labels, labelled by their verdicts: "all" (True), "mixed"
+    (only on problems with both verified and failed samples) or "none" (False);
+    `outcomes_per_problem`: at most this many of them per problem and run (0: all).
+    Several runs (training sets, or earlier evaluation sets retired from that role) pool
+    their solutions. Returns the verifier
     (`learned.Verifier` or `finetune.FineTuned`)."""
     from .export import pick_labeler
-    from .learned import (HiddenStates, TrainConfig, auto_layers, labelled_solutions, problem_key, step_data, train,
-                          train_choosing_layer)
+    from .learned import (HiddenStates, TrainConfig, auto_layers, labelled_solutions, outcome_mode, problem_key,
+                          step_data, train, train_choosing_layer)
 
     if kind not in ("probe", "finetune"):
         raise InputError(f"kind must be probe or finetune, got {kind!r}")
+    outcomes = outcome_mode(outcomes)
+    if outcomes_per_problem < 0:
+        raise InputError(f"outcomes_per_problem must be >= 0 (0: no cap), got {outcomes_per_problem}")
     cfg = TrainConfig(target=target, seed=seed)
     cfg.check()
     if not 0 <= holdout < 1:
@@ -346,7 +354,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
         delimiter = delimiters.pop()
         meta = {"delimiter": delimiter, "feature_model": None if model is None else str(model),
                 "labels": [list(s) for s in sources], "heldout_problems": sorted(held),
-                "excluded_problems": len(never), "dropped_problems": len(labelled & never), "outcomes": outcomes}
+                "excluded_problems": len(never), "dropped_problems": len(labelled & never), "outcomes": outcomes,
+                "outcomes_per_problem": outcomes_per_problem}
         if kind == "finetune":
             from .finetune import FinetuneConfig, finetune as fine_tune
 
@@ -357,7 +366,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
             if unknown:
                 raise InputError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
             ft_cfg = FinetuneConfig(**{"seed": seed, **(finetune or {})})
-            sols = list(labelled_solutions(store, sources, exclude=never | held, outcomes=outcomes))
+            sols = list(labelled_solutions(store, sources, exclude=never | held, outcomes=outcomes,
+                                             outcomes_per_problem=outcomes_per_problem))
             verifier = fine_tune(sols, delimiter, ft_cfg, meta, model=model, n_threads=n_threads, device=device,
                                  log=log)
             try:
@@ -372,7 +382,8 @@ def train_verifier(runs: list[str], path: str | Path, *, labeler: str | None = N
             candidates = auto_layers(ModelShape.from_gguf(resolve_model(model)).n_layers)
         features = HiddenStates(model, n_threads=n_threads, layers=candidates if layers == "auto" else layers)
         try:
-            data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress)
+            data = step_data(store, sources, features, exclude=never | held, outcomes=outcomes, progress=progress,
+                             outcomes_per_problem=outcomes_per_problem)
             meta.update(features=features.identity(), feature_usage=features.usage.to_dict())
             verifier = (train_choosing_layer(data, candidates, cfg, meta) if layers == "auto"
                         else train(data, cfg, meta))

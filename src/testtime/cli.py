@@ -624,8 +624,12 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                    exclude: List[str] = typer.Option([], "--exclude", help="A run whose problems must never be "
                                                                          "trained on (repeatable)"),
                    seed: int = typer.Option(0, help="Seed of the held-out split"),
-                   outcomes: bool = typer.Option(True, help="Also learn from the last step of every graded sample "
-                                                            "without step labels (its verdict)"),
+                   outcomes: str = typer.Option("all", help="Also learn from the last step of graded samples "
+                                                           "without step labels (their verdicts): all, mixed (only "
+                                                           "on problems with both verified and failed samples) or "
+                                                           "none"),
+                   outcomes_per_problem: int = typer.Option(0, help="At most this many such samples per problem "
+                                                                    "and run (0: all)"),
                    target: str = typer.Option("soft", help="soft (fraction of rollouts verified) or hard (any)"),
                    model: Optional[Path] = typer.Option(None, help="Feature model: GGUF file or smollm2-135m / "
                                                                    "gemma3-270m \\[default: smollm2-135m]"),
@@ -655,7 +659,8 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
     try:
         if kind == "finetune":
             v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
-                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
+                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes,
+                                   outcomes_per_problem=outcomes_per_problem, force=force,
                                    layers=_layers(layer), kind=kind,
                                    finetune={"epochs": epochs, "lr": lr, "dev": dev, "lora": lora}, device=device,
                                    workspace=workspace, log=lambda line: console.print(line))
@@ -675,7 +680,8 @@ def train_verifier(runs: List[str] = typer.Argument(..., help="Labelled runs to 
                       console=console, transient=True) as bar:
             task_id = bar.add_task("features", total=None)
             v = api.train_verifier(runs, out_path, labeler=labeler, target=target, holdout=holdout, seed=seed,
-                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes, force=force,
+                                   model=model, n_threads=threads, exclude=exclude, outcomes=outcomes,
+                                   outcomes_per_problem=outcomes_per_problem, force=force,
                                    layers=_layers(layer), kind=kind, workspace=workspace,
                                    progress=lambda k: bar.advance(task_id, k))
         m = v.meta

@@ -261,13 +261,31 @@ class Labelled:
     only_last: bool
 
 
+OUTCOMES = ("all", "mixed", "none")
+
+
+def outcome_mode(outcomes: bool | str) -> str:
+    """`outcomes` as one of OUTCOMES (True: "all", False: "none")."""
+    mode = {True: "all", False: "none"}.get(outcomes, outcomes) if isinstance(outcomes, bool) else outcomes
+    if mode not in OUTCOMES:
+        raise InputError(f"outcomes must be one of {', '.join(OUTCOMES)}, got {outcomes!r}")
+    return mode
+
+
 def labelled_solutions(store: Store, sources: Sequence[tuple[str, str]], exclude: Iterable[str] = (),
-                       outcomes: bool = False) -> Iterator[Labelled]:
+                       outcomes: bool | str = False, outcomes_per_problem: int = 0) -> Iterator[Labelled]:
     """The labelled samples of (run id, labeler) pairs, leaving out problems whose key is in
-    `exclude`. `outcomes`: also every graded sample without step labels, its last step
-    labelled by its verdict (outcome supervision, free)."""
+    `exclude`. `outcomes`: also graded samples without step labels, their last step
+    labelled by their verdict (outcome supervision, free): "all" (or True) of them;
+    "mixed": only on problems where the run has both a verified and a failed sample (the
+    others cannot teach which of a problem's samples to prefer, which is what selection
+    asks); "none" (or False). `outcomes_per_problem`: at most this many such samples per
+    problem and run, the lowest sample indices (the store's order is random by seed); 0: no cap."""
     from .export import REJECTABLE
 
+    mode = outcome_mode(outcomes)
+    if outcomes_per_problem < 0:
+        raise InputError(f"outcomes_per_problem must be >= 0 (0: no cap), got {outcomes_per_problem}")
     skip = set(exclude)
     for run_id, labeler in sources:
         info = store.labelers(run_id).get(labeler)
@@ -276,7 +294,19 @@ def labelled_solutions(store: Store, sources: Sequence[tuple[str, str]], exclude
         labels = store.step_labels(run_id, labeler)
         verdicts = {(r[0], r[1]): r[2] for r in store.db.execute(
             "SELECT problem_id, sample_index, verdict FROM verdicts WHERE run_id = ? AND verifier = ?",
-            (run_id, info["verifier"]))} if outcomes else {}
+            (run_id, info["verifier"]))} if mode != "none" else {}
+        verdicts = {k: v for k, v in verdicts.items() if v == "pass" or v in REJECTABLE}
+        if mode == "mixed":
+            seen: dict[str, set[bool]] = {}
+            for (pid, _), v in verdicts.items():
+                seen.setdefault(pid, set()).add(v == "pass")
+            verdicts = {k: v for k, v in verdicts.items() if len(seen[k[0]]) == 2}
+        if outcomes_per_problem:
+            kept: dict[str, list[int]] = {}
+            for pid, i in sorted(k for k in verdicts if k not in labels):
+                kept.setdefault(pid, []).append(i)
+            verdicts = {k: v for k, v in verdicts.items()
+                        if k in labels or k[1] in kept[k[0]][:outcomes_per_problem]}
         questions = {p["problem_id"]: p["question"] for p in store.problems(run_id)}
         for s in store.samples(run_id):
             rows = labels.get((s.problem_id, s.sample_index))
@@ -288,7 +318,7 @@ def labelled_solutions(store: Store, sources: Sequence[tuple[str, str]], exclude
             only_last = False
             if rows is None:
                 v = verdicts.get((s.problem_id, s.sample_index))
-                if v is None or not steps or (v != "pass" and v not in REJECTABLE):
+                if v is None or not steps:
                     continue
                 rows, only_last = [(1, int(v == "pass"))], True
             elif len(steps) != len(rows):
@@ -297,15 +327,15 @@ def labelled_solutions(store: Store, sources: Sequence[tuple[str, str]], exclude
             yield Labelled(run_id, s.problem_id, s.sample_index, q, key, steps, [p / r for r, p in rows], only_last)
 
 
-def step_data(store: Store, sources: Sequence[tuple[str, str]], features: Any,
-              exclude: Iterable[str] = (), outcomes: bool = False, progress: Any = None) -> StepData:
-    """Features and labels of `labelled_solutions(store, sources, exclude, outcomes)`, a row
-    per labelled step; `features` has `features(question, steps, delimiter)` (a
+def step_data(store: Store, sources: Sequence[tuple[str, str]], features: Any, exclude: Iterable[str] = (),
+              outcomes: bool | str = False, progress: Any = None, outcomes_per_problem: int = 0) -> StepData:
+    """Features and labels of `labelled_solutions(store, sources, exclude, outcomes,
+    outcomes_per_problem)`, a row per labelled step; `features` has `features(question, steps, delimiter)` (a
     `HiddenStates`; or a `finetune.FineTuned`, whose one column is its score)."""
     X, soft, sample, step, groups, sols, problems = [], [], [], [], [], [], {}
     group_ids: dict[str, int] = {}
     delimiters = {run_id: store.labelers(run_id).get(labeler, {}).get("delimiter") for run_id, labeler in sources}
-    for sol in labelled_solutions(store, sources, exclude, outcomes):
+    for sol in labelled_solutions(store, sources, exclude, outcomes, outcomes_per_problem):
         problems[sol.key] = sol.question
         g = group_ids.setdefault(sol.key, len(group_ids))
         feats = features.features(sol.question, sol.steps, delimiters[sol.run_id])
