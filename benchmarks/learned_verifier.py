@@ -34,7 +34,9 @@ On the embedded model (SmolLM2-135M), arithmetic levels 1-3 (the problems of
    - beam search (width 4) steered by the trained verifier, live, at `--beam-n`;
    - with `--compute-ratio`: `compute_optimal.py --prm-path` with the trained
      verifier as its reward model (levels 1-5 seed 0; checked for overlap; its
-     own budget sweep, long).
+     own budget sweep, long);
+   - with `--against FILE`: a second verifier's best-of-N on the same samples, and the
+     paired difference between the two.
 
 Last line: `step_f1=<x> bon_gain=<y> compute_ratio=<z>`; bon_gain is trained-verifier
 weighted best-of-N minus majority at N on held-out problems (its paired 95% interval,
@@ -45,6 +47,7 @@ and the naive best-of-N's, are printed above it); compute_ratio is n/a unless
                                           [--feature-model gemma3-270m] [--kind finetune [--lora 16]] [--compute-ratio]
                                           [--train-also 6:40 ...] [--outcomes mixed] [--outcomes-per-problem 8]
     python benchmarks/learned_verifier.py --verifier FILE [--eval-seed 6] [--beam-n 8]   # evaluate a stored one
+                                          [--against OTHER_FILE]                        # ... paired with another
 """
 
 from __future__ import annotations
@@ -106,6 +109,34 @@ def ranking(store, run_id, ids, scores, n):
     return within_auc(p, y, g), mixed
 
 
+def unseen(path, ws, eval_run):
+    """The meta and threshold of a verifier file, refused if it was trained on any held-out problem."""
+    m, threshold = verifier_header(path)
+    with Store(ws) as store:
+        held = {problem_key(p["question"]) for p in store.problems(eval_run)}
+    if set(m["train_problems"]) & held:
+        raise SystemExit(f"{path} was trained on {len(set(m['train_problems']) & held)} of the held-out problems "
+                         f"(run {eval_run}); its figures would flatter it")
+    print(f"verifier {Path(path).name} ({m.get('kind', 'probe')} on {m['features']['model'].get('model')}), trained "
+          f"on {len(m['train_problems'])} problems, none of the {len(held)} held out; threshold {threshold:.3f}",
+          flush=True)
+    return m, threshold
+
+
+def trained_scores(store, run_id, path, n, who="trained verifier"):
+    """Every held-out sample's step scores by a verifier file (stored, so a second call reads them back)."""
+    prm = TrainedPRM(path)
+    t = time.perf_counter()
+    try:
+        score_samples(store, run_id, prm, "\n", limit=n)
+        name = scorer_name(prm, "\n")
+    finally:
+        prm.close()
+    print(f"{who} scored the held-out samples: {prm.usage.prefill:,} prompt tokens computed "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return store.step_scores(run_id, name)
+
+
 def plural(k, noun):
     return f"{k} {noun}" + ("" if k == 1 else "s")
 
@@ -153,6 +184,9 @@ def main() -> None:
                     "run (0: all)")
     ap.add_argument("--verifier", default=None, help="evaluate this trained verifier file (either kind) instead "
                     "of training one; refused if it saw any held-out problem")
+    ap.add_argument("--against", default=None, metavar="FILE", help="also score the held-out samples with this "
+                    "verifier file and print the paired difference in best-of-N (refused if it saw any held-out "
+                    "problem)")
     ap.add_argument("--workspace", default=None)
     args = ap.parse_args()
     if args.verifier and (args.layer or args.feature_model or args.kind != "probe" or args.lora):
@@ -210,17 +244,11 @@ def main() -> None:
     suffix = ".safetensors" if args.kind == "finetune" else ".npz"
     path = root / f"verifier-{train_run}-not-{eval_run}{tag}{suffix}"  # one per held-out set: none overwrites another
     t = time.perf_counter()
+    if args.against:
+        unseen(args.against, ws, eval_run)
     if args.verifier:
         path = Path(args.verifier)
-        m, threshold = verifier_header(path)
-        with Store(ws) as store:
-            held = {problem_key(p["question"]) for p in store.problems(eval_run)}
-        if set(m["train_problems"]) & held:
-            raise SystemExit(f"{path} was trained on {len(set(m['train_problems']) & held)} of the held-out problems "
-                             f"(run {eval_run}); its figures would flatter it")
-        print(f"verifier {path.name} ({m.get('kind', 'probe')} on {m['features']['model'].get('model')}), trained "
-              f"on {len(m['train_problems'])} problems, none of the {len(held)} held out; threshold "
-              f"{threshold:.3f}", flush=True)
+        m, _ = unseen(path, ws, eval_run)
     elif args.kind == "finetune":
         v = api.train_verifier([train_run, *also_runs], path, exclude=[eval_run], force=True,
                                model=args.feature_model, kind="finetune", outcomes=args.outcomes,
@@ -265,13 +293,7 @@ def main() -> None:
 
     with Store(ws) as store:
         ids = [p["problem_id"] for p in store.problems(eval_run)][:len(LEVELS) * args.per_level]
-        trained = TrainedPRM(path)
-        t = time.perf_counter()
-        score_samples(store, eval_run, trained, "\n", limit=args.n)
-        scores = store.step_scores(eval_run, scorer_name(trained, "\n"))
-        print(f"trained verifier scored the held-out samples: {trained.usage.prefill:,} prompt tokens computed "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
-        trained.close()
+        scores = trained_scores(store, eval_run, path, args.n)
         auc, mixed = ranking(store, eval_run, ids, scores, args.n)
         print(f"trained verifier, last step vs verdict on all held-out samples: within-problem AUC {fmt(auc)} "
               f"over the {mixed} problems with right and wrong samples", flush=True)
@@ -280,6 +302,13 @@ def main() -> None:
             "trained, weighted best-of-N": per_problem(store, eval_run, ids, scores, "weighted", 1.0, args.n),
             "trained, naive best-of-N": per_problem(store, eval_run, ids, scores, "naive", 1.0, args.n),
         }
+        if args.against:
+            other = trained_scores(store, eval_run, args.against, args.n, "--against verifier")
+            auc, _ = ranking(store, eval_run, ids, other, args.n)
+            print(f"--against verifier, last step vs verdict on all held-out samples: within-problem AUC {fmt(auc)}",
+                  flush=True)
+            table["--against, weighted best-of-N"] = per_problem(store, eval_run, ids, other, "weighted", 1.0, args.n)
+            table["--against, naive best-of-N"] = per_problem(store, eval_run, ids, other, "naive", 1.0, args.n)
         if not args.no_judge:
             engine = LlamaCppEngine(slots=16, max_prefixes=32)
             judge = JudgePRM(engine)
@@ -315,6 +344,12 @@ def main() -> None:
         lo, hi = interval(diff)
         print(f"trained {kind} best-of-N minus majority: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired; "
               f"won on {plural((diff > 0).sum(), 'problem')}, lost on {(diff < 0).sum()})")
+    if args.against:
+        for kind in ("naive", "weighted"):
+            diff = table[f"trained, {kind} best-of-N"] - table[f"--against, {kind} best-of-N"]
+            lo, hi = interval(diff)
+            print(f"trained minus --against, {kind} best-of-N: {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (paired; "
+                  f"ahead on {plural((diff > 0).sum(), 'problem')}, behind on {(diff < 0).sum()})")
     gain = table["trained, weighted best-of-N"] - table["majority"]
 
     ratio = "n/a"
