@@ -266,7 +266,7 @@ OUTCOMES = ("all", "mixed", "none")
 
 def outcome_mode(outcomes: bool | str) -> str:
     """`outcomes` as one of OUTCOMES (True: "all", False: "none")."""
-    mode = {True: "all", False: "none"}.get(outcomes, outcomes) if isinstance(outcomes, bool) else outcomes
+    mode = ("all" if outcomes else "none") if isinstance(outcomes, bool) else outcomes
     if mode not in OUTCOMES:
         raise InputError(f"outcomes must be one of {', '.join(OUTCOMES)}, got {outcomes!r}")
     return mode
