@@ -11,7 +11,7 @@ import pytest
 
 from conftest import requires_model
 from testtime import SamplingParams, api
-from testtime.adaptive import StopRule, leader_probability, replay, stop_point
+from testtime.adaptive import StopRule, leader_probability, leader_share_above, replay, stop_point
 from testtime.confidence import from_top_logprobs, pack, row_stats, trace_score, unpack
 from testtime.errors import InputError
 from testtime.metrics import selection_at_k
@@ -115,6 +115,35 @@ def test_beta_rule_on_known_vote_streams():
         assert stop_point(stream, StopRule("beta", 0.99), 24) >= stop_point(stream, rule, 24)
 
 
+def test_futility_boundary_on_known_vote_streams():
+    # P(p >= q) for p ~ Beta(v + 1, m - v + 1) is P(Binomial(m + 1, q) <= v)
+    def above(v, m, q):
+        return sum(math.comb(m + 1, j) * q ** j * (1 - q) ** (m + 1 - j) for j in range(v + 1))
+
+    assert leader_share_above([None] * 5, 0.3) == pytest.approx(0.7 ** 6)
+    assert leader_share_above(["a", "b", None, "a"], 0.3) == pytest.approx(above(2, 4, 0.3))
+    efficacy = StopRule("beta", threshold=0.95)
+    rule = StopRule("beta", threshold=0.95, futility=0.3)
+    # nobody answers: 0.7^(m+1) < 0.1 first at m = 6; without the boundary, the budget
+    assert stop_point([None] * 20, rule, 20) == 6 and stop_point([None] * 20, efficacy, 20) == 20
+    # every answer different: (0.7^(m+1) + (m+1) 0.3 0.7^m) is 0.113 at m = 10, 0.085 at m = 11
+    spread = [f"a{i}" for i in range(20)]
+    assert above(1, 10, 0.3) > 0.1 > above(1, 11, 0.3)
+    assert stop_point(spread, rule, 20) == 11 and stop_point(spread, efficacy, 20) == 20
+    # a decided vote still stops where the Beta rule stops it
+    assert stop_point(["a"] * 20, rule, 20) == 4
+    # the window rule takes the boundary too
+    assert stop_point(spread, StopRule("window", window=4, futility=0.3), 20) == 11
+    # a higher share, or a surer boundary, never stops later; a stricter probability never sooner
+    for stream in (spread, ["a", "b", "c", "a", None, "d", "b", "e"] * 3, ["a", "b"] * 12):
+        at = stop_point(stream, rule, 24)
+        assert stop_point(stream, StopRule("beta", 0.95, futility=0.4), 24) <= at
+        assert stop_point(stream, StopRule("beta", 0.95, futility=0.3, futility_prob=0.02), 24) >= at
+    for bad in ({"futility": 1.0}, {"futility": -0.1}, {"futility": 0.3, "futility_prob": 0.5}):
+        with pytest.raises(ValueError, match="futility"):
+            StopRule("beta", **bad)
+
+
 def test_window_rule_stops_after_the_first_unanimous_window():
     rule = StopRule("window", window=4)
     assert stop_point(["a", "b", "a", "a", "a", "a", "a", "a"], rule, 8) == 8
@@ -211,11 +240,17 @@ def test_adaptive_command_replays_a_stored_run(workspace):
     assert bad.exit_code == 2 and "threshold must be in [0.5, 1)" in bad.output
     bad = CliRunner().invoke(app, ["adaptive", "--rule", "coin", "-w", str(workspace)])
     assert bad.exit_code == 2 and "stopping rule must be one of beta, window" in bad.output
+    bad = CliRunner().invoke(app, ["adaptive", "--futility", "1.5", "-w", str(workspace)])
+    assert bad.exit_code == 2 and "futility must be in [0, 1)" in bad.output
+    flat = CliRunner().invoke(app, ["adaptive", "--threshold", "0.99", "--futility", "0.6", "-w", str(workspace)],
+                              env={"COLUMNS": "200"})
+    assert flat.exit_code == 0, flat.output
 
 
 @pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9, "round": 1}, {"rule": "window", "window": 3,
                                                                                   "round": 1},
-                                  {"rule": "beta", "threshold": 0.9, "round": 4}])
+                                  {"rule": "beta", "threshold": 0.9, "round": 4},
+                                  {"rule": "beta", "threshold": 0.99, "futility": 0.6, "round": 2}])
 def test_live_adaptive_consistency_keeps_what_replay_predicts(workspace, rule):
     from testtime.adaptive import StopRule
 
@@ -237,6 +272,10 @@ def test_live_adaptive_consistency_keeps_what_replay_predicts(workspace, rule):
         assert len(rows) == replayed[pid].samples == decisions[pid]["stopped_at"] == decisions[pid]["drawn"]
         assert all(s.text == ref[pid, s.sample_index] for s in rows)  # the same seeds, the same samples
     assert any(r.samples < 12 for r in replayed.values())
+    if rule.get("futility"):  # the boundary fired somewhere the Beta rule alone would have gone on
+        with Store(workspace) as store:
+            alone = {r.problem_id: r.samples for r in replay(store, sampled.run_id, replace(stop, futility=0.0), 12)}
+        assert any(r.samples < alone[pid] for pid, r in replayed.items())
 
 
 class DeafToy(ToyEngine):

@@ -12,6 +12,16 @@ Two stopping rules from the literature, each a pure function of the votes so far
 Both never stop before `min_samples`, and stop at the budget `n` regardless.
 Samples without an answer count as drawn but vote for nothing.
 
+Either rule can also stop a problem for futility (`futility` > 0; off by default),
+the other boundary of a sequential test: once the leading answer's share of all
+samples drawn is, with posterior probability 1 - `futility_prob`, below `futility`
+(P(p >= futility) < futility_prob for p ~ Beta(v1 + 1, m - v1 + 1), m samples with
+or without an answer). Such a vote stays flat: a weak model's answers spread over
+many values, the leader it settles on is often wrong, and the samples that would
+decide it are the ones a budget cannot afford. The problem keeps its current
+leader. What the boundary costs in accuracy is measured, not assumed
+(docs/signals.md); with `futility` 0 the rules are the papers' own.
+
 `replay` asks "what would adaptive stopping have cost" of a stored sampling run:
 the store's samples of a problem are in the order of their seeds, which are
 random, so reading them in index order is an honest simulation of drawing them
@@ -37,6 +47,10 @@ class StopRule:
     window: int = 4
     """window: samples per window."""
     min_samples: int = 2
+    futility: float = 0.0
+    """Stop once the leader's share is surely below this (0: never stop for futility)."""
+    futility_prob: float = 0.1
+    """futility: how sure, as the posterior probability left above `futility`."""
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -45,12 +59,18 @@ class StopRule:
             raise ValueError(f"threshold must be in [0.5, 1), got {self.threshold}")
         if self.window < 1 or self.min_samples < 1:
             raise ValueError(f"window and min_samples must be >= 1, got {self.window} and {self.min_samples}")
+        if not 0 <= self.futility < 1:
+            raise ValueError(f"futility must be in [0, 1), got {self.futility}")
+        if not 0 < self.futility_prob < 0.5:
+            raise ValueError(f"futility_prob must be in (0, 0.5), got {self.futility_prob}")
 
     def decided(self, answers: Sequence[str | None]) -> bool:
         """Whether the votes so far (in drawing order) settle the problem."""
         m = len(answers)
         if m < self.min_samples:
             return False
+        if self.futility and leader_share_above(answers, self.futility) < self.futility_prob:
+            return True
         if self.rule == "window":
             if m % self.window:
                 return False
@@ -70,6 +90,17 @@ def leader_probability(answers: Sequence[str | None]) -> float:
     v1 = counts[0][1]
     v2 = counts[1][1] if len(counts) > 1 else 0
     return float(1.0 - betainc(v1 + 1, v2 + 1, 0.5))
+
+
+def leader_share_above(answers: Sequence[str | None], share: float) -> float:
+    """P(the leading answer's share of all samples >= share) under a uniform prior:
+    the Beta(v1 + 1, m - v1 + 1) posterior's mass above `share`, where samples with
+    no answer count in m."""
+    from scipy.special import betainc
+
+    counts = Counter(a for a in answers if a is not None).most_common(1)
+    v1, m = (counts[0][1] if counts else 0), len(answers)
+    return float(1.0 - betainc(v1 + 1, m - v1 + 1, share))
 
 
 def stop_point(answers: Sequence[str | None], rule: StopRule, n: int) -> int:

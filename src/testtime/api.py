@@ -198,14 +198,15 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
 
 
 def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0.95, window: int = 4,
-             min_samples: int = 2, n: int | None = None, workspace: str | Path | None = None) -> dict[str, Any]:
+             min_samples: int = 2, n: int | None = None, workspace: str | Path | None = None,
+             futility: float = 0.0, futility_prob: float = 0.1) -> dict[str, Any]:
     """What adaptive stopping would have cost on a stored sampling run (`adaptive.replay`):
     samples and tokens per problem, and accuracy, beside majority over all n."""
     from .adaptive import StopRule, replay
     from .analysis import is_strategy_run, pick_verifier
 
     try:
-        stop = StopRule(rule, threshold, window, min_samples)
+        stop = StopRule(rule, threshold, window, min_samples, futility, futility_prob)
     except ValueError as e:
         raise InputError(str(e)) from None
     if n is not None and n < 1:

@@ -492,12 +492,16 @@ def adaptive(run_id: Optional[str] = typer.Argument(None, help="Run id, unique p
              threshold: float = typer.Option(0.95, help="beta: the leader's posterior probability that stops"),
              window: int = typer.Option(4, help="window: samples per window"),
              min_samples: int = typer.Option(2, help="never stop before this many samples"),
+             futility: float = typer.Option(0.0, help="also stop once the leading answer's share is surely below "
+                                                      "this (0: off)"),
+             futility_prob: float = typer.Option(0.1, help="futility: the posterior probability left above the "
+                                                           "share that counts as sure"),
              n: Optional[int] = typer.Option(None, "-n", help="Budget per problem \\[default: all stored]"),
              workspace: Optional[Path] = WorkspaceOpt):
     """What adaptive stopping would have cost on a stored sampling run: each problem's
     samples read in their (random) seed order until its vote is decided."""
     try:
-        r = api.adaptive(run_id, rule, threshold, window, min_samples, n, workspace)
+        r = api.adaptive(run_id, rule, threshold, window, min_samples, n, workspace, futility, futility_prob)
     except USER_ERRORS as e:
         _fail(e)
     out.print(f"run {r['run_id']}, {r['problems']} problems, rule {rule}: {r['samples']:.1f} samples per problem "

@@ -6,7 +6,8 @@ round 2, ...). The engine reads the stream as it has room, so its batch stays fu
 of problems that still need samples. After each completion the problem's votes, in
 sample order (the longest run of finished samples from sample 0), are checked by
 the stopping rule (`testtime.adaptive`: Adaptive-Consistency's Beta criterion, or
-early-stopping self-consistency's window). Once it fires, or the budget n is
+early-stopping self-consistency's window, either with an optional futility
+boundary). Once it fires, or the budget n is
 reached, the problem is decided at m samples: its result is yielded at once, its
 requests still in the stream are never sent, and its samples still running are
 cancelled (`Request.cancelled`; the embedded engine stops them at the next step
@@ -50,6 +51,11 @@ class AdaptiveParams(StrategyParams):
     """window: samples per window; the problem stops after a window whose answers agree."""
     min_samples: int = 2
     """Never stop before this many samples."""
+    futility: float = 0.0
+    """Also stop once the leading answer's share is surely below this (0: off; see
+    `testtime.adaptive`)."""
+    futility_prob: float = 0.1
+    """futility: the posterior probability left above `futility` that counts as sure."""
     round: int = 2
     """Samples per request in the stream: how far ahead of its votes a problem is sampled
     (the samples kept do not depend on it; the tokens spent past the stop do)."""
@@ -65,7 +71,8 @@ class AdaptiveParams(StrategyParams):
             raise SpecError(str(e)) from None
 
     def stop_rule(self) -> StopRule:
-        return StopRule(self.rule, float(self.threshold), int(self.window), int(self.min_samples))
+        return StopRule(self.rule, float(self.threshold), int(self.window), int(self.min_samples),
+                        float(self.futility), float(self.futility_prob))
 
 
 @STRATEGIES.register("adaptive_consistency")
