@@ -41,6 +41,8 @@ def add_args(ap) -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=range(1, 6), metavar="L",
                     help="arithmetic levels (1-5; at 4-5 the embedded model almost never answers, so levels 1-3 "
                     "are where selection and stopping have something to act on)")
+    ap.add_argument("--task-seed", type=int, default=0, help="the arithmetic problems' seed (another seed: other "
+                    "problems of the same levels)")
     ap.add_argument("--gsm8k", type=int, default=50, help="GSM8K training problems (0: none)")
     ap.add_argument("-n", type=int, default=64, help="samples per problem")
     ap.add_argument("--workspace", default=None)
@@ -55,7 +57,8 @@ def draw(args) -> list[Drawn]:
     """Sample (or find stored) the runs, and split each run's problems in halves."""
     out = []
     levels = sorted(set(args.levels))
-    jobs = [("arithmetic", {"levels": levels}, len(levels) * args.per_level, 128)]
+    targs = {"levels": levels} | ({"seed": args.task_seed} if args.task_seed else {})
+    jobs = [("arithmetic", targs, len(levels) * args.per_level, 128)]
     if args.gsm8k and GSM8K.is_file():
         jobs.append(("gsm8k", {"path": str(GSM8K)}, args.gsm8k, 256))
     elif args.gsm8k:

@@ -6,17 +6,20 @@ training problems, N per problem). Adaptive stopping is replayed on them
 (`testtime.adaptive.replay`): a problem's samples are stored in the order of their
 random seeds, so reading them in index order until the rule fires is what live
 drawing would have done. Rules: Adaptive-Consistency's Beta criterion (threshold
-grid) and early-stopping self-consistency's window (window grid). For each rule
-the setting is fitted on the fit half (the fewest tokens whose accuracy is within
-0.005 of majority@N there) and reported on the other half.
+grid), the same with a futility boundary (threshold x leader-share grid: a problem
+also stops once its leading answer's share is surely below the share; see
+`testtime.adaptive`), and early-stopping self-consistency's window (window grid).
+For each rule the setting is fitted on the fit half (the fewest tokens whose
+accuracy is within 0.005 of majority@N there) and reported on the other half.
 
 Then, live, on the report half at the largest N, each against majority@N on the
 same problems (the stored run's first N samples; the live runs draw with the same
 seeds, though llama.cpp's batched arithmetic can make a sample's text differ when
 its batch does):
 
-  - `adaptive_consistency` with the Beta threshold fitted above (requests of 2
-    samples in one stream; a decided problem's outstanding samples cancelled);
+  - `adaptive_consistency` with the Beta rule and futility boundary fitted above
+    (requests of 2 samples in one stream; a decided problem's outstanding samples
+    cancelled);
   - `deepconf_online` with DeepConf's own settings, not fitted (warm-up 4
     samples, eta 0.9, consensus 0.95): samples whose confidence drops are ended
     by the engine.
@@ -30,6 +33,7 @@ methods (by token ratio, among those within 0.005 of majority's accuracy):
     token_ratio=<x> acc_delta=<y>
 
     python benchmarks/adaptive_compute.py [--quick] [-n 64] [--per-level 20] [--levels 1 2 3] [--gsm8k 50]
+        [--task-seed 0] [--live adaptive_consistency deepconf_online]
 """
 
 from __future__ import annotations
@@ -43,8 +47,15 @@ from selection_signals import interval
 from testtime.adaptive import StopRule, replay
 from testtime.store import Store
 
-GRID = [StopRule("beta", threshold=t) for t in (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)] \
+THRESHOLDS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+GRID = [StopRule("beta", threshold=t) for t in THRESHOLDS] \
+    + [StopRule("beta", threshold=t, futility=f) for t in THRESHOLDS for f in (0.2, 0.25, 0.3, 0.35, 0.4)] \
     + [StopRule("window", window=w) for w in (2, 3, 4, 5, 6, 8)]
+LIVE = ("adaptive_consistency", "deepconf_online")
+
+
+def kind(rule: StopRule) -> str:
+    return "beta+futility" if rule.futility else rule.rule
 
 
 def summarise(rows) -> dict:
@@ -54,12 +65,16 @@ def summarise(rows) -> dict:
 
 
 def label(rule: StopRule) -> str:
-    return f"beta(threshold={rule.threshold})" if rule.rule == "beta" else f"window({rule.window})"
+    if rule.rule == "window":
+        return f"window({rule.window})"
+    return f"beta(threshold={rule.threshold}" + (f", futility={rule.futility})" if rule.futility else ")")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(ap)
+    ap.add_argument("--live", nargs="*", default=list(LIVE), choices=LIVE,
+                    help="the live runs on the report half at the largest N (none: replay only)")
     args = ap.parse_args()
     quick(args)
     runs = draw(args)
@@ -76,24 +91,26 @@ def main() -> None:
             print(f"\nN={n}: {len(next(iter(fit.values())))} fit / {len(next(iter(rep.values())))} report problems; "
                   "majority@N vs adaptive stopping (samples per problem, tokens, accuracy)")
             best_of = {}
-            for kind in ("beta", "window"):
-                options = [(label(r), summarise(fit[label(r)])) for r in GRID if r.rule == kind]
+            for k in ("beta", "beta+futility", "window"):
+                options = [(label(r), summarise(fit[label(r)])) for r in GRID if kind(r) == k]
                 ok = [(name, s) for name, s in options if s["acc"] - s["acc_all"] >= -0.005]
                 name, _ = min(ok or options, key=lambda x: x[1]["tokens"])
                 s = summarise(rep[name])
                 ratio = s["tokens_all"] / max(1, s["tokens"])
                 delta = s["acc"] - s["acc_all"]
-                best_of[kind] = (ratio, delta, name)
-                print(f"  {kind:<6} fitted {name}: {s['samples']:.1f} of {n} samples, token_ratio {ratio:.2f}, "
+                best_of[k] = (ratio, delta, name)
+                print(f"  {k:<13} fitted {name}: {s['samples']:.1f} of {n} samples, token_ratio {ratio:.2f}, "
                       f"accuracy {s['acc']:.3f} vs majority@{n} {s['acc_all']:.3f} (delta {delta:+.3f} "
                       f"{paired([r.correct for r in rep[name]], [r.correct_all for r in rep[name]])})"
                       + ("" if ok else "  [no setting kept accuracy on the fit half; the cheapest shown]"))
-            fitted_beta = next(r for r in GRID if label(r) == best_of["beta"][2])
+            fitted_beta = next(r for r in GRID if label(r) == best_of["beta+futility"][2])
         n = budgets[-1]
         live = {}
-        for method, sargs in (("adaptive_consistency", {"rule": "beta", "threshold": fitted_beta.threshold,
-                                                        "round": 2}),
-                              ("deepconf_online", {"warmup": 4, "eta": 0.9, "consensus": 0.95})):
+        settings = {"adaptive_consistency": {"rule": "beta", "threshold": fitted_beta.threshold,
+                                             "futility": fitted_beta.futility, "round": 2},
+                    "deepconf_online": {"warmup": 4, "eta": 0.9, "consensus": 0.95}}
+        for method in args.live:
+            sargs = settings[method]
             acc, acc_all, tok, tok_all = [], [], 0, 0
             for d in runs:
                 got = live_run(store, d, method, {"n": n, **sargs})
@@ -105,9 +122,12 @@ def main() -> None:
                     tok_all += base[pid].tokens_all
             ratio, delta = tok_all / max(1, tok), float(np.mean(acc) - np.mean(acc_all))
             live[method] = (ratio, delta, f"{method} live")
-            print(f"  live {method}: {tok} tokens vs majority@{n} {tok_all}, token_ratio {ratio:.2f}, accuracy "
+            shown = f" ({label(fitted_beta)})" if method == "adaptive_consistency" else ""
+            print(f"  live {method}{shown}: {tok} tokens vs majority@{n} {tok_all}, token_ratio {ratio:.2f}, accuracy "
                   f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f} {paired(acc, acc_all)})",
                   flush=True)
+        if not live:  # replay only: the fitted rule with the futility boundary, replayed
+            live["replay"] = (*best_of["beta+futility"][:2], f"{best_of['beta+futility'][2]} replayed")
         kept = [v for v in live.values() if v[1] >= -0.005] or list(live.values())
         final = max(kept, key=lambda v: v[0])
     print(f"token_ratio={final[0]:.2f} acc_delta={final[1]:.3f}  ({final[2]}, N={budgets[-1]})")
