@@ -89,7 +89,8 @@ def test_majority_vote_per_request_with_usage(server):
     assert r.choices[0].finish_reason == "stop"
 
 
-def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_drew(server):
+@pytest.mark.parametrize("rule", [{"threshold": 0.8}, {"threshold": 0.99, "futility": 0.6}])
+def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_drew(server, rule):
     from testtime.adaptive import StopRule, stop_point
     from testtime.engines.base import Request
     from testtime.spec import SamplingParams, sample_seed
@@ -98,11 +99,11 @@ def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_dre
     keys, early = AnswerKeys(), 0
     for seed in range(1, 7):
         r = client.chat.completions.create(model="adaptive_consistency@16", messages=MSG, seed=seed, max_tokens=64,
-                                           extra_body={"testtime": {"params": {"threshold": 0.8, "round": 4}}})
+                                           extra_body={"testtime": {"params": {**rule, "round": 4}}})
         req = Request(key=0, seeds=tuple(sample_seed(0, f"request-{seed}", k) for k in range(16)),
                       params=SamplingParams(max_tokens=64), messages=tuple(MSG))
         texts = [c.text for c in sorted(ToyEngine(answer_range=4).generate([req]), key=lambda c: c.index)]
-        m = stop_point([keys.of_text(t) for t in texts], StopRule("beta", 0.8), 16)
+        m = stop_point([keys.of_text(t) for t in texts], StopRule("beta", **rule), 16)
         d = r.model_extra["testtime"]["decision"]
         assert d["stopped_at"] == m == r.model_extra["testtime"]["candidates"] and d["budget"] == 16
         # every sample drawn is billed (the toy is instant: it may draw past the stop before the
