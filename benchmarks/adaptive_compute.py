@@ -33,7 +33,11 @@ methods (by token ratio, among those within 0.005 of majority's accuracy):
     token_ratio=<x> acc_delta=<y>
 
     python benchmarks/adaptive_compute.py [--quick] [-n 64] [--per-level 20] [--levels 1 2 3] [--gsm8k 50]
-        [--task-seed 0] [--live adaptive_consistency deepconf_online]
+        [--task-seed 0] [--live adaptive_consistency deepconf_online] [--fixed THRESHOLD FUTILITY]
+
+With --fixed, nothing is fitted: the Beta rule with that threshold and futility
+boundary (chosen on other problems) is replayed, and run live, on every problem
+drawn, each a report problem.
 """
 
 from __future__ import annotations
@@ -75,13 +79,30 @@ def main() -> None:
     add_args(ap)
     ap.add_argument("--live", nargs="*", default=list(LIVE), choices=LIVE,
                     help="the live runs on the report half at the largest N (none: replay only)")
+    ap.add_argument("--fixed", nargs=2, type=float, metavar=("THRESHOLD", "FUTILITY"),
+                    help="no fitting: the Beta rule with this threshold and futility share, chosen elsewhere, "
+                    "replayed and run live on every problem (all of them are report problems)")
     args = ap.parse_args()
     quick(args)
     runs = draw(args)
+    if args.fixed:
+        for d in runs:
+            d.report, d.fit = d.fit + d.report, []
     budgets = sorted({n for n in (16, 32, 64) if n <= args.n} | {args.n})
     final = None
     with Store(args.workspace) as store:
         for n in budgets:
+            if args.fixed:
+                fitted_beta = StopRule("beta", threshold=args.fixed[0], futility=args.fixed[1])
+                rows = [r for d in runs for r in replay(store, d.run_id, fitted_beta, n, problems=d.report)]
+                s = summarise(rows)
+                ratio, delta = s["tokens_all"] / max(1, s["tokens"]), s["acc"] - s["acc_all"]
+                best_of = {"beta+futility": (ratio, delta, label(fitted_beta))}
+                print(f"\nN={n}: {len(rows)} problems, {label(fitted_beta)} fixed beforehand: {s['samples']:.1f} of "
+                      f"{n} samples, token_ratio {ratio:.2f}, accuracy {s['acc']:.3f} vs majority@{n} "
+                      f"{s['acc_all']:.3f} (delta {delta:+.3f} "
+                      f"{paired([r.correct for r in rows], [r.correct_all for r in rows])})")
+                continue
             fit = {label(r): [] for r in GRID}
             rep = {label(r): [] for r in GRID}
             for d in runs:

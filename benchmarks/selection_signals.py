@@ -20,7 +20,10 @@ every sample for free (`--prm confidence`), then measures, at N:
 Each is the expectation over N-subsets of the drawn samples (`metrics.selection_at_k`),
 with a 95% bootstrap interval over problems. The best selector is chosen on the fit
 half of the problems and its gain over majority reported on the other half (paired
-bootstrap interval), so the choice does not flatter itself. Last line:
+bootstrap interval), so the choice does not flatter itself. A tie on the fit half
+goes to the arm that generated fewer tokens there (the selectors over stored
+samples all spend majority's; particle filtering its own), then to one that needs
+no judge. Last line:
 
     best=<name> gain_over_majority=<x>
 
@@ -72,9 +75,10 @@ def per_problem(store, run_id, ids, scores, method, eta, n):
     return np.asarray(out)
 
 
-def particle_run(store, d, ids, n, prm_name, prm_args) -> dict[str, float]:
+def particle_run(store, d, ids, n, prm_name, prm_args) -> tuple[dict[str, float], float]:
     """Particle filtering live on these problems: per problem, the accuracy of the final
-    population's weighted vote. Steps are lines; at most 6 of max_tokens / 3 tokens each."""
+    population's weighted vote, and the tokens it generated over majority@n's. Steps are
+    lines; at most 6 of max_tokens / 3 tokens each."""
     from testtime.analysis import selected
     from testtime.engines.llamacpp import LlamaCppEngine
     from testtime.rewards.base import load_reward_model
@@ -103,7 +107,7 @@ def particle_run(store, d, ids, n, prm_name, prm_args) -> dict[str, float]:
     sampled = sum(int(u["decode"]) for pid, u in store.usage(d.run_id, n).items() if pid in got)
     print(f"{d.task}: particle filtering ({prm_name}) run {res.run_id} on {len(problems)} problems: "
           f"{tokens} tokens, majority@{n} {sampled} ({time.perf_counter() - t:.0f} s)", flush=True)
-    return got
+    return got, tokens / max(1, sampled)
 
 
 def interval(values, n_boot=2000, seed=0):
@@ -153,6 +157,7 @@ def main() -> None:
                     rows.setdefault(name, []).append(per_problem(store, d.run_id, ids, sc, method, eta, args.n))
             print(f"{d.task}: {len(d.fit)} fit / {len(d.report)} report problems", flush=True)
     fit = {k: np.concatenate(v) for k, v in fit_rows.items()}
+    cost: dict[str, list[float]] = {}  # a live arm's generated tokens over majority's, on the fit half
     if not args.no_particles:
         # the confidence measure whose best selection did best on the fit half steers the filter
         metric = max(METRICS, key=lambda m: max(fit[k].mean() for k in fit if k.endswith(f"({m})")))
@@ -163,7 +168,9 @@ def main() -> None:
                 for d in runs:
                     halves = ((d.report, report_rows),) if args.quick else ((d.fit, fit_rows), (d.report, report_rows))
                     for ids, rows in halves:
-                        got = particle_run(store, d, ids, args.n, prm, prm_args)
+                        got, spent = particle_run(store, d, ids, args.n, prm, prm_args)
+                        if rows is fit_rows:
+                            cost.setdefault(name, []).append(spent)
                         mine = [pid for pid in ids if pid in got]
                         rows.setdefault(name, []).append(np.asarray([got[pid] for pid in mine]))
                         # majority over the same problems, for a paired difference
@@ -183,7 +190,14 @@ def main() -> None:
         lo, hi = interval(gain)
         print(f"  {name}: gain over majority on the report half {gain.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]")
     candidates = [k for k in fit if k not in ("majority", "pass@N (ceiling)") and not k.startswith("majority, ")]
-    best = max(candidates, key=lambda k: (fit[k].mean(), -candidates.index(k)))
+
+    # a tie on the fit half goes to the arm that generated fewer tokens there (the stored-sample
+    # selectors all spend majority's), then to one that needs no judge, then to the one listed first
+    def rank(k: str) -> tuple:
+        spent = float(np.mean(cost.get(k, [1.0])))
+        return round(float(fit[k].mean()), 6), -spent, "judge" not in k, -candidates.index(k)
+
+    best = max(candidates, key=rank)
     gain = rep[best] - rep[f"majority, {best} problems" if best.startswith("particle") else "majority"]
     lo, hi = interval(gain)
     print(f"\nchosen on the fit half: {best} ({fit[best].mean():.3f} vs majority {fit['majority'].mean():.3f}); "
