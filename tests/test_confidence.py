@@ -245,6 +245,7 @@ def test_adaptive_command_replays_a_stored_run(workspace):
     flat = CliRunner().invoke(app, ["adaptive", "--threshold", "0.99", "--futility", "0.6", "-w", str(workspace)],
                               env={"COLUMNS": "200"})
     assert flat.exit_code == 0, flat.output
+    assert "rule beta with futility 0.6" in flat.output
 
 
 @pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9, "round": 1}, {"rule": "window", "window": 3,

@@ -504,7 +504,8 @@ def adaptive(run_id: Optional[str] = typer.Argument(None, help="Run id, unique p
         r = api.adaptive(run_id, rule, threshold, window, min_samples, n, workspace, futility, futility_prob)
     except USER_ERRORS as e:
         _fail(e)
-    out.print(f"run {r['run_id']}, {r['problems']} problems, rule {rule}: {r['samples']:.1f} samples per problem "
+    shown = rule + (f" with futility {futility}" if futility else "")
+    out.print(f"run {r['run_id']}, {r['problems']} problems, rule {shown}: {r['samples']:.1f} samples per problem "
               f"instead of {r['samples_all']:.1f}; {r['tokens']:,} tokens instead of {r['tokens_all']:,} "
               f"({r['tokens_all'] / max(1, r['tokens']):.2f}x fewer); accuracy {r['accuracy']:.3f} vs majority "
               f"{r['accuracy_all']:.3f} ({r['accuracy'] - r['accuracy_all']:+.3f})", highlight=False)
