@@ -34,15 +34,20 @@ methods (by token ratio, among those within 0.005 of majority's accuracy):
 
     python benchmarks/adaptive_compute.py [--quick] [-n 64] [--per-level 20] [--levels 1 2 3] [--gsm8k 50]
         [--task-seed 0] [--live adaptive_consistency deepconf_online] [--fixed THRESHOLD FUTILITY]
+        [--max-ahead K]
 
 With --fixed, nothing is fitted: the Beta rule with that threshold and futility
 boundary (chosen on other problems) is replayed, and run live, on every problem
-drawn, each a report problem.
+drawn, each a report problem. --max-ahead K runs `adaptive_consistency` live with
+at most K samples of a problem out at once (default 0: no limit, the engine's queue
+kept full), which spends fewer tokens past each stop; each live run's wall time is
+printed beside its tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -82,6 +87,8 @@ def main() -> None:
     ap.add_argument("--fixed", nargs=2, type=float, metavar=("THRESHOLD", "FUTILITY"),
                     help="no fitting: the Beta rule with this threshold and futility share, chosen elsewhere, "
                     "replayed and run live on every problem (all of them are report problems)")
+    ap.add_argument("--max-ahead", type=int, default=0, metavar="K",
+                    help="live adaptive_consistency: at most K samples of a problem out at once (0: no limit)")
     args = ap.parse_args()
     quick(args)
     runs = draw(args)
@@ -128,11 +135,13 @@ def main() -> None:
         n = budgets[-1]
         live = {}
         settings = {"adaptive_consistency": {"rule": "beta", "threshold": fitted_beta.threshold,
-                                             "futility": fitted_beta.futility, "round": 2},
+                                             "futility": fitted_beta.futility, "round": 2,
+                                             "max_ahead": args.max_ahead},
                     "deepconf_online": {"warmup": 4, "eta": 0.9, "consensus": 0.95}}
         for method in args.live:
             sargs = settings[method]
             acc, acc_all, tok, tok_all = [], [], 0, 0
+            t0 = time.perf_counter()
             for d in runs:
                 got = live_run(store, d, method, {"n": n, **sargs})
                 base = {r.problem_id: r for r in replay(store, d.run_id, fitted_beta, n, problems=d.report)}
@@ -141,12 +150,15 @@ def main() -> None:
                     tok += toks
                     acc_all.append(base[pid].correct_all)
                     tok_all += base[pid].tokens_all
+            wall = time.perf_counter() - t0
             ratio, delta = tok_all / max(1, tok), float(np.mean(acc) - np.mean(acc_all))
             live[method] = (ratio, delta, f"{method} live")
-            shown = f" ({label(fitted_beta)})" if method == "adaptive_consistency" else ""
+            shown = ""
+            if method == "adaptive_consistency":
+                shown = f" ({label(fitted_beta)}" + (f", max_ahead {args.max_ahead})" if args.max_ahead else ")")
             print(f"  live {method}{shown}: {tok} tokens vs majority@{n} {tok_all}, token_ratio {ratio:.2f}, accuracy "
-                  f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f} {paired(acc, acc_all)})",
-                  flush=True)
+                  f"{np.mean(acc):.3f} vs {np.mean(acc_all):.3f} (delta {delta:+.3f} {paired(acc, acc_all)}); "
+                  f"{wall:.0f} s", flush=True)
         if not live:  # replay only: the fitted rule with the futility boundary, replayed
             live["replay"] = (*best_of["beta+futility"][:2], f"{best_of['beta+futility'][2]} replayed")
         kept = [v for v in live.values() if v[1] >= -0.005] or list(live.values())

@@ -313,6 +313,70 @@ def test_live_adaptive_with_an_engine_that_cannot_cancel_draws_whole_rounds_but_
                    engine="toy", workspace=workspace)
 
 
+class LookaheadToy(ToyEngine):
+    """A toy engine that reads ahead as the llama.cpp engine does: up to `depth` samples
+    are out at once, each started when its request is read; they finish in the order
+    read, and one whose request is cancelled by then comes back cancelled part-way
+    (one token generated). A None in the stream: read no further until one finishes."""
+
+    def __init__(self, depth: int = 24, **kw):
+        super().__init__(**kw)
+        self.depth = depth
+
+    def generate(self, requests):
+        from collections import deque
+
+        from testtime.engines.base import StreamStalled, is_cancelled
+
+        source, out, end, exhausted = iter(requests), deque(), object(), False
+        while True:
+            while not exhausted and len(out) < self.depth:
+                req = next(source, end)
+                if req is end:
+                    exhausted = True
+                elif req is None:
+                    break
+                else:
+                    out.extend((req, c) for c in super().generate([replace(req, cancelled=None)]))
+            if not out:
+                if exhausted:
+                    return
+                raise StreamStalled("the stream waits, but nothing is out")
+            req, c = out.popleft()
+            yield replace(c, text="", token_ids=[0], finish_reason="cancelled") if is_cancelled(req) else c
+
+
+@pytest.mark.parametrize("ahead", [0, 2, 4])
+def test_live_adaptive_limits_the_samples_out_per_problem_and_keeps_what_replay_predicts(workspace, ahead):
+    base = dict(task_args={"levels": [1]}, workspace=workspace)
+    sampled = api.sample("arithmetic", n=24, limit=8, engine="toy", engine_args={"answer_range": 3}, **base)
+    live = api.sample("arithmetic", n=24, limit=8, engine=LookaheadToy(answer_range=3), strategy="adaptive_consistency",
+                      strategy_args={"threshold": 0.8, "round": 2, "max_ahead": ahead}, **base)
+    with Store(workspace) as store:
+        replayed = {r.problem_id: r for r in replay(store, sampled.run_id, StopRule("beta", 0.8), 24)}
+        d = store.decisions(live.run_id)
+        kept = {}
+        for s in store.samples(live.run_id):
+            kept.setdefault(s.problem_id, []).append(s.sample_index)
+        usage = store.usage(live.run_id)
+    assert len(d) == 8 and any(v["stopped_at"] < 24 for v in d.values())
+    for pid, v in d.items():  # the samples kept are the replay's, whatever was drawn past the stop
+        assert sorted(kept[pid]) == list(range(replayed[pid].samples)) and v["stopped_at"] == replayed[pid].samples
+        assert usage[pid]["sequences"] == v["drawn"]  # usage holds every sample drawn, the wasted ones too
+    past = [v["drawn"] - v["stopped_at"] for v in d.values()]
+    if ahead:
+        # at the stop, at most max_ahead samples were out, one of them the sample that decided it
+        assert max(past) <= ahead - 1
+    else:  # no limit: the engine's whole read-ahead goes to the few problems still open
+        assert max(past) > 4
+
+
+def test_max_ahead_below_round_is_refused(workspace):
+    with pytest.raises(Exception, match=r"max_ahead must be 0 \(no limit\) or an integer >= round \(2\)"):
+        api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"max_ahead": 1},
+                   engine="toy", workspace=workspace)
+
+
 class ConfidentToy(StatsEngine):
     """A toy engine that sees 'logits': each sample's token confidence is constant, set by
     its seed (low for a third of the seeds), and it honours `stop_below` as llama.cpp does."""

@@ -89,7 +89,8 @@ def test_majority_vote_per_request_with_usage(server):
     assert r.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("rule", [{"threshold": 0.8}, {"threshold": 0.99, "futility": 0.6}])
+@pytest.mark.parametrize("rule", [{"threshold": 0.8}, {"threshold": 0.99, "futility": 0.6},
+                                  {"threshold": 0.8, "max_ahead": 4}])
 def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_drew(server, rule):
     from testtime.adaptive import StopRule, stop_point
     from testtime.engines.base import Request
@@ -103,12 +104,15 @@ def test_adaptive_consistency_stops_a_request_once_decided_and_bills_what_it_dre
         req = Request(key=0, seeds=tuple(sample_seed(0, f"request-{seed}", k) for k in range(16)),
                       params=SamplingParams(max_tokens=64), messages=tuple(MSG))
         texts = [c.text for c in sorted(ToyEngine(answer_range=4).generate([req]), key=lambda c: c.index)]
-        m = stop_point([keys.of_text(t) for t in texts], StopRule("beta", **rule), 16)
+        stop = StopRule("beta", **{k: v for k, v in rule.items() if k != "max_ahead"})
+        m = stop_point([keys.of_text(t) for t in texts], stop, 16)
         d = r.model_extra["testtime"]["decision"]
         assert d["stopped_at"] == m == r.model_extra["testtime"]["candidates"] and d["budget"] == 16
         # every sample drawn is billed (the toy is instant: it may draw past the stop before the
         # decision lands; test_a_decided_request_stops_its_samples shows a timed engine does not)
         assert r.usage.completion_tokens == sum(len(t.split()) for t in texts[:d["drawn"]])
+        if rule.get("max_ahead"):  # one request of 4 out at a time: at most 3 drawn past the stop
+            assert d["drawn"] - m <= rule["max_ahead"] - 1
         early += m < 16
     assert early  # some requests were decided before the budget
 

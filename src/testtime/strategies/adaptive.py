@@ -3,22 +3,30 @@
 The engine gets one lazy stream of requests, `round` samples of one problem each,
 interleaved across the problems still undecided (round 1 of every problem, then
 round 2, ...). The engine reads the stream as it has room, so its batch stays full
-of problems that still need samples. After each completion the problem's votes, in
-sample order (the longest run of finished samples from sample 0), are checked by
-the stopping rule (`testtime.adaptive`: Adaptive-Consistency's Beta criterion, or
-early-stopping self-consistency's window, either with an optional futility
-boundary). Once it fires, or the budget n is
-reached, the problem is decided at m samples: its result is yielded at once, its
-requests still in the stream are never sent, and its samples still running are
-cancelled (`Request.cancelled`; the embedded engine stops them at the next step
-and gives their slots to waiting work). Their tokens up to that point are in the
-problem's usage; they do not vote.
+of problems that still need samples. With `max_ahead`, a problem has at most that
+many samples out at once (sent, and not yet among its votes in sample order); the
+stream says "wait" when every undecided problem is at its limit.
+
+After each completion the problem's votes, in sample order (the longest run of
+finished samples from sample 0), are checked by the stopping rule
+(`testtime.adaptive`: Adaptive-Consistency's Beta criterion, or early-stopping
+self-consistency's window, either with an optional futility boundary), each
+prefix once. Once it fires, or the budget n is reached, the problem is decided at
+m samples: its result is yielded at once, its requests still in the stream are
+never sent, and its samples still running are cancelled (`Request.cancelled`; the
+embedded engine stops them at the next step and gives their slots to waiting work).
+Their tokens up to that point are in the problem's usage; they do not vote.
 
 Sample i of problem p has the seed repeated sampling gives it and the kept samples
 are 0..m-1, so the samples kept are exactly those `testtime adaptive` replays on a
 repeated-sampling run with the same seed, whatever `round` and however the engine
-schedules (tested). `round` only sets how far ahead of its votes a problem is
-sampled: larger fills the batch sooner, smaller wastes fewer tokens past the stop.
+schedules (tested). `round` and `max_ahead` only set how far ahead of its votes a
+problem is sampled, which trades tokens for time: samples out when a problem is
+decided are cancelled part-way (or, if finished, were drawn for nothing). With no
+limit the engine keeps its whole queue full (the llama.cpp engine holds three times
+its slots), so once few problems are undecided, each has many samples out; a limit
+spends fewer tokens past each stop and leaves slots idle once fewer than
+slots / `max_ahead` problems are undecided.
 
 The answer is the majority of the kept samples (`selection = "vote"`); each
 problem's decision records where it stopped, how many samples were started and
@@ -30,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from ..adaptive import RULES, StopRule, stop_point
+from ..adaptive import RULES, StopRule
 from ..engines.base import Request
 from ..select import AnswerKeys
 from ..spec import SpecError, sample_seed
@@ -59,12 +67,18 @@ class AdaptiveParams(StrategyParams):
     round: int = 2
     """Samples per request in the stream: how far ahead of its votes a problem is sampled
     (the samples kept do not depend on it; the tokens spent past the stop do)."""
+    max_ahead: int = 0
+    """Most samples of one problem out at once, sent and not yet among its votes in
+    sample order (0: no limit; else at least `round`)."""
 
     def check(self) -> None:
         if self.rule not in RULES:
             raise SpecError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if not isinstance(self.round, int) or self.round < 1:
             raise SpecError(f"round must be an integer >= 1, got {self.round!r}")
+        if not isinstance(self.max_ahead, int) or self.max_ahead < 0 or 0 < self.max_ahead < self.round:
+            raise SpecError(f"max_ahead must be 0 (no limit) or an integer >= round ({self.round}), "
+                            f"got {self.max_ahead!r}")
         try:
             self.stop_rule()
         except ValueError as e:
@@ -90,16 +104,28 @@ class AdaptiveConsistency:
         decided: dict[str, int] = {}            # problem -> samples kept
         reported: set[str] = set()
 
-        def stream() -> Iterator[Request]:
-            for first in range(0, params.n, params.round):
-                for p in problems:
-                    if p.id in decided:
-                        continue
-                    idx = tuple(range(first, min(params.n, first + params.round)))
-                    ledger.send(p.id, len(idx))
-                    yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                                  params=ctx.sampling, **ctx.prefix(p),
-                                  cancelled=lambda pid=p.id: pid in decided)
+        sent = {p.id: 0 for p in problems}     # samples 0..sent-1 are in the stream
+        counted = {p.id: 0 for p in problems}  # samples 0..counted-1 are back, and vote
+
+        def stream() -> Iterator[Request | None]:
+            open_ = list(problems)
+            while True:
+                open_ = [p for p in open_ if p.id not in decided and sent[p.id] < params.n]
+                if not open_:
+                    return
+                ready = [p for p in open_ if not params.max_ahead
+                         or sent[p.id] - counted[p.id] + min(params.round, params.n - sent[p.id]) <= params.max_ahead]
+                if not ready:
+                    yield None  # every undecided problem has its most samples out: wait for one
+                    continue
+                p = min(ready, key=lambda q: sent[q.id])  # the earliest round first; ties in problem order
+                first = sent[p.id]
+                idx = tuple(range(first, min(params.n, first + params.round)))
+                sent[p.id] += len(idx)
+                ledger.send(p.id, len(idx))
+                yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
+                              params=ctx.sampling, **ctx.prefix(p),
+                              cancelled=lambda pid=p.id: pid in decided)
 
         def result(pid: str) -> ProblemResult:
             """A decided problem's result, once every sample it was sent has come back
@@ -121,8 +147,12 @@ class AdaptiveConsistency:
                 votes = []
                 while len(votes) in answers[pid]:
                     votes.append(answers[pid][len(votes)][1])
-                m = stop_point(votes, rule, params.n)
-                if m < len(votes) or rule.decided(votes) or len(votes) >= params.n:
+                new = range(counted[pid] + 1, len(votes) + 1)  # shorter prefixes did not stop it
+                counted[pid] = len(votes)
+                m = next((k for k in new if rule.decided(votes[:k])), None)
+                if m is None and len(votes) >= params.n:
+                    m = params.n
+                if m is not None:
                     decided[pid] = m
             if pid in decided and pid not in reported and ledger.settled(pid):
                 yield result(pid)
