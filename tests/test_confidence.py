@@ -371,6 +371,43 @@ def test_live_adaptive_limits_the_samples_out_per_problem_and_keeps_what_replay_
         assert max(past) > 4
 
 
+class DroppingToy(LookaheadToy):
+    """Cancels every sample of one problem from outside, as a server does once the client
+    that asked for it is gone; counts the requests read per problem."""
+
+    def __init__(self, drop: str, **kw):
+        super().__init__(**kw)
+        self.drop, self.read = drop, []
+
+    def generate(self, requests):
+        def reading():
+            for r in requests:
+                self.read.append(None if r is None else r.key[0])
+                yield r
+
+        for c in super().generate(reading()):
+            yield replace(c, text="", token_ids=[], finish_reason="cancelled") if c.key[0] == self.drop else c
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_problem_cancelled_from_outside_is_sent_nothing_more_and_the_rest_go_on(workspace, ahead):
+    from testtime.runner import run_strategy
+    from testtime.strategies import strategy_params
+    from testtime.tasks import load_task
+
+    task = load_task("arithmetic", levels=[1])
+    engine = DroppingToy(task.problems(1)[0].id, answer_range=3)
+    with Store(workspace) as store:  # no StreamStalled: the stream ends once the rest are decided
+        res = run_strategy(store, task, engine, "adaptive_consistency",
+                           strategy_params("adaptive_consistency", {"n": 24, "threshold": 0.8, "max_ahead": ahead}),
+                           SamplingParams(), limit=4)
+        decided = store.decisions(res.run_id)
+    assert set(decided) == {p.id for p in task.problems(4)[1:]}
+    # nothing after its first sample came back: by then the read-ahead (12 requests, 3 rounds of
+    # the 4 problems) held 3 of its requests; 1 with at most 2 of its samples out
+    assert engine.read.count(engine.drop) == (1 if ahead else 3)
+
+
 def test_max_ahead_below_round_is_refused(workspace):
     with pytest.raises(Exception, match=r"max_ahead must be 0 \(no limit\) or an integer >= round \(2\)"):
         api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"max_ahead": 1},

@@ -35,6 +35,7 @@ how many were cancelled.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -106,26 +107,37 @@ class AdaptiveConsistency:
 
         sent = {p.id: 0 for p in problems}     # samples 0..sent-1 are in the stream
         counted = {p.id: 0 for p in problems}  # samples 0..counted-1 are back, and vote
+        # the problems that may be sent more, earliest round first, ties in problem order;
+        # a problem at its max_ahead is parked until one of its samples comes back
+        queue = [(0, k, p.id) for k, p in enumerate(problems)]
+        parked: dict[str, int] = {}
+        lost: set[str] = set()  # a sample cancelled from outside (a client gone): never decided
+
+        def fits(pid: str) -> bool:
+            size = min(params.round, params.n - sent[pid])
+            return not params.max_ahead or sent[pid] - counted[pid] + size <= params.max_ahead
 
         def stream() -> Iterator[Request | None]:
-            open_ = list(problems)
             while True:
-                open_ = [p for p in open_ if p.id not in decided and sent[p.id] < params.n]
-                if not open_:
-                    return
-                ready = [p for p in open_ if not params.max_ahead
-                         or sent[p.id] - counted[p.id] + min(params.round, params.n - sent[p.id]) <= params.max_ahead]
-                if not ready:
+                while queue and (queue[0][2] in decided or queue[0][2] in lost or not fits(queue[0][2])):
+                    _, k, pid = heapq.heappop(queue)
+                    if pid not in decided and pid not in lost:
+                        parked[pid] = k
+                if not queue:
+                    if not parked:
+                        return
                     yield None  # every undecided problem has its most samples out: wait for one
                     continue
-                p = min(ready, key=lambda q: sent[q.id])  # the earliest round first; ties in problem order
-                first = sent[p.id]
+                _, k, pid = heapq.heappop(queue)
+                first = sent[pid]
                 idx = tuple(range(first, min(params.n, first + params.round)))
-                sent[p.id] += len(idx)
-                ledger.send(p.id, len(idx))
-                yield Request(key=(p.id, idx), seeds=tuple(sample_seed(ctx.seed, p.id, i) for i in idx),
-                              params=ctx.sampling, **ctx.prefix(p),
-                              cancelled=lambda pid=p.id: pid in decided)
+                sent[pid] += len(idx)
+                if sent[pid] < params.n:
+                    heapq.heappush(queue, (sent[pid], k, pid))
+                ledger.send(pid, len(idx))
+                yield Request(key=(pid, idx), seeds=tuple(sample_seed(ctx.seed, pid, i) for i in idx),
+                              params=ctx.sampling, **ctx.prefix(by_id[pid]),
+                              cancelled=lambda pid=pid: pid in decided)
 
         def result(pid: str) -> ProblemResult:
             """A decided problem's result, once every sample it was sent has come back
@@ -154,6 +166,12 @@ class AdaptiveConsistency:
                     m = params.n
                 if m is not None:
                     decided[pid] = m
+                    parked.pop(pid, None)
+                elif pid in parked:  # a sample of it came back: it may be sent more
+                    heapq.heappush(queue, (sent[pid], parked.pop(pid), pid))
+            elif pid not in decided:  # its votes can never pass this sample: send it nothing more
+                lost.add(pid)
+                parked.pop(pid, None)
             if pid in decided and pid not in reported and ledger.settled(pid):
                 yield result(pid)
         for p in problems:  # an engine that ignores cancellation returned everything by now
