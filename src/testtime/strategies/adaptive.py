@@ -106,7 +106,7 @@ class AdaptiveConsistency:
         reported: set[str] = set()
 
         sent = {p.id: 0 for p in problems}     # samples 0..sent-1 are in the stream
-        counted = {p.id: 0 for p in problems}  # samples 0..counted-1 are back, and vote
+        votes: dict[str, list[str | None]] = {p.id: [] for p in problems}  # samples 0.. back, in order
         # the problems that may be sent more, earliest round first, ties in problem order;
         # a problem at its max_ahead is parked until one of its samples comes back
         queue = [(0, k, p.id) for k, p in enumerate(problems)]
@@ -115,7 +115,7 @@ class AdaptiveConsistency:
 
         def fits(pid: str) -> bool:
             size = min(params.round, params.n - sent[pid])
-            return not params.max_ahead or sent[pid] - counted[pid] + size <= params.max_ahead
+            return not params.max_ahead or sent[pid] - len(votes[pid]) + size <= params.max_ahead
 
         def stream() -> Iterator[Request | None]:
             while True:
@@ -156,13 +156,12 @@ class AdaptiveConsistency:
                 i = idx[c.index]
                 answers[pid][i] = (Candidate(c.text, c.seed, c.completion_tokens, c.finish_reason, c.prompt_tokens),
                                    keys.of_text(c.text, problem_rules(by_id[pid].meta)))
-                votes = []
-                while len(votes) in answers[pid]:
-                    votes.append(answers[pid][len(votes)][1])
-                new = range(counted[pid] + 1, len(votes) + 1)  # shorter prefixes did not stop it
-                counted[pid] = len(votes)
-                m = next((k for k in new if rule.decided(votes[:k])), None)
-                if m is None and len(votes) >= params.n:
+                have, before = votes[pid], len(votes[pid])
+                while len(have) in answers[pid]:
+                    have.append(answers[pid][len(have)][1])
+                # the prefixes up to `before` did not stop it: check each new one once
+                m = next((k for k in range(before + 1, len(have) + 1) if rule.decided(have[:k])), None)
+                if m is None and len(have) >= params.n:
                     m = params.n
                 if m is not None:
                     decided[pid] = m
