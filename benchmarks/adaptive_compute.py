@@ -40,8 +40,8 @@ With --fixed, nothing is fitted: the Beta rule with that threshold and futility
 boundary (chosen on other problems) is replayed, and run live, on every problem
 drawn, each a report problem. --max-ahead K runs `adaptive_consistency` live with
 at most K samples of a problem out at once (default 0: no limit, the engine's queue
-kept full), which spends fewer tokens past each stop; each live run's wall time is
-printed beside its tokens.
+kept full), which spends fewer tokens past each stop. Each live run's wall time
+(loading the model, generating, grading) is printed beside its tokens.
 """
 
 from __future__ import annotations

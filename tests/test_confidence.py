@@ -314,14 +314,15 @@ def test_live_adaptive_with_an_engine_that_cannot_cancel_draws_whole_rounds_but_
 
 
 class LookaheadToy(ToyEngine):
-    """A toy engine that reads ahead as the llama.cpp engine does: up to `depth` samples
-    are out at once, each started when its request is read; they finish in the order
-    read, and one whose request is cancelled by then comes back cancelled part-way
-    (one token generated). A None in the stream: read no further until one finishes."""
+    """A toy engine that reads ahead as the llama.cpp engine does: it reads requests while
+    fewer than `depth` samples are out, each started when its request is read; they
+    finish in the order read (or the newest first, `lifo`), and one whose request is
+    cancelled by then comes back cancelled part-way (one token generated). A None in the
+    stream: read no further until one finishes."""
 
-    def __init__(self, depth: int = 24, **kw):
+    def __init__(self, depth: int = 24, lifo: bool = False, **kw):
         super().__init__(**kw)
-        self.depth = depth
+        self.depth, self.lifo = depth, lifo
 
     def generate(self, requests):
         from collections import deque
@@ -342,15 +343,16 @@ class LookaheadToy(ToyEngine):
                 if exhausted:
                     return
                 raise StreamStalled("the stream waits, but nothing is out")
-            req, c = out.popleft()
+            req, c = out.pop() if self.lifo else out.popleft()
             yield replace(c, text="", token_ids=[0], finish_reason="cancelled") if is_cancelled(req) else c
 
 
-@pytest.mark.parametrize("ahead", [0, 2, 4])
-def test_live_adaptive_limits_the_samples_out_per_problem_and_keeps_what_replay_predicts(workspace, ahead):
+@pytest.mark.parametrize("ahead,lifo", [(0, False), (2, False), (4, False), (0, True), (4, True)])
+def test_live_adaptive_limits_the_samples_out_per_problem_and_keeps_what_replay_predicts(workspace, ahead, lifo):
     base = dict(task_args={"levels": [1]}, workspace=workspace)
     sampled = api.sample("arithmetic", n=24, limit=8, engine="toy", engine_args={"answer_range": 3}, **base)
-    live = api.sample("arithmetic", n=24, limit=8, engine=LookaheadToy(answer_range=3), strategy="adaptive_consistency",
+    live = api.sample("arithmetic", n=24, limit=8, engine=LookaheadToy(answer_range=3, lifo=lifo),
+                      strategy="adaptive_consistency",
                       strategy_args={"threshold": 0.8, "round": 2, "max_ahead": ahead}, **base)
     with Store(workspace) as store:
         replayed = {r.problem_id: r for r in replay(store, sampled.run_id, StopRule("beta", 0.8), 24)}
@@ -408,7 +410,14 @@ def test_a_problem_cancelled_from_outside_is_sent_nothing_more_and_the_rest_go_o
     assert engine.read.count(engine.drop) == (1 if ahead else 3)
 
 
-def test_max_ahead_below_round_is_refused(workspace):
+def test_max_ahead_below_round_is_refused_and_no_limit_keeps_the_run_id(workspace):
+    from testtime.strategies import strategy_params
+
+    params = strategy_params("adaptive_consistency", {"threshold": 0.8})
+    assert "max_ahead" not in params.to_dict()  # runs stored before the setting keep their ids
+    limited = strategy_params("adaptive_consistency", {"threshold": 0.8, "max_ahead": 4})
+    assert limited.to_dict()["max_ahead"] == 4
+    assert type(params).from_dict(params.to_dict()) == params and type(params).from_dict(limited.to_dict()) == limited
     with pytest.raises(Exception, match=r"max_ahead must be 0 \(no limit\) or an integer >= round \(2\)"):
         api.sample("arithmetic", n=4, limit=1, strategy="adaptive_consistency", strategy_args={"max_ahead": 1},
                    engine="toy", workspace=workspace)

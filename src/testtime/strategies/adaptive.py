@@ -5,7 +5,8 @@ interleaved across the problems still undecided (round 1 of every problem, then
 round 2, ...). The engine reads the stream as it has room, so its batch stays full
 of problems that still need samples. With `max_ahead`, a problem has at most that
 many samples out at once (sent, and not yet among its votes in sample order); the
-stream says "wait" when every undecided problem is at its limit.
+stream says "wait" when every undecided problem with samples left to send is at its
+limit.
 
 After each completion the problem's votes, in sample order (the longest run of
 finished samples from sample 0), are checked by the stopping rule
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..adaptive import RULES, StopRule
 from ..engines.base import Request
@@ -71,6 +72,12 @@ class AdaptiveParams(StrategyParams):
     max_ahead: int = 0
     """Most samples of one problem out at once, sent and not yet among its votes in
     sample order (0: no limit; else at least `round`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if not self.max_ahead:  # no limit: the same run (and run id) as before the setting existed
+            del d["max_ahead"]
+        return d
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -111,7 +118,9 @@ class AdaptiveConsistency:
         # a problem at its max_ahead is parked until one of its samples comes back
         queue = [(0, k, p.id) for k, p in enumerate(problems)]
         parked: dict[str, int] = {}
-        lost: set[str] = set()  # a sample cancelled from outside (a client gone): never decided
+        # problems with a sample cancelled from outside (a client gone): sent nothing more,
+        # decided only if the samples before the gap settle them
+        lost: set[str] = set()
 
         def fits(pid: str) -> bool:
             size = min(params.round, params.n - sent[pid])
