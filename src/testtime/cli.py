@@ -511,6 +511,62 @@ def adaptive(run_id: Optional[str] = typer.Argument(None, help="Run id, unique p
               f"{r['accuracy_all']:.3f} ({r['accuracy'] - r['accuracy_all']:+.3f})", highlight=False)
 
 
+@app.command("adaptive-cv")
+def adaptive_cv(run_ids: List[str] = typer.Argument(..., help="Two or more sampling runs (ids, prefixes or labels), "
+                                                              "of different problems"),
+                n: Optional[int] = typer.Option(None, "-n", help="Budget per problem \\[default: all stored]"),
+                tolerance: float = typer.Option(0.005, help="choose the cheapest setting whose accuracy is at most "
+                                                            "this far below majority's"),
+                min_ratio: Optional[float] = typer.Option(None, help="instead, the most accurate setting that spends "
+                                                                     "at least this many times fewer tokens"),
+                threshold: List[float] = typer.Option([], help="Beta threshold to try (repeatable) "
+                                                               "\\[default: a grid of rules]"),
+                futility: List[float] = typer.Option([], help="futility share to try with each threshold "
+                                                              "(repeatable; 0: none)"),
+                window: List[int] = typer.Option([], help="window rule's window to try (repeatable)"),
+                workspace: Optional[Path] = WorkspaceOpt):
+    """Choose an adaptive stopping rule on some stored runs and check it on another:
+    each run held out in turn, the rule chosen on the others replayed on it."""
+    from .adaptive import outcome
+
+    try:
+        r = api.adaptive_cv(run_ids, n, tolerance, min_ratio, threshold, futility, window, workspace)
+    except USER_ERRORS as e:
+        _fail(e)
+
+    def rule_text(rule) -> str:
+        if rule is None:
+            return "none qualified"
+        if rule.rule == "window":
+            return f"window {rule.window}" + (f", futility {rule.futility}" if rule.futility else "")
+        return f"beta {rule.threshold}" + (f", futility {rule.futility}" if rule.futility else "")
+
+    t = Table(title=f"chosen on the other runs ({r['criterion']}, among {r['rules']} settings), "
+                    "checked on the held-out run")
+    for col in ("held out", "problems", "rule", "others: ratio", "delta", "held out: ratio", "delta", "won", "lost"):
+        t.add_column(col, justify="right", overflow="fold")
+    for f in r["folds"]:
+        h = outcome(f.held) if f.held else None
+        t.add_row(f.held_out, str(h.problems if h else "-"), rule_text(f.rule),
+                  f"{f.fit.ratio:.2f}" if f.fit else "-", f"{f.fit.delta:+.3f}" if f.fit else "-",
+                  f"{h.ratio:.2f}" if h else "-", f"{h.delta:+.3f}" if h else "-",
+                  str(h.won) if h else "-", str(h.lost) if h else "-")
+    out.print(t)
+    p = r["pooled"]
+    if p:
+        lo, hi = r["interval"]
+        out.print(f"held out, pooled over {p.problems} problems: token_ratio {p.ratio:.2f}, accuracy "
+                  f"{p.correct / p.problems:.3f} vs majority {p.correct_all / p.problems:.3f} "
+                  f"(delta {p.delta:+.3f} [{lo:+.3f}, {hi:+.3f}], {p.won} won, {p.lost} lost)", highlight=False)
+    c = r["chosen_outcome"]
+    out.print(f"chosen on all runs: {rule_text(r['chosen'])}"
+              + (f" (token_ratio {c.ratio:.2f}, delta {c.delta:+.3f} there; not yet checked on other problems)"
+                 if c else ""), highlight=False)
+    if r["shared_problems"]:
+        out.print(f"[yellow]{r['shared_problems']} problems appear in more than one run: for them the held-out "
+                  "check is not held out[/yellow]")
+
+
 @app.command()
 def cost(run_id: Optional[str] = typer.Argument(None, help="Run id, unique prefix or label \\[default: latest]"),
          n: Optional[int] = typer.Option(None, "-n", help="Count only the first n samples of each problem"),
