@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from conftest import GSM8K_TRAIN, requires_gsm8k
@@ -38,6 +39,13 @@ def test_arithmetic_is_seeded_and_extends_with_limit():
 def test_arithmetic_rejects_unknown_levels():
     with pytest.raises(ValueError, match="levels"):
         load_task("arithmetic", levels=[0, 6])
+    # what `--arg` passes on when a value is not a number: an error naming it, not a traceback
+    with pytest.raises(InputError, match=r"levels must be level numbers .* levels=1,2; got \['\[1\]'\]"):
+        load_task("arithmetic", levels="[1]")
+    for seed in ("abc", 1.5, True):
+        with pytest.raises(InputError, match="seed must be an integer"):
+            load_task("arithmetic", seed=seed)
+    assert load_task("arithmetic", seed=np.int64(3)).identity == load_task("arithmetic", seed=3).identity
 
 
 def test_unknown_task_lists_known_ones():

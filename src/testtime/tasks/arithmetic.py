@@ -16,6 +16,7 @@ appear and how large the numbers get. Problem i of level L depends only on
 from __future__ import annotations
 
 import hashlib
+import operator
 import random
 
 from ..errors import InputError
@@ -88,10 +89,20 @@ def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int =
     integers, which a text that states none contains by chance."""
     if isinstance(levels, (int, str)):  # one level, as `--arg levels=1` gives it
         levels = [levels]
-    levels = tuple(sorted({int(x) for x in levels}))
+    try:
+        levels = tuple(sorted({int(x) for x in levels}))
+    except (TypeError, ValueError):
+        raise InputError(f"levels must be level numbers from {sorted(LEVELS)}, comma-separated as in "
+                         f"levels=1,2; got {levels!r}") from None
     bad = [x for x in levels if x not in LEVELS]
     if bad or not levels:
         raise InputError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {list(levels)}")
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise InputError(f"seed must be an integer, got {seed!r}") from None
 
     def load(limit: int | None) -> list[Problem]:
         total = 100 * len(levels) if limit is None else limit
