@@ -23,9 +23,11 @@ Printed, on the embedded model's samples:
 4. the same with a confidence gate added to the grid (unless --no-gate): the
    futility boundary may stop a problem only while the mean DeepConf confidence of
    its samples so far (`--gate-metric`) is below a cut, the cut a percentile of
-   every sample's confidence over all draws (no labels are read to set it);
-5. what cutting long samples would save: tokens and majority@n accuracy if every
-   sample stopped at L tokens and a cut sample voted for nothing.
+   every sample's confidence over all draws, the held-out one included (no labels
+   are read to set it);
+5. how a sample's length tells its correctness, and what cutting long samples
+   would save: tokens and majority@n accuracy if every sample stopped at L tokens
+   and a cut sample voted for nothing.
 
 The issue's bar for a held-out figure is token_ratio >= 3 with the accuracy
 difference >= -0.005. Last line, for the first criterion without the gate:
@@ -37,8 +39,8 @@ difference >= -0.005. Last line, for the first criterion without the gate:
 
 The full mode reads the four draws of docs/signals.md (task seeds 0-2 with 40
 problems per level, seed 3 with 60; levels 1-3, 64 samples): about 3 hours to draw
-if none is stored, a minute if all are. --quick draws two small ones (seeds 0 and 1,
-5 problems per level, 16 samples; about 5 minutes on 2 cores).
+if none is stored, about 20 s if all are. --quick draws two small ones (seeds 0 and
+1, 5 problems per level, 16 samples; about 2 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def main() -> None:
     ks = [k for k in (1, 2, 4, 8, 16, 24, 32, 48, 64) if k < n] + [n]
     print("  " + " " * 14 + "".join(f"{'k=' + str(k):>8}" for k in ks))
     rng = random.Random(0)
-    curves = {name: [majority_at(votes, k, rng) for k in ks] for name, (votes, _, _) in draws.items()}
+    curves = {name: [majority_at(votes, k, n, rng) for k in ks] for name, (votes, _, _) in draws.items()}
     sizes = {name: len(votes) for name, (votes, _, _) in draws.items()}
     for name, c in curves.items():
         print(f"  {name:<14}" + "".join(f"{a:8.3f}" for a in c))
@@ -132,7 +134,7 @@ def main() -> None:
         headline = headline or (met, pooled)
 
     if not args.no_gate:
-        every = np.concatenate([np.asarray(c, float) for _, conf, _ in draws.values() for c in conf.values()])
+        every = np.concatenate([np.asarray(c[:n], float) for _, conf, _ in draws.values() for c in conf.values()])
         cuts = {q: float(np.nanpercentile(every, q)) for q in PERCENTILES}
         gated = [(rule, q) for rule in GRID if rule.futility for q in PERCENTILES]
         for name, (votes, conf, _) in draws.items():
@@ -142,9 +144,11 @@ def main() -> None:
             for rule, q in gated:
                 rows[name][(rule, q)] = [replay_at(v, gated_stop(v.answers, conf[v.problem_id], rule, cuts[q], n), n)
                                          for v in votes]
+        auc = loss_auc(draws, n)
         print(f"\n4. the same with {len(gated)} gated settings added: the futility boundary stops a problem only "
               f"while its samples' mean {args.gate_metric} confidence is below a cut "
               f"(percentiles {', '.join(f'{q}: {c:.2f}' for q, c in cuts.items())})")
+        print(f"  in-sample, why a gate: {auc}")
         for title, min_ratio in (("the cheapest within 0.005", None), (f"the most accurate at >= {args.min_ratio}x",
                                                                        args.min_ratio)):
             print(f"  chosen as {title}:")
@@ -152,6 +156,14 @@ def main() -> None:
 
     print(f"\n5. cutting every sample at L tokens (a cut sample votes for nothing), all draws pooled, N={n}")
     vs = [v for votes, _, _ in draws.values() for v in votes]
+    lengths = np.array([t for v in vs for t in v.tokens[:n]])
+    right = np.array([a in v.right for v in vs for a in v.answers[:n]])
+    for lo, hi in ((0, 32), (32, 64), (64, 128), (128, None)):
+        sel = (lengths >= lo) & (lengths < hi if hi else True)
+        if sel.any():
+            print(f"  samples of {lo}-{hi - 1} tokens:" if hi else f"  samples of {lo} tokens or more:", end="")
+            print(f" {sel.sum()} ({lengths[sel].sum() / lengths.sum():.0%} "
+                  f"of the tokens), right {right[sel].mean():.3f}")
     base_tokens = sum(sum(v.tokens[:n]) for v in vs)
     base_acc = np.mean([majority(v.answers[:n]) in v.right for v in vs])
     for cut in (96, 64, 48):
@@ -190,6 +202,27 @@ def report(folds, sizes):
     return met, pooled
 
 
+def loss_auc(draws, n: int, rule: StopRule = StopRule("beta", 0.9, futility=0.4)) -> str:
+    """Among the problems the futility boundary stops (`rule` stops sooner than its
+    Beta rule alone), how well the mean confidence of the samples drawn by then
+    tells the ones that lose against majority@n (AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    plain = replace(rule, futility=0.0)
+    score, lost = [], []
+    for votes, conf, _ in draws.values():
+        for v in votes:
+            m = stop_point(v.answers, rule, n)
+            if m < stop_point(v.answers, plain, n):
+                r = v.replay(rule, n)
+                score.append(np.nanmean(np.asarray(conf[v.problem_id][:m], float)))
+                lost.append(r.correct_all and not r.correct)
+    if not any(lost) or all(lost):
+        return f"{name(rule)} stops {len(lost)} problems for futility; too few losses for an AUC"
+    return (f"{name(rule)} stops {len(lost)} problems for futility and loses {sum(lost)}; the mean confidence "
+            f"there tells those it loses with AUC {roc_auc_score(lost, score):.2f} (higher: more confident)")
+
+
 def name(rule) -> str:
     if isinstance(rule, tuple):
         return f"{name(rule[0])} gated at p{rule[1]}"
@@ -203,10 +236,11 @@ def leader_share(answers) -> float:
     return max(counts.values()) / len(answers) if counts else 0.0
 
 
-def majority_at(votes: list[Votes], k: int, rng: random.Random, draws: int = 20) -> float:
+def majority_at(votes: list[Votes], k: int, n: int, rng: random.Random, draws: int = 20) -> float:
+    """Majority@k's accuracy, the mean over `draws` random subsets of each problem's first n samples."""
     hits = 0.0
     for v in votes:
-        m = len(v.answers)
+        m = min(n, len(v.answers))
         reps = 1 if k >= m else draws
         hits += sum(majority([v.answers[i] for i in sorted(rng.sample(range(m), min(k, m)))]) in v.right
                     for _ in range(reps)) / reps

@@ -12,7 +12,7 @@ import pytest
 from conftest import requires_model
 from testtime import SamplingParams, api
 from testtime.adaptive import (GRID, Outcome, Replayed, StopRule, Votes, choose, cross_validate, leader_probability,
-                               leader_share_above, outcome, replay, stop_point)
+                               leader_share_above, outcome, replay, stop_point, stored_votes)
 from testtime.confidence import from_top_logprobs, pack, row_stats, trace_score, unpack
 from testtime.errors import InputError
 from testtime.metrics import selection_at_k
@@ -258,9 +258,24 @@ def test_stop_point_counted_as_votes_arrive_is_the_first_prefix_the_rule_decides
         stream = [None if x == k else f"a{x}" for x in rng.integers(0, k + 1, size=int(rng.integers(1, 40)))]
         for rule in rules:
             n = int(rng.integers(1, 41))
-            first = next((m for m in range(1, min(n, len(stream)) + 1) if rule.decided(stream[:m])),
+            first = next((m for m in range(1, min(n, len(stream)) + 1) if reference_decided(rule, stream[:m])),
                          min(n, len(stream)))
             assert stop_point(stream, rule, n) == first, (stream, rule, n)
+            assert rule.decided(stream[:first]) or first == min(n, len(stream))
+
+
+def reference_decided(rule, prefix):
+    """The rule as the module's docstring states it, on the whole prefix, from the
+    public posterior functions (hand-checked above), not from `StopRule.decided_at`."""
+    m = len(prefix)
+    if m < rule.min_samples:
+        return False
+    if rule.futility and leader_share_above(prefix, rule.futility) < rule.futility_prob:
+        return True
+    if rule.rule == "window":
+        window = prefix[m - rule.window:] if m % rule.window == 0 else []
+        return bool(window) and window[0] is not None and len(set(window)) == 1
+    return leader_probability(prefix) >= rule.threshold
 
 
 def _row(pid, correct, correct_all, samples=4, n=16):
@@ -319,15 +334,26 @@ def test_adaptive_cv_command_on_stored_runs(workspace):
     assert "chosen on all runs: " in got.output and "more than one run" not in got.output
     r = api.adaptive_cv(ids, thresholds=[0.8, 0.9], futilities=[0, 0.3], workspace=workspace, min_ratio=1.0)
     assert r["rules"] == 4 and len(r["folds"]) == 3 and r["pooled"].problems == 12
-    assert all(f.rule in [StopRule("beta", t, futility=f) for t in (0.8, 0.9) for f in (0, 0.3)] for f in r["folds"])
+    with Store(workspace) as store:
+        votes = {rid: stored_votes(store, rid) for rid in ids}
+    grid = [StopRule("beta", t, futility=f) for t in (0.8, 0.9) for f in (0, 0.3)]
+    for fold in r["folds"]:  # chosen on the other two runs only, and replayed on the held-out one
+        others = {rule: outcome([v.replay(rule) for rid in ids if rid != fold.held_out for v in votes[rid]])
+                  for rule in grid}
+        assert fold.rule == choose(others, min_ratio=1.0) and fold.fit == others[fold.rule]
+        assert fold.held == [v.replay(fold.rule) for v in votes[fold.held_out]]
     # the same problems in two runs: said, since they are not held out
     again = api.sample("arithmetic", n=8, limit=4, engine="toy", task_args={"levels": [1], "seed": 1},
                        workspace=workspace, engine_args={"answer_range": 3}).run_id
     assert cv(ids[0], again).output.count("4 problems appear in more than one run") == 1
+    third = api.sample("arithmetic", n=8, limit=4, engine="toy", task_args={"levels": [1], "seed": 1},
+                       workspace=workspace, engine_args={"answer_range": 4}).run_id
+    assert "4 problems appear in more than one run" in cv(ids[0], again, third).output  # each counted once
     for args, message in (((ids[0],), "at least two runs"), ((ids[0], ids[0]), "is given twice"),
                           ((*ids, "--tolerance", "-1"), "tolerance must be >= 0"),
                           ((*ids, "--threshold", "1.5"), "threshold must be in [0.5, 1)"),
-                          ((*ids, "--min-ratio", "0"), "min_ratio must be > 0"), ((*ids, "-n", "0"), "n must be >= 1")):
+                          ((*ids, "--min-ratio", "0"), "min_ratio must be > 0"), ((*ids, "-n", "0"), "n must be >= 1"),
+                          ((*ids, "--window", "3", "--futility", "0.3"), "give at least one --threshold")):
         bad = cv(*args)
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
 

@@ -42,6 +42,9 @@ def test_arithmetic_rejects_unknown_levels():
     # what `--arg` passes on when a value is not a number: an error naming it, not a traceback
     with pytest.raises(InputError, match=r"levels must be level numbers .* levels=1,2; got \['\[1\]'\]"):
         load_task("arithmetic", levels="[1]")
+    for levels in ([1.5], [True]):
+        with pytest.raises(InputError, match="levels must be level numbers"):
+            load_task("arithmetic", levels=levels)
     for seed in ("abc", 1.5, True):
         with pytest.raises(InputError, match="seed must be an integer"):
             load_task("arithmetic", seed=seed)

@@ -267,7 +267,9 @@ def adaptive_cv(run_ids: Sequence[str], n: int | None = None, tolerance: float =
         raise InputError(str(e)) from None
     if not rules:
         raise InputError("no rule to choose among: give --threshold (with any --futility) or --window")
-    votes, seen, shared = {}, {}, 0
+    if futilities and not thresholds:
+        raise InputError("--futility is a share tried with each Beta --threshold; give at least one --threshold")
+    votes, seen, shared = {}, {}, set()
     with Store(workspace, create=False) as store:
         for run_id in run_ids:
             rid = _voting_run(store, run_id)
@@ -279,7 +281,7 @@ def adaptive_cv(run_ids: Sequence[str], n: int | None = None, tolerance: float =
             for p in store.problems(rid):
                 q = p["question"].strip()
                 if seen.setdefault(q, rid) != rid:
-                    shared += 1
+                    shared.add(q)
     folds = cross_validate(votes, rules, n, tolerance, min_ratio)
     held = [r for f in folds for r in f.held]
     pooled = outcome(held) if held else None
@@ -288,7 +290,7 @@ def adaptive_cv(run_ids: Sequence[str], n: int | None = None, tolerance: float =
     final = choose(everything, tolerance, min_ratio)
     return {"folds": folds, "pooled": pooled, "interval": (float(lo[0]), float(hi[0])),
             "chosen": final, "chosen_outcome": everything[final] if final else None,
-            "rules": len(rules), "shared_problems": shared,
+            "rules": len(rules), "shared_problems": len(shared),
             "criterion": (f"the most accurate at >= {min_ratio}x fewer tokens" if min_ratio is not None
                           else f"the cheapest within {tolerance} of majority's accuracy")}
 

@@ -90,7 +90,9 @@ def arithmetic_task(levels: tuple[int, ...] | list[int] = (1, 2, 3), seed: int =
     if isinstance(levels, (int, str)):  # one level, as `--arg levels=1` gives it
         levels = [levels]
     try:
-        levels = tuple(sorted({int(x) for x in levels}))
+        if any(isinstance(x, bool) for x in levels):
+            raise TypeError
+        levels = tuple(sorted({int(x) if isinstance(x, str) else operator.index(x) for x in levels}))
     except (TypeError, ValueError):
         raise InputError(f"levels must be level numbers from {sorted(LEVELS)}, comma-separated as in "
                          f"levels=1,2; got {levels!r}") from None
